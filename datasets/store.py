@@ -1,0 +1,827 @@
+"""Sharded dataset store: one Zarr v3 array per field, a Parquet manifest in per-shard parts.
+
+Layout of a dataset root (any fsspec URL: a local path, ``file://``, ``memory://``, ``s3://``
+with s3fs installed, ``gs://`` with gcsfs)::
+
+    ROOT/
+      schema.json                      DatasetSchema (fields, dtypes, shapes, units, versions)
+      zarr.json                        Zarr v3 group; one array per field
+      <field>/zarr.json                array (capacity, *shape), chunk = samples_per_chunk samples,
+      <field>/c/<shard>/0/...          sharding codec, one shard file = samples_per_shard samples
+      rejected/shard-000012.parquet    rejected inputs of shard 12 (source_uri, stage, reason, ...)
+      manifest/shard-000012.parquet    accepted samples of shard 12 + its commit record
+
+Sample ``row`` of shard ``s`` lives at global index ``s * samples_per_shard + row`` of every
+field array; a shard may hold fewer than ``samples_per_shard`` samples (the rest of its rows
+are fill value and never listed). The first array dimension is a *capacity*
+(``max_shards * samples_per_shard``), fixed when the dataset is created, so concurrent writers
+never touch array metadata; the manifest, not the array shape, says which samples exist.
+
+Commit protocol (one shard at a time, :meth:`DatasetWriter.write_shard`):
+
+1. If the shard is committed with the same content key and checksums, return (no-op); with
+   different content raise :class:`ShardConflictError` unless ``overwrite=True``, in which case
+   the manifest part is removed first (the shard becomes invisible while it is rewritten).
+2. Write the data: each field's whole shard region in one assignment (padded with fill value),
+   so exactly one shard file per field is touched and stale rows of an earlier write vanish.
+3. Write ``rejected/shard-N.parquet``, then ``manifest/shard-N.parquet`` LAST. The manifest part
+   carries the commit record (content key, row count, sha256 of each field's raw bytes) in its
+   Parquet key-value metadata under ``facecorpus.shard``. Local filesystems: written to a
+   dot-prefixed temp file then renamed (atomic). Other filesystems (memory, object stores): one
+   ``pipe`` of the complete bytes under the final name, written only after the data is
+   complete; an object-store PUT is atomic, so the part is either absent or whole.
+
+A shard is *committed* iff its manifest part exists. A writer killed anywhere before the rename
+leaves data files with no manifest part: invisible to readers, reported by ``verify`` as an
+orphan, and overwritten by a rerun of the same shard. Different processes (Dask workers) may
+write different shards concurrently; two writers must never write the same shard at once.
+
+Manifest columns always present: ``sample_id`` (str, unique), ``source_uri`` (str, provenance,
+any URI), ``subject_id`` (str), ``group`` (str), ``yaw``/``pitch``/``roll`` (float32, degrees),
+``shard`` (int32), ``row`` (int32), ``split`` (str); producers add more (metrics ...). The loaded
+manifest also has ``index`` (int64, the global sample index). Columns listed in
+``DatasetSchema.path_columns`` hold root-relative paths and are checked on write and on open:
+absolute paths, ``..`` components and URLs are refused (:class:`PathEscapeError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from facecorpus.configs.errors import FacecorpusError, InputError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SCHEMA_FILE = "schema.json"
+MANIFEST_DIR = "manifest"
+REJECTED_DIR = "rejected"
+SHARD_META_KEY = b"facecorpus.shard"
+_PART_RE = re.compile(r"^shard-(\d{6,})\.parquet$")
+_TMP_PREFIX = "."
+
+# name -> (pyarrow type name, default for a producer that omits it)
+REQUIRED_COLUMNS: dict[str, tuple[str, Any]] = {
+    "sample_id": ("string", None),
+    "source_uri": ("string", ""),
+    "subject_id": ("string", ""),
+    "group": ("string", ""),
+    "yaw": ("float32", float("nan")),
+    "pitch": ("float32", float("nan")),
+    "roll": ("float32", float("nan")),
+    "shard": ("int32", None),
+    "row": ("int32", None),
+    "split": ("string", "train"),
+}
+REJECTED_COLUMNS = ("source_uri", "stage", "reason")
+
+
+class StoreError(FacecorpusError):
+    """The dataset store cannot do what was asked; the message names the root and the reason."""
+
+
+class ShardConflictError(StoreError):
+    """A committed shard would be replaced by different content without ``overwrite=True``."""
+
+
+class PathEscapeError(InputError):
+    """A manifest path column points outside the dataset root."""
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One per-sample array: every sample of the field has ``shape`` and ``dtype``.
+
+    Args:
+        shape: per-sample shape, e.g. ``(128, 128, 3)`` for an HWC image.
+        dtype: numpy dtype name (``"uint8"``, ``"float32"``, ...); stored little-endian.
+        units: free text saying what a value means (``"srgb"``, ``"mm"``, ``"ncc*255"``).
+        description: optional longer text.
+    """
+
+    shape: tuple[int, ...]
+    dtype: str
+    units: str = ""
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype).name)
+        if any(s <= 0 for s in self.shape):
+            raise StoreError(f"field shape must be positive, got {self.shape}")
+
+
+@dataclass
+class DatasetSchema:
+    """What a dataset holds; written once to ``ROOT/schema.json``.
+
+    Args:
+        fields: field name -> :class:`FieldSpec`.
+        samples_per_shard: samples per shard (one shard file per field, one manifest part).
+        samples_per_chunk: samples per compressed chunk inside a shard; must divide
+            ``samples_per_shard``. Larger chunks read faster, smaller ones serve random
+            access with less waste.
+        producer: name of the producing flow (``"pseudo_gt"``, ``"synthesis"``, ...).
+        config_hash: hash of the producing run config; reopening with another hash fails.
+        attrs: free JSON metadata (not compared on reopen).
+        path_columns: manifest columns holding root-relative paths (checked, never escape).
+        compression: ``"zstd"`` or ``"blosc-lz4"``; ``compression_level`` its level.
+        max_shards: capacity of the arrays in shards.
+    """
+
+    fields: dict[str, FieldSpec]
+    samples_per_shard: int = 256
+    samples_per_chunk: int = 8
+    producer: str = ""
+    config_hash: str = ""
+    attrs: dict[str, Any] = field(default_factory=dict)
+    path_columns: tuple[str, ...] = ()
+    compression: str = "zstd"
+    compression_level: int = 3
+    max_shards: int = 1 << 20
+    format_version: int = FORMAT_VERSION
+    package_version: str = ""
+
+    def __post_init__(self) -> None:
+        self.fields = {
+            str(k): (v if isinstance(v, FieldSpec) else FieldSpec(**v)) for k, v in self.fields.items()
+        }
+        self.path_columns = tuple(self.path_columns)
+        if not self.fields:
+            raise StoreError("a dataset schema needs at least one field")
+        for name in self.fields:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name in (MANIFEST_DIR, REJECTED_DIR):
+                raise StoreError(f"invalid field name {name!r}")
+        if self.samples_per_shard <= 0 or self.samples_per_chunk <= 0:
+            raise StoreError("samples_per_shard and samples_per_chunk must be positive")
+        if self.samples_per_shard % self.samples_per_chunk:
+            raise StoreError(
+                f"samples_per_chunk={self.samples_per_chunk} must divide "
+                f"samples_per_shard={self.samples_per_shard}"
+            )
+        if self.compression not in ("zstd", "blosc-lz4"):
+            raise StoreError(f"compression must be 'zstd' or 'blosc-lz4', got {self.compression!r}")
+        if not self.package_version:
+            from facecorpus import __version__
+
+            self.package_version = __version__
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["fields"] = {k: {**asdict(v), "shape": list(v.shape)} for k, v in self.fields.items()}
+        d["path_columns"] = list(self.path_columns)
+        return json.dumps(d, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> DatasetSchema:
+        d = json.loads(text)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def mismatches(self, other: DatasetSchema) -> list[str]:
+        """Differences that make ``other`` unable to extend a dataset written with ``self``."""
+        out = []
+        for name in ("fields", "samples_per_shard", "samples_per_chunk", "producer", "config_hash",
+                     "path_columns", "compression", "compression_level", "max_shards"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                out.append(f"{name}: stored {a!r} != requested {b!r}")
+        return out
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """The commit record of one shard (stored in its manifest part's metadata).
+
+    ``checksums[field]`` is the sha256 of the C-order bytes of the shard's ``(n, *shape)``
+    array; ``written`` is False when :meth:`DatasetWriter.write_shard` was a no-op.
+    """
+
+    shard: int
+    key: str
+    n_samples: int
+    n_rejected: int
+    checksums: dict[str, str]
+    written: bool = True
+
+    def record(self) -> dict[str, Any]:
+        return {"shard": self.shard, "key": self.key, "n_samples": self.n_samples,
+                "n_rejected": self.n_rejected, "checksums": self.checksums,
+                "format_version": FORMAT_VERSION}
+
+    @classmethod
+    def from_record(cls, d: Mapping[str, Any]) -> ShardInfo:
+        return cls(shard=int(d["shard"]), key=str(d["key"]), n_samples=int(d["n_samples"]),
+                   n_rejected=int(d["n_rejected"]), checksums=dict(d["checksums"]), written=False)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def field_checksum(a: np.ndarray) -> str:
+    """sha256 hex of an array's C-order bytes (what verify recomputes from the store)."""
+    return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
+
+
+def part_name(shard: int) -> str:
+    return f"shard-{shard:06d}.parquet"
+
+
+def check_relative_path(value: Any, *, column: str, row: int | str, where: str = "") -> None:
+    """Raise :class:`PathEscapeError` unless ``value`` is a root-relative path staying inside.
+
+    Refused: absolute paths (``/x``, ``C:\\x``, ``\\\\host``), URLs with any scheme
+    (``s3://``, ``file:``), and any ``..`` component; empty values are allowed (no asset).
+    """
+    if value is None or value == "":
+        return
+    s = str(value)
+    reason = None
+    if "\x00" in s:
+        reason = "contains a NUL byte"
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", s):
+        reason = "is a URL or drive path, expected a path relative to the dataset root"
+    elif s.startswith(("/", "\\", "~")):
+        reason = "is absolute, expected a path relative to the dataset root"
+    elif ".." in re.split(r"[\\/]+", s):
+        reason = "has a '..' component that escapes the dataset root"
+    if reason:
+        raise PathEscapeError(f"{where}row {row}, column {column!r}: path {s!r} {reason}")
+
+
+def _pa():
+    import pyarrow as pa
+
+    return pa
+
+
+def _to_table(rows: Any, what: str):
+    pa = _pa()
+    if rows is None:
+        return pa.table({})
+    if isinstance(rows, pa.Table):
+        return rows
+    if hasattr(rows, "to_dict") and hasattr(rows, "columns"):  # pandas, without importing it
+        return pa.Table.from_pandas(rows, preserve_index=False)
+    rows = list(rows)
+    if not rows:
+        return pa.table({})
+    try:
+        return pa.Table.from_pylist([dict(r) for r in rows])
+    except (TypeError, ValueError, pa.ArrowException) as e:
+        raise StoreError(f"{what}: rows cannot form a table: {e}") from e
+
+
+# --------------------------------------------------------------------------- filesystem
+
+
+class _Root:
+    """An fsspec filesystem + path for a dataset root; picklable, opened lazily."""
+
+    def __init__(self, url: str | os.PathLike, storage_options: dict | None = None):
+        self.url = os.fspath(url)
+        self.storage_options = dict(storage_options or {})
+        self._fs = None
+        self._path = None
+
+    def __getstate__(self):
+        return {"url": self.url, "storage_options": self.storage_options, "_fs": None, "_path": None}
+
+    def _open(self):
+        from fsspec.core import url_to_fs
+
+        fs, path = url_to_fs(self.url, **self.storage_options)
+        self._fs, self._path = fs, path.rstrip("/") or "/"
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            self._open()
+        return self._fs
+
+    @property
+    def path(self) -> str:
+        if self._path is None:
+            self._open()
+        return self._path
+
+    @property
+    def is_local(self) -> bool:
+        from fsspec.implementations.local import LocalFileSystem
+
+        return isinstance(self.fs, LocalFileSystem)
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.path.rstrip("/"), *parts])
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.join(*parts))
+
+    def cat(self, *parts: str) -> bytes:
+        return self.fs.cat_file(self.join(*parts))
+
+    def ls_names(self, *parts: str) -> list[str]:
+        p = self.join(*parts)
+        try:
+            entries = self.fs.ls(p, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+    def rm(self, *parts: str) -> None:
+        try:
+            self.fs.rm_file(self.join(*parts))
+        except FileNotFoundError:
+            pass
+
+    def put_atomic(self, data: bytes, *parts: str) -> None:
+        """Make ``parts`` appear with exactly ``data`` or not at all (see module docstring)."""
+        final = self.join(*parts)
+        parent = final.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        if self.is_local:
+            tmp = f"{parent}/{_TMP_PREFIX}{final.rsplit('/', 1)[1]}.{uuid.uuid4().hex}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        else:
+            self.fs.pipe_file(final, data)
+
+    def zarr_store(self, read_only: bool = False):
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.is_local:
+            return LocalStore(self.path, read_only=read_only)
+        return FsspecStore.from_url(self.url, storage_options=self.storage_options or None,
+                                    read_only=read_only)
+
+
+def _codecs(schema: DatasetSchema):
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+    if schema.compression == "zstd":
+        comp = ZstdCodec(level=schema.compression_level)
+    else:
+        comp = BloscCodec(cname="lz4", clevel=schema.compression_level, shuffle="noshuffle")
+    # crc32c per chunk: a flipped byte is a clear checksum error at read time, not garbage.
+    return [comp, Crc32cCodec()]
+
+
+def _write_part(root: _Root, table, subdir: str, shard: int, meta: dict | None = None) -> None:
+    import pyarrow.parquet as pq
+
+    if meta is not None:
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), SHARD_META_KEY: json.dumps(meta).encode()}
+        )
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    root.put_atomic(buf.getvalue(), subdir, part_name(shard))
+
+
+def _read_part_info(root: _Root, shard: int) -> ShardInfo | None:
+    import pyarrow.parquet as pq
+
+    p = root.join(MANIFEST_DIR, part_name(shard))
+    try:
+        with root.fs.open(p, "rb") as f:
+            md = pq.read_schema(f).metadata or {}
+    except FileNotFoundError:
+        return None
+    raw = md.get(SHARD_META_KEY)
+    if raw is None:
+        raise StoreError(f"{root.url}: manifest part {p} has no commit record")
+    return ShardInfo.from_record(json.loads(raw))
+
+
+def _committed_ids(root: _Root) -> list[int]:
+    out = []
+    for name in root.ls_names(MANIFEST_DIR):
+        m = _PART_RE.match(name)
+        if m:
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def read_schema(root: str | os.PathLike | _Root, storage_options: dict | None = None) -> DatasetSchema:
+    r = root if isinstance(root, _Root) else _Root(root, storage_options)
+    try:
+        return DatasetSchema.from_json(r.cat(SCHEMA_FILE))
+    except FileNotFoundError:
+        raise StoreError(f"{r.url}: not a facecorpus dataset ({SCHEMA_FILE} missing)") from None
+    except (ValueError, TypeError) as e:
+        raise StoreError(f"{r.url}/{SCHEMA_FILE}: unreadable schema: {e}") from e
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class DatasetWriter:
+    """Creates or reopens a dataset and commits whole shards.
+
+    Picklable (holds only the URL and schema), so one writer made in the driver can be shipped
+    to Dask workers; create it in the driver first so the arrays exist before workers write.
+
+    Args:
+        root: dataset root URL or path.
+        schema: what the dataset holds; must match a stored schema (see
+            :meth:`DatasetSchema.mismatches`).
+        storage_options: passed to fsspec.
+    """
+
+    def __init__(self, root: str | os.PathLike, schema: DatasetSchema,
+                 storage_options: dict | None = None):
+        self.root = _Root(root, storage_options)
+        self.schema = schema
+        self._arrays: dict[str, Any] = {}
+        self._pid = os.getpid()
+        self._create_or_check()
+
+    def __getstate__(self):
+        return {"root": self.root, "schema": self.schema, "_arrays": {}, "_pid": None}
+
+    @property
+    def url(self) -> str:
+        return self.root.url
+
+    def _create_or_check(self) -> None:
+        import zarr
+
+        r = self.root
+        if r.exists(SCHEMA_FILE):
+            stored = read_schema(r)
+            bad = stored.mismatches(self.schema)
+            if bad:
+                raise StoreError(f"{r.url}: schema does not match the stored one: " + "; ".join(bad))
+            self.schema = stored
+        group = zarr.open_group(r.zarr_store(), mode="a",
+                                attributes={"facecorpus_format_version": FORMAT_VERSION})
+        s = self.schema
+        existing = set(group.array_keys())
+        for name, spec in s.fields.items():
+            if name in existing:
+                continue
+            try:
+                group.create_array(
+                    name, shape=(s.max_shards * s.samples_per_shard, *spec.shape), dtype=spec.dtype,
+                    chunks=(s.samples_per_chunk, *spec.shape), shards=(s.samples_per_shard, *spec.shape),
+                    compressors=_codecs(s), fill_value=0,
+                    attributes={"units": spec.units, "description": spec.description},
+                )
+            except Exception:  # a concurrent creator won the race: accept if it matches
+                if name not in set(group.array_keys()):
+                    raise
+        if not r.exists(SCHEMA_FILE):
+            r.put_atomic(self.schema.to_json().encode(), SCHEMA_FILE)
+
+    def _array(self, name: str):
+        if self._pid != os.getpid():  # forked or unpickled: zarr handles are per process
+            self._arrays, self._pid = {}, os.getpid()
+        a = self._arrays.get(name)
+        if a is None:
+            import zarr
+
+            a = zarr.open_array(self.root.zarr_store(), path=name, mode="r+")
+            self._arrays[name] = a
+        return a
+
+    # -- queries
+    def committed_shards(self) -> dict[int, str]:
+        """Shard id -> content key, for every committed shard."""
+        out = {}
+        for s in _committed_ids(self.root):
+            info = _read_part_info(self.root, s)
+            if info is not None:
+                out[s] = info.key
+        return out
+
+    def shard_info(self, shard_id: int) -> ShardInfo | None:
+        return _read_part_info(self.root, shard_id)
+
+    def is_committed(self, shard_id: int, key: str | None = None) -> bool:
+        """True if the shard is committed (and, when ``key`` is given, with that content key)."""
+        info = _read_part_info(self.root, shard_id)
+        return info is not None and (key is None or info.key == key)
+
+    # -- validation
+    def _check_arrays(self, shard_id: int, arrays: Mapping[str, np.ndarray]) -> tuple[dict, int]:
+        s = self.schema
+        where = f"{self.url}: shard {shard_id}"
+        missing = set(s.fields) - set(arrays)
+        extra = set(arrays) - set(s.fields)
+        if missing or extra:
+            raise StoreError(f"{where}: fields {sorted(arrays)} != schema fields {sorted(s.fields)}")
+        out, n = {}, None
+        for name, spec in s.fields.items():
+            a = np.asarray(arrays[name])
+            if a.shape[1:] != spec.shape:
+                raise StoreError(f"{where}: field {name!r} has per-sample shape {a.shape[1:]}, "
+                                 f"schema says {spec.shape}")
+            if a.dtype != np.dtype(spec.dtype):
+                if not np.can_cast(a.dtype, spec.dtype, casting="safe"):
+                    raise StoreError(f"{where}: field {name!r} dtype {a.dtype} cannot be stored "
+                                     f"losslessly as {spec.dtype}")
+                a = a.astype(spec.dtype)
+            if n is None:
+                n = a.shape[0]
+            elif a.shape[0] != n:
+                raise StoreError(f"{where}: field {name!r} has {a.shape[0]} samples, others {n}")
+            out[name] = np.ascontiguousarray(a)
+        if n > s.samples_per_shard:
+            raise StoreError(f"{where}: {n} samples > samples_per_shard={s.samples_per_shard}")
+        return out, int(n)
+
+    def _manifest_table(self, shard_id: int, manifest: Any, n: int):
+        pa = _pa()
+        where = f"{self.url}: shard {shard_id} manifest"
+        t = _to_table(manifest, where)
+        if t.num_rows != n:
+            raise StoreError(f"{where}: {t.num_rows} rows for {n} samples")
+        if n == 0:
+            t = pa.table({c: pa.array([], type=getattr(pa, ty)()) for c, (ty, _) in REQUIRED_COLUMNS.items()})
+        for col, (ty, default) in REQUIRED_COLUMNS.items():
+            typ = getattr(pa, ty)()
+            if col == "shard":
+                arr = pa.array(np.full(n, shard_id, np.int32))
+            elif col == "row":
+                arr = pa.array(np.arange(n, dtype=np.int32))
+            elif col in t.column_names:
+                try:
+                    arr = t.column(col).cast(typ)
+                except pa.ArrowException as e:
+                    raise StoreError(f"{where}: column {col!r} is not {ty}: {e}") from e
+            elif default is None:
+                raise StoreError(f"{where}: required column {col!r} missing")
+            else:
+                arr = pa.array([default] * n, type=typ)
+            if col in ("shard", "row") and col in t.column_names:
+                given = t.column(col).to_numpy(zero_copy_only=False)
+                if not np.array_equal(given, arr.to_numpy()):
+                    raise StoreError(f"{where}: column {col!r} disagrees with the shard layout")
+            if col in t.column_names:
+                t = t.set_column(t.column_names.index(col), col, arr)
+            else:
+                t = t.append_column(col, arr)
+        if "index" in t.column_names:
+            t = t.drop_columns(["index"])  # derived on open, never stored
+        extra = [c for c in t.column_names if c not in REQUIRED_COLUMNS]
+        t = t.select(list(REQUIRED_COLUMNS) + extra)
+        ids = t.column("sample_id")
+        if ids.null_count:
+            raise StoreError(f"{where}: sample_id has nulls")
+        if len(set(ids.to_pylist())) != n:
+            raise StoreError(f"{where}: sample_id values are not unique")
+        check_path_columns(t, self.schema.path_columns, where=f"{where}: ")
+        return t
+
+    def _rejected_table(self, shard_id: int, rejected: Any):
+        pa = _pa()
+        t = _to_table(rejected, f"{self.url}: shard {shard_id} rejected")
+        n = t.num_rows
+        for col in REJECTED_COLUMNS:
+            if col not in t.column_names:
+                t = t.append_column(col, pa.array([""] * n, type=pa.string()))
+            else:
+                t = t.set_column(t.column_names.index(col), col, t.column(col).cast(pa.string()))
+        shard = pa.array(np.full(n, shard_id, np.int32))
+        if "shard" in t.column_names:
+            t = t.set_column(t.column_names.index("shard"), "shard", shard)
+        else:
+            t = t.append_column("shard", shard)
+        return t
+
+    # -- the write
+    def write_shard(self, shard_id: int, arrays: Mapping[str, np.ndarray], manifest: Any,
+                    key: str = "", rejected: Any = None, overwrite: bool = False) -> ShardInfo:
+        """Commit one whole shard: data first, rejected part, manifest part last.
+
+        Args:
+            shard_id: ``0 <= shard_id < max_shards``; callers own disjoint shard ids.
+            arrays: field -> ``(n, *shape)`` array, ``n <= samples_per_shard`` (``n`` may be 0
+                when every input of the shard was rejected).
+            manifest: ``n`` rows (list of dicts, a pyarrow Table or a pandas DataFrame) with
+                at least ``sample_id``; ``shard``/``row`` are filled in; other required
+                columns default to ``""``/NaN/``"train"``.
+            key: content key of the inputs + config (e.g. a hash); compared on rewrite.
+            rejected: rows ``{"source_uri", "stage", "reason", ...}`` committed with the shard.
+            overwrite: replace a committed shard whose content differs.
+
+        Returns:
+            The commit record; ``written`` is False if the identical shard was already there.
+        """
+        s = self.schema
+        if not (0 <= int(shard_id) < s.max_shards):
+            raise StoreError(f"{self.url}: shard id {shard_id} outside [0, {s.max_shards})")
+        shard_id = int(shard_id)
+        data, n = self._check_arrays(shard_id, arrays)
+        table = self._manifest_table(shard_id, manifest, n)
+        rej = self._rejected_table(shard_id, rejected)
+        sums = {name: field_checksum(a) for name, a in data.items()}
+        info = ShardInfo(shard=shard_id, key=str(key), n_samples=n, n_rejected=rej.num_rows,
+                         checksums=sums)
+        old = _read_part_info(self.root, shard_id)
+        if old is not None:
+            if old.key == info.key and old.checksums == sums and old.n_samples == n:
+                return old
+            if not overwrite:
+                raise ShardConflictError(
+                    f"{self.url}: shard {shard_id} is committed with different content "
+                    f"(key {old.key!r} -> {info.key!r}); pass overwrite=True to replace it"
+                )
+            # Uncommit first: readers must never see the old manifest over new data.
+            self.root.rm(MANIFEST_DIR, part_name(shard_id))
+        self._clean_tmp(shard_id)
+        lo = shard_id * s.samples_per_shard
+        for name, a in data.items():
+            if n < s.samples_per_shard:
+                # Pad to the whole shard: one full-shard write replaces the shard file (no
+                # read-modify-write) and leaves no stale rows from an earlier, longer write.
+                full = np.zeros((s.samples_per_shard, *a.shape[1:]), a.dtype)
+                full[:n] = a
+                a = full
+            self._array(name)[lo:lo + s.samples_per_shard] = a
+        self._before_commit(shard_id)
+        _write_part(self.root, rej, REJECTED_DIR, shard_id)
+        _write_part(self.root, table, MANIFEST_DIR, shard_id, meta=info.record())
+        return info
+
+    def _before_commit(self, shard_id: int) -> None:
+        """Hook between data and manifest (tests kill the process here)."""
+
+    def _clean_tmp(self, shard_id: int) -> None:
+        if not self.root.is_local:
+            return
+        stem = _TMP_PREFIX + part_name(shard_id)
+        for sub in (MANIFEST_DIR, REJECTED_DIR):
+            for name in self.root.ls_names(sub):
+                if name.startswith(stem) and name.endswith(".tmp"):
+                    self.root.rm(sub, name)
+
+
+def check_path_columns(table, columns: Sequence[str], where: str = "") -> None:
+    """Raise :class:`PathEscapeError` naming the first row/column whose path escapes the root."""
+    for col in columns:
+        if col not in table.column_names:
+            continue
+        rows = table.column("sample_id").to_pylist() if "sample_id" in table.column_names else None
+        for i, v in enumerate(table.column(col).to_pylist()):
+            check_relative_path(v, column=col, row=f"{i}" + (f" (sample_id {rows[i]!r})" if rows else ""),
+                                where=where)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class StoredDataset:
+    """A committed dataset opened for reading (see :func:`open_dataset`).
+
+    Attributes:
+        schema: the :class:`DatasetSchema`.
+        manifest: pyarrow Table, one row per committed sample, sorted by ``index``
+            (``shard * samples_per_shard + row``, int64).
+        rejected: pyarrow Table of rejected inputs of the committed shards.
+        shards: shard id -> :class:`ShardInfo` of every committed shard.
+
+    Picklable and fork-safe: zarr handles are opened lazily in each process.
+    """
+
+    def __init__(self, root: str | os.PathLike, storage_options: dict | None = None,
+                 check_paths: bool = True):
+        self.root = _Root(root, storage_options)
+        self.schema = read_schema(self.root)
+        self._arrays: dict[str, Any] = {}
+        self._pid = os.getpid()
+        self._load(check_paths)
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_arrays"], d["_pid"] = {}, None
+        return d
+
+    @property
+    def url(self) -> str:
+        return self.root.url
+
+    def _load(self, check_paths: bool) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        parts, rejs, self.shards = [], [], {}
+        for s in _committed_ids(self.root):
+            with self.root.fs.open(self.root.join(MANIFEST_DIR, part_name(s)), "rb") as f:
+                t = pq.read_table(f)
+            raw = (t.schema.metadata or {}).get(SHARD_META_KEY)
+            if raw is None:
+                raise StoreError(f"{self.url}: manifest part {part_name(s)} has no commit record")
+            self.shards[s] = ShardInfo.from_record(json.loads(raw))
+            parts.append(t.replace_schema_metadata(None))
+            try:
+                with self.root.fs.open(self.root.join(REJECTED_DIR, part_name(s)), "rb") as f:
+                    r = pq.read_table(f)
+                rejs.append(r.replace_schema_metadata(None))
+            except FileNotFoundError:
+                pass
+        if parts:
+            m = pa.concat_tables(parts, promote_options="permissive")
+        else:
+            m = pa.table({c: pa.array([], type=getattr(pa, ty)()) for c, (ty, _) in REQUIRED_COLUMNS.items()})
+        idx = pc.add(pc.multiply(m.column("shard").cast(pa.int64()), self.schema.samples_per_shard),
+                     m.column("row").cast(pa.int64()))
+        m = m.append_column("index", idx)
+        self.manifest = m.sort_by("index")
+        self.rejected = (pa.concat_tables(rejs, promote_options="permissive") if rejs
+                         else pa.table({c: pa.array([], pa.string()) for c in REJECTED_COLUMNS}))
+        if check_paths:
+            check_path_columns(self.manifest, self.schema.path_columns, where=f"{self.url}: manifest ")
+
+    def __len__(self) -> int:
+        return self.manifest.num_rows
+
+    @property
+    def fields(self) -> dict[str, FieldSpec]:
+        return self.schema.fields
+
+    def select(self, filter: Any = None):
+        """The manifest rows matching a pyarrow compute expression (all rows if None)."""
+        return self.manifest if filter is None else self.manifest.filter(filter)
+
+    def resolve(self, relative: str, column: str = "path") -> str:
+        """URL of a root-relative path from a path column, refusing escapes."""
+        check_relative_path(relative, column=column, row="?", where=f"{self.url}: ")
+        return self.root.join(relative)
+
+    def array(self, name: str):
+        """The zarr array of a field (opened lazily, per process, read-only)."""
+        if name not in self.schema.fields:
+            raise StoreError(f"{self.url}: no field {name!r} (fields: {sorted(self.schema.fields)})")
+        if self._pid != os.getpid():
+            self._arrays, self._pid = {}, os.getpid()
+        a = self._arrays.get(name)
+        if a is None:
+            import zarr
+
+            a = zarr.open_array(self.root.zarr_store(read_only=True), path=name, mode="r")
+            self._arrays[name] = a
+        return a
+
+    def read_rows(self, name: str, shard: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of one shard of a field: ``(stop - start, *shape)``."""
+        base = shard * self.schema.samples_per_shard
+        return self.array(name)[base + start: base + stop]
+
+    def read_shard(self, shard: int, fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Every committed sample of a shard: field -> ``(n, *shape)``."""
+        info = self.shards.get(shard)
+        if info is None:
+            raise StoreError(f"{self.url}: shard {shard} is not committed")
+        return {f: self.read_rows(f, shard, 0, info.n_samples)
+                for f in (fields or self.schema.fields)}
+
+    def read(self, name: str, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Samples by global index (manifest column ``index``): ``(len(indices), *shape)``.
+
+        Reads each shard's needed row run once, in index order, then scatters.
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        spec = self.schema.fields.get(name)
+        if spec is None:
+            raise StoreError(f"{self.url}: no field {name!r} (fields: {sorted(self.schema.fields)})")
+        out = np.empty((idx.size, *spec.shape), spec.dtype)
+        if idx.size == 0:
+            return out
+        sps = self.schema.samples_per_shard
+        shard, row = np.divmod(idx, sps)
+        order = np.argsort(idx, kind="stable")
+        bounds = np.flatnonzero(np.diff(shard[order])) + 1
+        for grp in np.split(order, bounds):
+            s = int(shard[grp[0]])
+            info = self.shards.get(s)
+            rows = row[grp]
+            if info is None or rows.max() >= info.n_samples or rows.min() < 0:
+                raise StoreError(f"{self.url}: index {int(idx[grp[0]])} (shard {s}) is not a committed sample")
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            block = self.read_rows(name, s, lo, hi)
+            out[grp] = block[rows - lo]
+        return out
+
+
+def open_dataset(root: str | os.PathLike, storage_options: dict | None = None,
+                 check_paths: bool = True) -> StoredDataset:
+    """Open the committed part of a dataset: manifest, rejected rows, schema, field reads."""
+    return StoredDataset(root, storage_options, check_paths=check_paths)
