@@ -1,0 +1,327 @@
+"""Landmarks: 68 Multi-PIE points per photo, then a square crop aligned on them.
+
+Sources, in order of preference (the one used is recorded as ``landmark_source``):
+
+1. ``manifest`` — 68 points given with the input (``InputRecord.landmarks``): no detection.
+2. ``mediapipe`` — the mediapipe Tasks ``FaceLandmarker`` (478 points), largest face,
+   mapped to 68 points with :data:`MP478_TO_68`. The ``.task`` model bundle is looked up by
+   :func:`find_mediapipe_model`. Note: the mediapipe 0.10.35 wheel installed here ships the
+   runtime but **no model files** (no ``.task``/``.tflite`` in site-packages), and there is
+   no network; point ``FACECORPUS_MEDIAPIPE_MODEL`` (or ``landmarks.mediapipe_model``) at
+   ``face_landmarker.task`` to enable it.
+3. ``box_template`` — fallback that needs no learned landmark model: scikit-image's bundled
+   LBP frontal-face cascade finds the face box and the model's own frontal 68-point
+   template is placed in it. Coarse (frontal by construction: yaw/pitch come only from the
+   photometric refinement), so it is flagged in the manifest and can be disabled
+   (``fallback: none``) to reject instead.
+
+"No face" is a rejection reason, never an exception out of a batch.
+
+The 478 → 68 table (:data:`MP478_TO_68`): jaw 0-16 are face-oval vertices
+(``FACEMESH_FACE_OVAL``) from the subject's right cheek at eye level (234) through the chin
+(152) to the left cheek (454); brows are the upper brow contours; nose bridge
+168-197-5-4 and base 98-97-2-326-327; eyes the six-point eyelid contours (corners 33/133,
+362/263); mouth the outer (61...291) and inner (78...308) lip contours. Every left/right
+pair in the table is a mirror pair of the mediapipe canonical mesh.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from facecorpus.tasks.ingest import Rejection
+
+log = logging.getLogger(__name__)
+
+# fmt: off
+MP478_TO_68 = np.array([
+    # jaw 0-16 (face oval, subject's right -> chin -> subject's left)
+    234, 93, 132, 58, 172, 136, 150, 176, 152, 400, 379, 365, 397, 288, 361, 323, 454,
+    # brows 17-21 (subject's right, outer -> inner), 22-26 (left, inner -> outer)
+    70, 63, 105, 66, 107, 336, 296, 334, 293, 300,
+    # nose bridge 27-30, base 31-35
+    168, 197, 5, 4, 98, 97, 2, 326, 327,
+    # right eye 36-41 (outer corner, upper x2, inner corner, lower x2), left eye 42-47
+    33, 160, 158, 133, 153, 144, 362, 385, 387, 263, 373, 380,
+    # outer lips 48-59, inner lips 60-67
+    61, 40, 37, 0, 267, 270, 291, 321, 314, 17, 84, 91,
+    78, 81, 13, 311, 308, 402, 14, 178,
+], dtype=np.int32)
+# mediapipe FACEMESH_FACE_OVAL as one ordered loop (forehead centre, clockwise in the image)
+MP_FACE_OVAL = np.array([
+    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+    152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
+], dtype=np.int32)
+# fmt: on
+# Multi-PIE mirror of every 68-point index (used to check tables and to flip annotations)
+MULTIPIE_MIRROR = np.array(
+    list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] + [35, 34, 33, 32, 31]
+    + [45, 44, 43, 42, 47, 46, 39, 38, 37, 36, 41, 40]
+    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65],
+    dtype=np.int32)
+
+
+@dataclass
+class FaceLandmarks:
+    """Landmarks of one face in *original image* pixels.
+
+    ``points``: (68, 2) float32 (x, y), Multi-PIE order. ``box``: (4,) x0, y0, x1, y1.
+    ``dense``: (478, 2) mediapipe points or None. ``source``: manifest|mediapipe|box_template.
+    """
+
+    points: np.ndarray
+    box: np.ndarray
+    source: str
+    dense: np.ndarray | None = None
+
+
+@dataclass
+class AlignedFace:
+    """A square crop. ``image`` (S, S, 3) uint8; ``landmarks`` (68, 2) crop pixels;
+    ``affine`` (2, 3) maps original-image (x, y, 1) to crop (x, y); ``mask`` (S, S) bool or
+    None (a given mask warped with the image); ``oval`` (K, 2) face-oval polygon in crop pixels
+    (the jaw plus the brows: the face region landmarks can vouch for).
+    """
+
+    image: np.ndarray
+    landmarks: np.ndarray
+    affine: np.ndarray
+    source: str
+    mask: np.ndarray | None = None
+    oval: np.ndarray | None = None
+
+
+# ------------------------------------------------------------------ mediapipe
+def find_mediapipe_model(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The FaceLandmarker ``.task`` bundle: ``explicit``, ``$FACECORPUS_MEDIAPIPE_MODEL``,
+    ``$FACECORPUS_ASSETS/models/mediapipe/face_landmarker.task``,
+    ``$FACECORPUS_CACHE/mediapipe/face_landmarker.task``, or one inside the mediapipe
+    package; None when there is none."""
+    cands: list[Path] = []
+    if explicit:
+        cands.append(Path(explicit))
+    for env, sub in (("FACECORPUS_MEDIAPIPE_MODEL", ""),
+                     ("FACECORPUS_ASSETS", "models/mediapipe/face_landmarker.task"),
+                     ("FACECORPUS_CACHE", "mediapipe/face_landmarker.task")):
+        if os.environ.get(env):
+            cands.append(Path(os.environ[env]) / sub if sub else Path(os.environ[env]))
+    for c in cands:
+        if c.is_file():
+            return c
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("mediapipe")
+    except (ImportError, ValueError):
+        spec = None
+    if spec and spec.origin:
+        found = sorted(Path(spec.origin).parent.rglob("face_landmarker*.task"))
+        if found:
+            return found[0]
+    return None
+
+
+class MediapipeLandmarker:
+    """mediapipe Tasks FaceLandmarker in IMAGE mode; returns the largest face."""
+
+    def __init__(self, model_path: str | os.PathLike, max_faces: int = 4,
+                 min_confidence: float = 0.5):
+        from mediapipe.tasks.python import vision
+        from mediapipe.tasks.python.core.base_options import BaseOptions
+
+        opts = vision.FaceLandmarkerOptions(
+            base_options=BaseOptions(model_asset_path=str(model_path)),
+            running_mode=vision.RunningMode.IMAGE, num_faces=max_faces,
+            min_face_detection_confidence=min_confidence)
+        self._lm = vision.FaceLandmarker.create_from_options(opts)
+
+    def detect(self, image: np.ndarray) -> FaceLandmarks | None:
+        import mediapipe as mp
+
+        h, w = image.shape[:2]
+        res = self._lm.detect(mp.Image(image_format=mp.ImageFormat.SRGB,
+                                       data=np.ascontiguousarray(image)))
+        faces = []
+        for lms in res.face_landmarks:
+            pts = np.array([(p.x * w, p.y * h) for p in lms], dtype=np.float32)
+            faces.append(pts)
+        if not faces:
+            return None
+        dense = max(faces, key=lambda p: float(np.prod(p.max(0) - p.min(0))))
+        pts = dense[MP478_TO_68]
+        box = np.concatenate([dense.min(0), dense.max(0)]).astype(np.float32)
+        return FaceLandmarks(points=pts, box=box, source="mediapipe", dense=dense)
+
+
+# ------------------------------------------------------------ box + template
+_CASCADE = None
+
+
+def detect_face_box(image: np.ndarray, work_size: int = 400) -> np.ndarray | None:
+    """Largest frontal face box (4,) x0, y0, x1, y1 in pixels, or None.
+
+    scikit-image's LBP cascade on a copy scaled to ``work_size`` on its long side;
+    overlapping hits are merged and the box with the most support wins (ties: larger).
+    """
+    global _CASCADE
+    import skimage.data
+    import skimage.feature
+    from skimage.color import rgb2gray
+    from skimage.transform import rescale
+
+    if _CASCADE is None:
+        _CASCADE = skimage.feature.Cascade(skimage.data.lbp_frontal_face_cascade_filename())
+    s = min(1.0, work_size / max(image.shape[:2]))
+    g = rgb2gray(image)
+    if s < 1:
+        g = rescale(g, s, anti_aliasing=True)
+    lo = max(20, int(0.08 * min(g.shape)))
+    dets = _CASCADE.detect_multi_scale(g, scale_factor=1.1, step_ratio=1, min_size=(lo, lo),
+                                       max_size=(min(g.shape), min(g.shape)))
+    if not dets:
+        return None
+    boxes = np.array([[d["c"], d["r"], d["c"] + d["width"], d["r"] + d["height"]]
+                      for d in dets], np.float32) / s
+    # support = number of boxes overlapping (IoU > 0.3); the face collects many hits
+    x0 = np.maximum(boxes[:, None, 0], boxes[None, :, 0])
+    y0 = np.maximum(boxes[:, None, 1], boxes[None, :, 1])
+    x1 = np.minimum(boxes[:, None, 2], boxes[None, :, 2])
+    y1 = np.minimum(boxes[:, None, 3], boxes[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    iou = inter / (area[:, None] + area[None, :] - inter)
+    support = (iou > 0.3).sum(1)
+    best = int(np.lexsort((area, support))[-1])
+    group = boxes[iou[best] > 0.3]
+    return group.mean(0)
+
+
+def landmark_template(model) -> np.ndarray:
+    """The model's frontal 68 landmarks (68, 2), image axes (y down), bbox = unit square."""
+    p = model.vertices[model.landmarks][:, :2].astype(np.float64) * np.array([1.0, -1.0])
+    p = (p - p.min(0)) / (p.max(0) - p.min(0))
+    return p.astype(np.float32)
+
+
+# Where the landmarks' bounding box lies inside an LBP-cascade face box (fractions of the
+# box): OpenCV-style frontal boxes span about brow-to-chin and cheek-to-cheek.
+_TEMPLATE_IN_BOX = (0.08, 0.20, 0.92, 1.06)  # x0, y0, x1, y1
+
+
+def template_in_box(template: np.ndarray, box: np.ndarray) -> np.ndarray:
+    """Place a unit-box template (68, 2) into a face box (4,); returns (68, 2) pixels."""
+    bx0, by0, bx1, by1 = box
+    fx0, fy0, fx1, fy1 = _TEMPLATE_IN_BOX
+    w, h = bx1 - bx0, by1 - by0
+    x = bx0 + (fx0 + template[:, 0] * (fx1 - fx0)) * w
+    y = by0 + (fy0 + template[:, 1] * (fy1 - fy0)) * h
+    return np.stack([x, y], -1).astype(np.float32)
+
+
+# ------------------------------------------------------------------ detection
+class LandmarkDetector:
+    """Pick the landmark source per image (see the module docstring).
+
+    Args:
+        template: (68, 2) unit-box template for the fallback (see :func:`landmark_template`).
+        mediapipe_model: path of a ``.task`` bundle, or None to look it up.
+        fallback: "box_template" or "none".
+    """
+
+    def __init__(self, template: np.ndarray | None = None, mediapipe_model=None,
+                 fallback: str = "box_template"):
+        self.template = template
+        self.fallback = fallback
+        path = find_mediapipe_model(mediapipe_model)
+        self._mp = None
+        if path is not None:
+            self._mp = MediapipeLandmarker(path)
+        elif fallback == "box_template":
+            log.warning("no mediapipe face_landmarker.task found: landmarks fall back to a "
+                        "face box + template (coarse); set FACECORPUS_MEDIAPIPE_MODEL")
+        self.backend = "mediapipe" if self._mp else fallback
+
+    def detect(self, image: np.ndarray, source_uri: str = "",
+               given: np.ndarray | None = None) -> FaceLandmarks:
+        """68 landmarks for one (H, W, 3) uint8 image; raises Rejection("no face ...")."""
+        if given is not None:
+            g = np.asarray(given, np.float32).reshape(68, 2)
+            if not np.isfinite(g).all():
+                raise Rejection(source_uri, "landmarks", "given landmarks are not finite")
+            return FaceLandmarks(g, np.concatenate([g.min(0), g.max(0)]), "manifest")
+        if self._mp is not None:
+            found = self._mp.detect(image)
+            if found is None:
+                raise Rejection(source_uri, "landmarks", "no face found (mediapipe)")
+            return found
+        if self.fallback != "box_template" or self.template is None:
+            raise Rejection(source_uri, "landmarks",
+                            "no landmark model available (mediapipe .task missing) and "
+                            "fallback disabled")
+        box = detect_face_box(image)
+        if box is None:
+            raise Rejection(source_uri, "landmarks", "no face found (LBP cascade)")
+        return FaceLandmarks(template_in_box(self.template, box), box, "box_template")
+
+
+# ------------------------------------------------------------------ alignment
+def crop_affine(landmarks: np.ndarray, size: int, scale: float = 1.55,
+                shift_up: float = 0.08) -> np.ndarray:
+    """Similarity (2, 3) mapping image pixels to a ``size`` square crop around the
+    landmarks: side = ``scale`` * the larger landmark-box side, centre raised by
+    ``shift_up`` * box height to keep the forehead. No rotation (roll stays in the data)."""
+    lo, hi = landmarks.min(0), landmarks.max(0)
+    side = scale * float(max(hi - lo))
+    cx, cy = (lo + hi) / 2
+    cy -= shift_up * float(hi[1] - lo[1])
+    k = size / side
+    return np.array([[k, 0.0, size / 2 - k * cx], [0.0, k, size / 2 - k * cy]], np.float64)
+
+
+def warp_image(image: np.ndarray, affine: np.ndarray, size: int, order: int = 1) -> np.ndarray:
+    """Warp (H, W[, C]) with pixel-centre-correct affine (2, 3) into (size, size[, C])."""
+    import cv2
+
+    # cv2 maps pixel indices; our convention puts centres at +0.5: conjugate the transform
+    a = affine.copy()
+    a[:, 2] += a[:, 0] * 0.5 + a[:, 1] * 0.5 - 0.5
+    interp = cv2.INTER_AREA if order == 1 and affine[0, 0] < 0.7 else (
+        cv2.INTER_LINEAR if order == 1 else cv2.INTER_NEAREST)
+    if interp == cv2.INTER_AREA:  # warpAffine has no area filter: prefilter by resizing
+        scale = float(np.hypot(affine[0, 0], affine[0, 1]))
+        h, w = image.shape[:2]
+        nw, nh = max(1, round(w * scale * 1.0)), max(1, round(h * scale * 1.0))
+        small = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+        sx, sy = nw / w, nh / h
+        a = affine @ np.array([[1 / sx, 0, 0], [0, 1 / sy, 0], [0, 0, 1]])
+        a[:, 2] += a[:, 0] * 0.5 + a[:, 1] * 0.5 - 0.5
+        return cv2.warpAffine(small, a, (size, size), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT)
+    return cv2.warpAffine(image, a, (size, size), flags=interp, borderMode=cv2.BORDER_CONSTANT)
+
+
+def face_oval(points: np.ndarray) -> np.ndarray:
+    """The landmark face region (K, 2): jaw 0-16, then the brows lifted by 1/4 of the
+    brow-to-chin height (the forehead the landmarks do not cover)."""
+    jaw = points[:17]
+    brows = points[26:16:-1].copy()
+    lift = 0.25 * float(points[8, 1] - points[17:27, 1].mean())
+    brows[:, 1] -= lift
+    return np.concatenate([jaw, brows]).astype(np.float32)
+
+
+def align_face(image: np.ndarray, lm: FaceLandmarks, size: int,
+               mask: np.ndarray | None = None) -> AlignedFace:
+    """Crop (H, W, 3) around ``lm`` into (size, size, 3); landmarks, mask and oval follow."""
+    A = crop_affine(lm.points, size)
+    crop = warp_image(image, A, size)
+    pts = lm.points @ A[:, :2].T + A[:, 2]
+    m = None
+    if mask is not None:
+        m = warp_image(mask.astype(np.uint8) * 255, A, size, order=0) > 127
+    return AlignedFace(image=crop, landmarks=pts.astype(np.float32), affine=A.astype(np.float32),
+                       source=lm.source, mask=m, oval=face_oval(pts))
