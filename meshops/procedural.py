@@ -14,9 +14,11 @@ Layout (all exact, tests rely on it):
   exact x-negation (the mean and every basis satisfy it bit for bit where stated).
 - Quads are split along mirrored diagonals, so the mirror image of a triangle is a triangle.
 - UVs: two islands with a seam along the centre column: the subject's right half
-  (``x <= 0``) maps to ``u`` in [0.05, 0.45], the left half to ``u`` in [0.55, 0.95], both
-  with ``u`` growing with ``x`` (so the UV mirror map is *not* an image flip), ``v`` in
-  [0.05, 0.95] growing with ``y``. Centre-column vertices carry two UVs.
+  (``x <= 0``) maps to ``u`` in [0.05, 0.45] (``u`` growing with ``x``), the left half is
+  its mirror image laid out as a copy shifted by +0.5 in ``u`` (``u`` in [0.55, 0.95],
+  *decreasing* with ``x``); ``v`` in [0.05, 0.95] grows with ``y``. So the UV mirror map is
+  a translation by half the image, not an image flip. Centre-column vertices carry two UVs
+  (u = 0.45 and u = 0.95).
 """
 
 from __future__ import annotations
@@ -201,7 +203,7 @@ def procedural_model(n: int = 61, n_id: int = 10, n_exp: int = 5, seed: int = 0,
     # of the centre column for the right island: the seam.
     jgrid = np.broadcast_to(np.arange(n), (n, n))
     igrid = np.broadcast_to(np.arange(n)[:, None], (n, n))
-    u = np.where(jgrid < c, 0.05 + 0.40 * jgrid / c, 0.55 + 0.40 * (jgrid - c) / c)
+    u = np.where(jgrid < c, 0.05 + 0.40 * jgrid / c, 0.55 + 0.40 * (2 * c - jgrid) / c)
     v = 0.05 + 0.90 * igrid / (n - 1)
     uv_main = np.stack([u, v], -1).reshape(-1, 2)
     seam_rows = np.arange(n)
