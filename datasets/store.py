@@ -233,7 +233,7 @@ class ShardInfo:
 
 def field_checksum(a: np.ndarray) -> str:
     """sha256 hex of an array's C-order bytes (what verify recomputes from the store)."""
-    return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast("B")).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8)).hexdigest()
 
 
 def part_name(shard: int) -> str:
@@ -472,9 +472,8 @@ class DatasetWriter:
         group = zarr.open_group(r.zarr_store(), mode="a",
                                 attributes={"facecorpus_format_version": FORMAT_VERSION})
         s = self.schema
-        existing = set(group.array_keys())
         for name, spec in s.fields.items():
-            if name in existing:
+            if r.exists(name, "zarr.json"):
                 continue
             try:
                 group.create_array(
@@ -483,8 +482,8 @@ class DatasetWriter:
                     compressors=_codecs(s), fill_value=0,
                     attributes={"units": spec.units, "description": spec.description},
                 )
-            except Exception:  # a concurrent creator won the race: accept if it matches
-                if name not in set(group.array_keys()):
+            except Exception:  # a concurrent creator won the race: accept it (checked below)
+                if not r.exists(name, "zarr.json"):
                     raise
         if not r.exists(SCHEMA_FILE):
             r.put_atomic(self.schema.to_json().encode(), SCHEMA_FILE)
@@ -701,16 +700,19 @@ class StoredDataset:
     """
 
     def __init__(self, root: str | os.PathLike, storage_options: dict | None = None,
-                 check_paths: bool = True):
+                 check_paths: bool = True, load_manifest: bool = True):
         self.root = _Root(root, storage_options)
         self.schema = read_schema(self.root)
         self._arrays: dict[str, Any] = {}
+        self._fast: dict[str, Any] = {}
         self._pid = os.getpid()
-        self._load(check_paths)
+        self.shards: dict[int, ShardInfo] = {}
+        if load_manifest:  # verify reads parts one by one itself, tolerating bad ones
+            self._load(check_paths)
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_arrays"], d["_pid"] = {}, None
+        d["_arrays"], d["_fast"], d["_pid"] = {}, {}, None
         return d
 
     @property
@@ -771,7 +773,7 @@ class StoredDataset:
         if name not in self.schema.fields:
             raise StoreError(f"{self.url}: no field {name!r} (fields: {sorted(self.schema.fields)})")
         if self._pid != os.getpid():
-            self._arrays, self._pid = {}, os.getpid()
+            self._arrays, self._fast, self._pid = {}, {}, os.getpid()
         a = self._arrays.get(name)
         if a is None:
             import zarr
@@ -781,7 +783,18 @@ class StoredDataset:
         return a
 
     def read_rows(self, name: str, shard: int, start: int, stop: int) -> np.ndarray:
-        """Rows ``[start, stop)`` of one shard of a field: ``(stop - start, *shape)``."""
+        """Rows ``[start, stop)`` of one shard of a field: ``(stop - start, *shape)``.
+
+        Decodes the shard file directly (one read, chunk by chunk into the output) when the
+        array uses the codec layout this module writes, which is several times faster than
+        zarr's generic pipeline; otherwise falls back to zarr. Both give identical bytes.
+        """
+        fast = self._fast.get(name) if self._pid == os.getpid() else None
+        if fast is None:
+            self.array(name)  # resets per-process state after a fork
+            fast = self._fast[name] = _FastShardReader.for_array(self, name)
+        if fast is not False:
+            return fast.read(shard, start, stop)
         base = shard * self.schema.samples_per_shard
         return self.array(name)[base + start: base + stop]
 
@@ -815,10 +828,146 @@ class StoredDataset:
             rows = row[grp]
             if info is None or rows.max() >= info.n_samples or rows.min() < 0:
                 raise StoreError(f"{self.url}: index {int(idx[grp[0]])} (shard {s}) is not a committed sample")
-            lo, hi = int(rows.min()), int(rows.max()) + 1
-            block = self.read_rows(name, s, lo, hi)
-            out[grp] = block[rows - lo]
+            # rows are ascending; read runs of chunks, skipping gaps of more than one chunk
+            chunk = rows // self.schema.samples_per_chunk
+            for sub in np.split(np.arange(rows.size), np.flatnonzero(np.diff(chunk) > 1) + 1):
+                r = rows[sub]
+                lo, hi = int(r[0]), int(r[-1]) + 1
+                out[grp[sub]] = self.read_rows(name, s, lo, hi)[r - lo]
         return out
+
+
+class _FastShardReader:
+    """Reads rows of one field straight from its shard files.
+
+    Shard file layout (zarr v3 ``sharding_indexed``, index at the end): the compressed chunks,
+    then ``chunks_per_shard`` pairs of little-endian uint64 ``(offset, nbytes)`` (``2**64-1``
+    twice for an empty chunk, i.e. all fill value), then the index's crc32c. Each chunk is
+    ``crc32c(compress(raw little-endian bytes))``: compressed bytes + 4 checksum bytes.
+    """
+
+    EMPTY = np.uint64(2**64 - 1)
+
+    def __init__(self, ds: StoredDataset, name: str, codec: Any, has_crc: bool):
+        self.ds, self.name, self.codec, self.has_crc = ds, name, codec, has_crc
+        spec = ds.schema.fields[name]
+        self.shape = spec.shape
+        self.dtype = np.dtype(spec.dtype).newbyteorder("<")
+        self.spc = ds.schema.samples_per_chunk
+        self.n_chunks = ds.schema.samples_per_shard // self.spc
+        self.index_nbytes = 16 * self.n_chunks + 4
+        self.suffix = "/".join(["0"] * len(self.shape))
+
+    @classmethod
+    def for_array(cls, ds: StoredDataset, name: str) -> _FastShardReader | bool:
+        """A reader if the array's codecs are the ones we write, else False (use zarr)."""
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+
+        md = ds.array(name).metadata
+        s = ds.schema
+        try:
+            (sh,) = md.codecs
+            enc = md.chunk_key_encoding
+            ok = (isinstance(sh, ShardingCodec)
+                  and tuple(sh.chunk_shape) == (s.samples_per_chunk, *s.fields[name].shape)
+                  and tuple(md.chunk_grid.chunk_shape) == (s.samples_per_shard, *s.fields[name].shape)
+                  and sh.index_location.value == "end"
+                  and [type(c) for c in sh.index_codecs] == [BytesCodec, Crc32cCodec]
+                  and isinstance(sh.codecs[0], BytesCodec)
+                  and getattr(sh.codecs[0].endian, "value", "little") == "little"
+                  and getattr(enc, "name", "") == "default" and getattr(enc, "separator", "") == "/")
+            inner = list(sh.codecs[1:])
+        except (ValueError, AttributeError, TypeError):
+            return False
+        if not ok or md.fill_value != 0:
+            return False
+        has_crc = bool(inner) and isinstance(inner[-1], Crc32cCodec)
+        if has_crc:
+            inner = inner[:-1]
+        if len(inner) != 1:
+            return False
+        c = inner[0]
+        import numcodecs
+
+        if isinstance(c, ZstdCodec):
+            codec = numcodecs.Zstd(level=c.level)
+        elif isinstance(c, BloscCodec):
+            codec = numcodecs.Blosc()
+        else:
+            return False
+        return cls(ds, name, codec, has_crc)
+
+    def _path(self, shard: int) -> str:
+        return self.ds.root.join(self.name, "c", str(shard), self.suffix)
+
+    def _check(self, buf: np.ndarray, what: str, shard: int) -> np.ndarray:
+        import google_crc32c
+
+        body = buf[:-4]
+        if google_crc32c.value(body) != int.from_bytes(buf[-4:].tobytes(), "little"):
+            raise StoreError(f"{self.ds.url}: field {self.name!r} shard {shard}: {what} "
+                             f"checksum mismatch (corrupted file {self._path(shard)})")
+        return body
+
+    def read(self, shard: int, start: int, stop: int) -> np.ndarray:
+        n = stop - start
+        out = np.zeros((n, *self.shape), self.dtype)
+        if n <= 0:
+            return out
+        fs = self.ds.root.fs
+        path = self._path(shard)
+        c0, c1 = start // self.spc, (stop - 1) // self.spc + 1
+        whole = (c1 - c0) * 2 >= self.n_chunks
+        try:
+            if whole:
+                blob = np.frombuffer(fs.cat_file(path), np.uint8)
+                tail = blob[-self.index_nbytes:]
+            else:
+                tail = np.frombuffer(fs.cat_file(path, start=-self.index_nbytes), np.uint8)
+        except FileNotFoundError:
+            return out  # zarr drops all-fill shards: the rows are fill value
+        if tail.size != self.index_nbytes:
+            raise StoreError(f"{self.ds.url}: truncated shard file {path}")
+        index = self._check(tail, "shard index", shard).view("<u8").reshape(self.n_chunks, 2)
+        sel = index[c0:c1]
+        if not whole:
+            present = sel[:, 0] != self.EMPTY
+            if not present.any():
+                return out
+            lo = int(sel[present, 0].min())
+            hi = int((sel[present, 0] + sel[present, 1]).max())
+            blob = np.frombuffer(fs.cat_file(path, start=lo, end=hi), np.uint8)
+            base = lo
+        else:
+            base = 0
+        row_bytes = self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+        flat = out.reshape(n, -1).view(np.uint8).reshape(-1)
+        tmp = None
+        for c in range(c0, c1):
+            off, nb = index[c]
+            if off == self.EMPTY:
+                continue
+            off = int(off) - base
+            buf = blob[off:off + int(nb)]
+            if buf.size != int(nb):
+                raise StoreError(f"{self.ds.url}: truncated shard file {path}")
+            if self.has_crc:
+                buf = self._check(buf, f"chunk {c}", shard)
+            r0, r1 = c * self.spc, (c + 1) * self.spc
+            a0, a1 = max(r0, start), min(r1, stop)
+            try:
+                if a0 == r0 and a1 == r1:
+                    self.codec.decode(buf, out=flat[(r0 - start) * row_bytes:(r1 - start) * row_bytes])
+                else:
+                    if tmp is None:
+                        tmp = np.empty(self.spc * row_bytes, np.uint8)
+                    self.codec.decode(buf, out=tmp)
+                    flat[(a0 - start) * row_bytes:(a1 - start) * row_bytes] = \
+                        tmp[(a0 - r0) * row_bytes:(a1 - r0) * row_bytes]
+            except (RuntimeError, ValueError) as e:
+                raise StoreError(f"{self.ds.url}: field {self.name!r} shard {shard} chunk {c}: "
+                                 f"cannot decode ({e}) in {path}") from e
+        return out.astype(self.dtype.newbyteorder("="), copy=False)
 
 
 def open_dataset(root: str | os.PathLike, storage_options: dict | None = None,

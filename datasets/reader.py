@@ -1,0 +1,278 @@
+"""PyTorch readers over a dataset store (see :mod:`facecorpus.datasets.store`).
+
+- :class:`ShardDataset` — map-style; ``DataLoader(ds, batch_size=B, shuffle=True)`` calls
+  ``__getitems__`` with a whole batch of positions, which are read grouped by shard and chunk.
+- :class:`ShardIterableDataset` — streams whole shards (one read + decode per shard and field),
+  split across DataLoader workers and DDP ranks so every selected sample is yielded exactly
+  once per epoch; shard-order shuffling plus a sample shuffle buffer, both driven by
+  ``(seed, epoch)`` (call :meth:`~ShardIterableDataset.set_epoch` before each epoch; with
+  ``persistent_workers=True`` the workers keep the epoch they started with).
+
+Items are dicts: each requested field as a tensor with the stored dtype and per-sample shape
+(HWC ``uint8`` images stay HWC ``uint8``: callers convert), ``"index"`` (int64 global sample
+index, see the store docstring) and any requested manifest ``columns`` (numeric columns as
+tensors, others as Python values). With ``batch_size=`` set, the iterable dataset yields
+collated batches itself (use ``DataLoader(ds, batch_size=None)``), the fastest path.
+
+Filters are pyarrow compute expressions over manifest columns, e.g.
+``(pc.abs(pc.field("yaw")) <= 60) & (pc.field("landmark_error") < 0.05)``.
+
+Both readers hold only the URL and manifest-derived numpy arrays; zarr and file handles are
+opened lazily in each process, so they survive DataLoader worker forking (and spawning).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from facecorpus.datasets.store import StoredDataset, StoreError, open_dataset
+
+
+def _select(store: StoredDataset, filter: Any, fields: Sequence[str] | None,
+            columns: Sequence[str]):
+    fields = tuple(fields) if fields is not None else tuple(store.schema.fields)
+    unknown = [f for f in fields if f not in store.schema.fields]
+    if unknown:
+        raise StoreError(f"{store.url}: unknown fields {unknown} (fields: {sorted(store.schema.fields)})")
+    table = store.select(filter)
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise StoreError(f"{store.url}: unknown manifest columns {missing}")
+    cols = {}
+    for c in columns:
+        col = table.column(c)
+        import pyarrow as pa
+
+        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+            cols[c] = col.to_numpy(zero_copy_only=False)
+        else:
+            cols[c] = np.asarray(col.to_pylist(), dtype=object)
+    return fields, table.column("index").to_numpy().astype(np.int64), cols
+
+
+def _value(v: Any) -> Any:
+    return torch.from_numpy(np.asarray(v)) if isinstance(v, np.generic | np.ndarray) else v
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Map-style dataset over the manifest rows matching ``filter``.
+
+    Args:
+        root: dataset root URL or path.
+        fields: fields to read (default: all).
+        filter: pyarrow compute expression over manifest columns, or None.
+        columns: manifest columns to include in each item.
+
+    ``ds[i]`` is the ``i``-th selected sample in index order; :attr:`indices` maps positions to
+    global sample indices.
+    """
+
+    def __init__(self, root: str | os.PathLike, fields: Sequence[str] | None = None,
+                 filter: Any = None, columns: Sequence[str] = (),
+                 storage_options: dict | None = None):
+        self.store = open_dataset(root, storage_options)
+        self.fields, self.indices, self.columns = _select(self.store, filter, fields, columns)
+
+    def __len__(self) -> int:
+        return int(self.indices.size)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, positions: Sequence[int]) -> list[dict[str, Any]]:
+        pos = np.asarray(positions, dtype=np.int64)
+        n = len(self)
+        if pos.size and (pos.min() < -n or pos.max() >= n):
+            raise IndexError(f"position out of range for {n} samples")
+        idx = self.indices[pos]
+        data = {f: self.store.read(f, idx) for f in self.fields}
+        out = []
+        for k in range(pos.size):
+            item = {f: torch.from_numpy(data[f][k]) for f in self.fields}
+            item["index"] = torch.tensor(idx[k])
+            for c, v in self.columns.items():
+                item[c] = _value(v[pos[k]])
+            out.append(item)
+        return out
+
+
+class ShardIterableDataset(torch.utils.data.IterableDataset):
+    """Streams the selected samples shard by shard; each exactly once per epoch.
+
+    The selected samples, in (shuffled) shard order, are cut into ``world_size * num_workers``
+    contiguous slices of equal size (±1); the DataLoader worker ``w`` of rank ``r`` reads slice
+    ``r * num_workers + w``. Each slice is read a shard run at a time, so ranks get equal counts
+    and a shard is decoded at most twice (where a slice boundary falls inside it).
+
+    Args:
+        root: dataset root URL or path.
+        fields: fields to read (default: all).
+        filter: pyarrow compute expression over manifest columns, or None.
+        shuffle: shuffle shard order and samples (through a buffer of ``buffer_size``).
+        seed: base seed; the order depends on ``(seed, epoch)`` only.
+        buffer_size: samples held for shuffling (memory: ``buffer_size`` x sample bytes).
+        columns: manifest columns to include in each item.
+        batch_size: if set, yield collated batches of this size (the last may be smaller
+            unless ``drop_last``); use with ``DataLoader(batch_size=None)``.
+        rank, world_size: override the torch.distributed rank/world (default: from the
+            initialised process group, else 0/1).
+    """
+
+    def __init__(self, root: str | os.PathLike, fields: Sequence[str] | None = None,
+                 filter: Any = None, shuffle: bool = True, seed: int = 0, buffer_size: int = 1024,
+                 columns: Sequence[str] = (), batch_size: int | None = None, drop_last: bool = False,
+                 rank: int | None = None, world_size: int | None = None,
+                 storage_options: dict | None = None):
+        super().__init__()
+        self.store = open_dataset(root, storage_options)
+        self.fields, indices, self.columns = _select(self.store, filter, fields, columns)
+        sps = self.store.schema.samples_per_shard
+        self._index = indices  # sorted by index, so grouped by shard
+        shard = indices // sps
+        cuts = np.flatnonzero(np.diff(shard)) + 1
+        starts = np.concatenate([[0], cuts]).astype(np.int64)
+        self._groups = [(int(shard[a]), a, b) for a, b in
+                        zip(starts, np.append(starts[1:], indices.size), strict=True)] if indices.size else []
+        self.shuffle, self.seed, self.buffer_size = shuffle, int(seed), max(1, int(buffer_size))
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        """Samples this rank yields per epoch (over all its DataLoader workers)."""
+        rank, world = self._rank_world()
+        total = int(self._index.size)
+        return total * (rank + 1) // world - total * rank // world
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.world_size is not None:
+            return int(self.rank or 0), int(self.world_size)
+        return _dist_rank_world()
+
+    def plan(self, rank: int, world: int, worker: int, n_workers: int) -> list[tuple[int, np.ndarray]]:
+        """(shard, positions into the selection) runs that one worker of one rank reads."""
+        order = list(range(len(self._groups)))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(order)).tolist()
+        total = int(self._index.size)
+        parts = world * n_workers
+        gid = rank * n_workers + worker
+        lo, hi = total * gid // parts, total * (gid + 1) // parts
+        out, offset = [], 0
+        for g in order:
+            s, a, b = self._groups[g]
+            n = b - a
+            x0, x1 = max(lo, offset), min(hi, offset + n)
+            if x0 < x1:
+                out.append((s, np.arange(a + x0 - offset, a + x1 - offset)))
+            offset += n
+            if offset >= hi:
+                break
+        return out
+
+    def _blocks(self, plan) -> Iterator[dict[str, np.ndarray]]:
+        sps = self.store.schema.samples_per_shard
+        for s, pos in plan:
+            rows = self._index[pos] - s * sps
+            r0, r1 = int(rows.min()), int(rows.max()) + 1
+            block = {}
+            for f in self.fields:
+                a = self.store.read_rows(f, s, r0, r1)
+                block[f] = a if (r1 - r0 == rows.size) else a[rows - r0]
+            block["index"] = self._index[pos]
+            for c, v in self.columns.items():
+                block[c] = v[pos]
+            yield block
+
+    def _shuffled(self, blocks: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
+        """Vectorised shuffle buffer: each arriving sample takes a random slot of a full buffer
+        and the slot's previous occupant is emitted (a reservoir shuffle, block at a time)."""
+        buf: dict[str, np.ndarray] | None = None
+        fill = 0
+        B = self.buffer_size
+        for block in blocks:
+            k = block["index"].size
+            perm = rng.permutation(k)
+            block = {key: v[perm] for key, v in block.items()}
+            if buf is None:
+                buf = {key: np.empty((B, *v.shape[1:]), v.dtype) for key, v in block.items()}
+            start = 0
+            if fill < B:
+                take = min(B - fill, k)
+                for key, v in block.items():
+                    buf[key][fill:fill + take] = v[:take]
+                fill += take
+                start = take
+            while start < k:
+                take = min(B, k - start)
+                slots = rng.choice(B, size=take, replace=False)
+                yield {key: b[slots] for key, b in buf.items()}
+                for key, v in block.items():
+                    buf[key][slots] = v[start:start + take]
+                start += take
+        if buf is not None and fill:
+            last = rng.permutation(fill)
+            yield {key: b[last] for key, b in buf.items()}
+
+    def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
+        rank, world = self._rank_world()
+        wi = torch.utils.data.get_worker_info()
+        worker, n_workers = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        plan = self.plan(rank, world, worker, n_workers)
+        blocks = self._blocks(plan)
+        if not self.shuffle:
+            return blocks
+        rng = np.random.default_rng([self.seed, self.epoch, rank * n_workers + worker, 1])
+        return self._shuffled(blocks, rng)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self.batch_size:
+            yield from self._batches(self._chunks())
+            return
+        keys = [*self.fields, "index", *self.columns]
+        for chunk in self._chunks():
+            cols = {k: chunk[k] for k in keys}
+            for i in range(chunk["index"].size):
+                item = {f: torch.from_numpy(cols[f][i]) for f in self.fields}
+                item["index"] = torch.tensor(cols["index"][i])
+                for c in self.columns:
+                    item[c] = _value(cols[c][i])
+                yield item
+
+    def _batches(self, chunks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, Any]]:
+        bs = int(self.batch_size)
+        pending: list[dict[str, np.ndarray]] = []
+        have = 0
+
+        def emit(parts, n):
+            out = {}
+            for k in parts[0]:
+                v = parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts])
+                out[k] = torch.from_numpy(np.ascontiguousarray(v)) if v.dtype != object else v.tolist()
+            return out
+
+        for chunk in chunks:
+            pending.append(chunk)
+            have += chunk["index"].size
+            while have >= bs:
+                merged = {k: np.concatenate([p[k] for p in pending]) if len(pending) > 1 else pending[0][k]
+                          for k in pending[0]}
+                yield emit([{k: v[:bs] for k, v in merged.items()}], bs)
+                rest = {k: v[bs:] for k, v in merged.items()}
+                have -= bs
+                pending = [rest] if have else []
+        if have and not self.drop_last:
+            yield emit(pending, have)
