@@ -183,7 +183,7 @@ class DatasetSchema:
         d = asdict(self)
         d["fields"] = {k: {**asdict(v), "shape": list(v.shape)} for k, v in self.fields.items()}
         d["path_columns"] = list(self.path_columns)
-        return json.dumps(d, indent=2, sort_keys=True)
+        return json.dumps(d, indent=2)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> DatasetSchema:

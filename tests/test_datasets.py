@@ -287,3 +287,31 @@ def test_killed_writer_leaves_no_partial_shard(tmp_path):
     rep = verify_dataset(root)
     assert rep.ok, rep.problems
     assert rep.n_samples == 3 * SPS
+
+
+def test_cli_inspect_and_verify(tmp_path, capsys):
+    from facecorpus.cli import main
+    from PIL import Image
+
+    root = tmp_path / "ds"
+    write_shards(root, [0, 1], n_last=5)
+    sheet = tmp_path / "sheet.png"
+    assert main(["data", "inspect", str(root), "--sheet", str(sheet), "-n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "21 accepted, 2 rejected" in out and "detect: no face x2" in out
+    for name in make_schema().fields:
+        assert f"  {name} " in out
+    with Image.open(sheet) as im:  # 3 samples in rows, image-like fields in columns
+        assert im.size[1] > 3 * 128 and im.size[0] > 4 * 128
+    assert main(["data", "verify", str(root)]) == 0
+    assert "2 shards, 21 samples, 2 rejected: OK" in capsys.readouterr().out
+    f = shard_file(root, "uv_position", 0)
+    b = bytearray(f.read_bytes())
+    b[len(b) // 3] ^= 0x55
+    f.write_bytes(bytes(b))
+    (root / "manifest" / ".shard-000001.parquet.dead.tmp").write_bytes(b"partial")
+    assert main(["data", "verify", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "shard 0 field 'uv_position'" in out and "leftover temp file" in out
+    assert "FAILED (2 problems)" in out
+    assert main(["data", "verify", str(tmp_path / "nope")]) == 1
