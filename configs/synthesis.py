@@ -104,9 +104,9 @@ class LightingConfig(_Strict):
     the constant-radiance coefficient), band 1-2 terms ~ N(0, directional_std), per-channel
     colour tint ~ N(1, tint_std)."""
 
-    ambient_min: float = Field(0.7, ge=0)
-    ambient_max: float = Field(1.1, ge=0)
-    directional_std: float = Field(0.25, ge=0)
+    ambient_min: float = Field(0.65, ge=0)
+    ambient_max: float = Field(0.95, ge=0)
+    directional_std: float = Field(0.15, ge=0)
     tint_std: float = Field(0.05, ge=0)
 
 
@@ -127,6 +127,7 @@ class OutputConfig(_Strict):
     faces_per_shard: int = Field(16, ge=1, description="a shard = this many face indices")
     depth: bool = True
     uv_maps: bool = True
+    val_fraction: float = Field(0.05, ge=0, le=1, description="faces whose split is 'val'")
 
 
 class SynthesisConfig(_Strict):

@@ -73,8 +73,8 @@ class Views:
 
 
 # --------------------------------------------------------------------------- sampling
-def sample_lighting(rng: np.random.Generator, n: int, *, ambient=(0.7, 1.1),
-                    directional_std: float = 0.25, tint_std: float = 0.05) -> np.ndarray:
+def sample_lighting(rng: np.random.Generator, n: int, *, ambient=(0.65, 0.95),
+                    directional_std: float = 0.15, tint_std: float = 0.05) -> np.ndarray:
     """Random SH lighting (n, 27): a white-ish ambient term plus random bands 1-2.
 
     The DC coefficient c0 gives irradiance ``c0 * pi / sqrt(4 pi) ~= 0.886 c0`` on every
@@ -94,8 +94,8 @@ def sample_lighting(rng: np.random.Generator, n: int, *, ambient=(0.7, 1.1),
 
 
 def sample_view_params(rng: np.random.Generator, yaws, *, pitch_jitter: float = 5.0,
-                       roll_jitter: float = 5.0, ambient=(0.7, 1.1),
-                       directional_std: float = 0.25, tint_std: float = 0.05) -> ViewParams:
+                       roll_jitter: float = 5.0, ambient=(0.65, 0.95),
+                       directional_std: float = 0.15, tint_std: float = 0.05) -> ViewParams:
     """One face's poses: the yaw grid plus pitch/roll jitter ~ U[-j, j] and random lighting."""
     y = np.asarray(yaws, np.float32)
     n = y.shape[0]
@@ -295,3 +295,18 @@ def resize_texture(tex: np.ndarray, size: int) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(tex).resize((size, size), Image.BILINEAR), np.uint8)
+
+
+def albedo_uv_map(model, size: int) -> np.ndarray | None:
+    """The model's mean per-vertex albedo baked into an S x S UV image (float32, 0 outside
+    the layout; texels outside take the mean colour so bilinear lookups near seams stay
+    skin-coloured), or None when the model has no albedo."""
+    if model.albedo_mean is None:
+        return None
+    r = rasterize_uv(model.uv, model.uv_triangles, size)
+    cov = r.texel_face >= 0
+    corners = model.albedo_mean[np.asarray(model.triangles)[r.texel_face[cov]]]
+    out = np.empty((size, size, 3), np.float32)
+    out[:] = model.albedo_mean.mean(0)
+    out[cov] = (r.texel_bary[cov][..., None] * corners).sum(1)
+    return out
