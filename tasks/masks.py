@@ -1,0 +1,100 @@
+"""Image-space masks of a fitted face.
+
+- :func:`face_mask` — where the photo may be sampled into the UV map: the projected face
+  region of the fitted mesh intersected with the landmark face oval (or a given mask),
+  eroded so the uncertain edge (and any background beyond it) never enters the UV map.
+- :func:`segmentation_mask` — the face mask stored with each sample for segmentation
+  data, built as the correspondence-network paper does: the convex hull of the projected
+  face-boundary vertices.
+
+Shapes: N images of S x S pixels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from facecorpus.meshops.model import MorphableModel
+
+
+def region_triangles(model: MorphableModel, region: str | None) -> np.ndarray:
+    """(F', 3) triangles whose three vertices all lie in ``model.regions[region]``
+    (all triangles when ``region`` is None or absent)."""
+    if not region or region not in model.regions:
+        return model.triangles
+    keep = np.zeros(model.n_vertices, bool)
+    keep[model.regions[region]] = True
+    return model.triangles[keep[model.triangles].all(1)]
+
+
+def boundary_vertices(triangles: np.ndarray) -> np.ndarray:
+    """Vertices on the open boundary of a triangle set (edges used by exactly one triangle)."""
+    e = np.sort(np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]],
+                                triangles[:, [2, 0]]]), axis=1)
+    uniq, counts = np.unique(e, axis=0, return_counts=True)
+    return np.unique(uniq[counts == 1])
+
+
+def polygon_mask(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: pixel centres inside a (K, 2) polygon given in pixel coordinates."""
+    from skimage.draw import polygon as draw_polygon
+
+    m = np.zeros(shape, bool)
+    # skimage samples integer (row, col) positions; our centres are at +0.5
+    rr, cc = draw_polygon(polygon[:, 1] - 0.5, polygon[:, 0] - 0.5, shape=shape)
+    m[rr, cc] = True
+    return m
+
+
+def erode(mask: np.ndarray, px: int) -> np.ndarray:
+    """Binary erosion of (H, W) by a disk of radius ``px`` (0: unchanged)."""
+    if px <= 0:
+        return mask.copy()
+    from scipy.ndimage import binary_erosion
+
+    yy, xx = np.mgrid[-px:px + 1, -px:px + 1]
+    return binary_erosion(mask, structure=(xx**2 + yy**2) <= px * px, border_value=0)
+
+
+def projected_region_mask(model: MorphableModel, vertices: np.ndarray, camera,
+                          region: str | None = "face") -> np.ndarray:
+    """(H, W) bool: pixels covered by the fitted mesh's ``region`` triangles."""
+    from facecorpus.renderers.render import rasterize_views
+
+    frags, _ = rasterize_views(vertices, region_triangles(model, region), camera)
+    return frags.mask[0]
+
+
+def face_mask(model: MorphableModel, vertices: np.ndarray, camera, *,
+              oval: np.ndarray | None = None, given: np.ndarray | None = None,
+              region: str | None = "face", erode_px: int = 3) -> np.ndarray:
+    """The sampling mask of one image (H, W) bool.
+
+    Args:
+        vertices: (V, 3) fitted shape; camera: its :class:`~facecorpus.renderers.cameras.Camera`.
+        oval: (K, 2) landmark face-oval polygon in pixels (``AlignedFace.oval``), or None.
+        given: (H, W) bool user mask (face, with occluders removed); replaces the oval.
+    """
+    m = projected_region_mask(model, vertices, camera, region)
+    if given is not None:
+        m &= np.asarray(given, bool)
+    elif oval is not None:
+        m &= polygon_mask(oval, m.shape)
+    return erode(m, erode_px)
+
+
+def segmentation_mask(model: MorphableModel, vertices: np.ndarray, camera,
+                      region: str | None = "face") -> np.ndarray:
+    """(H, W) bool convex hull of the projected boundary vertices of the face region."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    tris = region_triangles(model, region)
+    b = boundary_vertices(tris)
+    if b.size < 3:
+        b = np.unique(tris)
+    xy = camera.project(vertices[b])[:, :2].astype(np.float64)
+    xy = xy[np.isfinite(xy).all(1)]
+    try:
+        hull = xy[ConvexHull(xy).vertices]
+    except (QhullError, ValueError):
+        return np.zeros((camera.height, camera.width), bool)
+    return polygon_mask(hull, (camera.height, camera.width))

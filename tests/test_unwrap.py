@@ -1,0 +1,81 @@
+"""Unwrapping with the true parameters reproduces the known texture; masks behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from facecorpus.tasks.fit import synthetic_batch
+from facecorpus.tasks.masks import erode, face_mask, polygon_mask, segmentation_mask
+from facecorpus.tasks.unwrap import psnr, reject_occlusions, unwrap_batch
+
+AMBIENT = np.zeros(27, np.float32)
+AMBIENT[0::9] = 2 / np.sqrt(np.pi)  # SH band 0 only: irradiance exactly 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    from facecorpus.meshops.procedural import procedural_model
+
+    return procedural_model(n=41)
+
+
+@pytest.mark.parametrize("camera", ["orthographic", "perspective"])
+def test_unwrap_true_parameters_reproduces_texture(model, camera):
+    sb = synthetic_batch(model, 3, 256, seed=2, camera=camera, sh=AMBIENT, yaw_max=60)
+    masks = np.stack([erode(m, 1) for m in sb.mask])  # render edges mix in background
+    u = unwrap_batch(sb.image, model, sb.truth, 256, masks)
+    assert u.uv_visible.shape == (3, 256, 256, 3) and u.uv_sampling_map.shape == (3, 256, 256, 2)
+    for i in range(3):
+        vm = u.uv_visible_mask[i]
+        assert vm.mean() > 0.3
+        assert psnr(u.uv_visible[i], sb.uv_texture, vm) >= 35.0
+        assert (u.uv_visible[i][~vm] == 0).all()
+        assert (u.uv_view_weight[i][vm] >= 0.15).all()
+    # turned heads see less of the far side: yaw -60 turns the nose to image left and hides
+    # the subject's right cheek (u < 0.5 in the procedural layout)
+    right = np.zeros((256, 256), bool)
+    right[:, :128] = True
+    assert u.uv_visible_mask[0][right].mean() < 0.6 * u.uv_visible_mask[1][right].mean()
+    # the sampling map points at the pixel whose colour was sampled
+    i = 1
+    vm = u.uv_visible_mask[i]
+    xy = (u.uv_sampling_map[i][vm] + 1) * 128  # -> pixels
+    px = sb.image[i][np.floor(xy[:, 1]).astype(int), np.floor(xy[:, 0]).astype(int)]
+    assert np.abs(px - u.uv_visible[i][vm]).mean() < 0.02
+
+
+def test_occluder_is_rejected(model):
+    sb = synthetic_batch(model, 1, 128, seed=4, sh=AMBIENT, yaw_max=0)
+    img = sb.image.copy()
+    img[0, 50:70, 50:80] = [0.05, 0.9, 0.05]  # a green "hand"
+    u = unwrap_batch(img, model, sb.truth, 128, sb.mask)
+    xy = (u.uv_sampling_map + 1) * 64
+
+    def inside(lo_x, hi_x, lo_y, hi_y):
+        return u.uv_visible_mask & (xy[..., 0] >= lo_x) & (xy[..., 0] < hi_x) & (
+            xy[..., 1] >= lo_y) & (xy[..., 1] < hi_y)
+
+    hit = inside(51, 79, 51, 69)  # bilinear samples entirely on the occluder
+    near = inside(49, 81, 49, 71)
+    assert hit.sum() > 20
+    from skimage.transform import resize
+
+    expected = resize(sb.uv_texture, (128, 128), order=1, anti_aliasing=True)[None]
+    keep = reject_occlusions(u.uv_visible, u.uv_visible_mask, expected, threshold=0.2)
+    assert not (keep & hit).any()
+    assert keep[u.uv_visible_mask & ~near].mean() > 0.97
+
+
+def test_masks(model):
+    sb = synthetic_batch(model, 1, 128, seed=1, yaw_max=0)
+    v, cam = sb.truth.vertices(model, 0), sb.truth.camera_for(0)
+    seg = segmentation_mask(model, v, cam)
+    fm = face_mask(model, v, cam, erode_px=0)
+    assert seg.shape == (128, 128) and fm.any()
+    assert (fm & ~seg).sum() <= 0.01 * fm.sum()  # hull of the boundary encloses the face
+    oval = sb.landmarks[0, :17]  # the jaw only: a U-shaped region
+    fo = face_mask(model, v, cam, oval=oval, erode_px=2)
+    assert fo.sum() < fm.sum() and not (fo & ~fm).any()
+    square = np.array([[10, 10], [30, 10], [30, 20], [10, 20]], np.float64)
+    pm = polygon_mask(square, (40, 40))
+    assert pm.sum() == 200 and pm[10, 10] and not pm[20, 10]
