@@ -1,0 +1,229 @@
+"""Poisson image editing: the discrete equation holds, the boundary is the target, invariances,
+batching, mask edge cases, and the two-pass pseudo-GT blend."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg as spl
+from facecorpus.meshops.poisson import (
+    SOURCE_MIRRORED,
+    SOURCE_PRIOR,
+    SOURCE_VISIBLE,
+    poisson_blend,
+    poisson_residual,
+    two_pass_blend,
+)
+from scipy import ndimage as ndi
+
+
+def uv_like(S: int, seed: int = 0):
+    """A big irregular blob with holes, a textured source and a smooth target."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:S, :S]
+    noise = ndi.gaussian_filter(rng.standard_normal((S, S)), S / 20)
+    noise /= noise.std()
+    ell = ((xx - S / 2) / (0.39 * S)) ** 2 + ((yy - S / 2) / (0.43 * S)) ** 2
+    mask = ell + 0.3 * noise < 0.8
+    holes = ndi.gaussian_filter(rng.standard_normal((S, S)), S / 64)
+    mask &= ~(holes > 2.0 * holes.std())
+    src = ndi.gaussian_filter(rng.random((S, S, 3)), (1, 1, 0)).astype(np.float32)
+    tgt = ndi.gaussian_filter(rng.random((S, S, 3)), (S / 32, S / 32, 0)).astype(np.float32)
+    return tgt, src, mask
+
+
+def direct_solution(target, source, mask, mixed=False):
+    """Reference: the same discrete system assembled independently and solved by splu."""
+    import scipy.sparse as sp
+
+    S0, S1, C = target.shape
+    t, s = target.astype(np.float64), source.astype(np.float64)
+    n = int(mask.sum())
+    idx = -np.ones((S0, S1), int)
+    idx[mask] = np.arange(n)
+    A = sp.lil_matrix((n, n))
+    b = np.zeros((n, C))
+    for i, j in zip(*np.nonzero(mask)):
+        k = idx[i, j]
+        for qi, qj in ((i - 1, j), (i + 1, j), (i, j - 1), (i, j + 1)):
+            if not (0 <= qi < S0 and 0 <= qj < S1):
+                continue
+            A[k, k] += 1
+            v = s[i, j] - s[qi, qj]
+            if mixed:
+                vt = t[i, j] - t[qi, qj]
+                v = np.where(np.abs(vt) > np.abs(v), vt, v)
+            b[k] += v
+            if mask[qi, qj]:
+                A[k, idx[qi, qj]] = -1
+            else:
+                b[k] += t[qi, qj]
+    f = t.copy()
+    f[mask] = spl.splu(A.tocsc()).solve(b)
+    return f
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_matches_direct_sparse_solve(mixed):
+    tgt, src, mask = uv_like(48, seed=1)
+    f, info = poisson_blend(tgt, src, mask, mixed=mixed, return_info=True)
+    ref = direct_solution(tgt, src, mask, mixed=mixed)
+    assert f.dtype == np.float32 and f.shape == tgt.shape
+    assert np.abs(f - ref).max() < 2e-5
+    assert info[0]["relative_residual"] < 1e-5
+    assert poisson_residual(f, tgt, src, mask, mixed=mixed) < 1e-5
+
+
+def test_residual_and_boundary_256():
+    tgt, src, mask = uv_like(256, seed=2)
+    assert 0.3 < mask.mean() < 0.7 and ndi.label(~mask)[1] > 2  # a blob with holes
+    f, info = poisson_blend(tgt, src, mask, return_info=True)
+    assert poisson_residual(f, tgt, src, mask) < 1e-5
+    assert info[0]["iterations"] < 30
+    # outside Ω (so also on its boundary ring) the result is the target, bit for bit
+    assert np.array_equal(f[~mask], tgt[~mask])
+    ring = ndi.binary_dilation(mask) & ~mask
+    assert ring.sum() > 100 and np.array_equal(f[ring], tgt[ring])
+
+
+def test_residual_is_sensitive():
+    # the residual check must be able to fail: perturb one interior texel
+    tgt, src, mask = uv_like(64, seed=3)
+    f = poisson_blend(tgt, src, mask)
+    i, j = np.argwhere(ndi.binary_erosion(mask, iterations=3))[0]
+    f[i, j] += 1e-2
+    assert poisson_residual(f, tgt, src, mask) > 1e-5
+
+
+def test_constant_offset_in_source_is_invisible():
+    tgt, src, mask = uv_like(96, seed=4)
+    f0 = poisson_blend(tgt, src, mask)
+    f1 = poisson_blend(tgt, src + np.float32(0.37), mask)
+    assert np.abs(f1 - f0)[mask].max() < 1e-5
+    assert not np.allclose(f0[mask], src[mask], atol=1e-2)  # it really blended
+
+
+def test_batch_equals_single():
+    maps = [uv_like(64, seed=k) for k in range(4)]
+    T = np.stack([m[0] for m in maps])
+    Sx = np.stack([m[1] for m in maps])
+    M = np.stack([m[2] for m in maps])
+    out = poisson_blend(T, Sx, M, workers=2)
+    assert out.shape == (4, 64, 64, 3)
+    for k in range(4):
+        assert np.array_equal(out[k], poisson_blend(T[k], Sx[k], M[k]))
+    # a shared (unbatched) mask broadcasts over a batch of images
+    out2 = poisson_blend(T, Sx, M[0])
+    assert np.array_equal(out2[1], poisson_blend(T[1], Sx[1], M[0]))
+
+
+def test_empty_mask_returns_target():
+    tgt, src, _ = uv_like(32)
+    f = poisson_blend(tgt, src, np.zeros((32, 32), bool))
+    assert np.array_equal(f, tgt)
+
+
+def test_mask_touching_border():
+    tgt, src, mask = uv_like(64, seed=5)
+    mask = mask.copy()
+    mask[:, :10] = True  # runs into the left image border: Neumann there
+    mask[0, :] = True
+    f = poisson_blend(tgt, src, mask)
+    assert poisson_residual(f, tgt, src, mask) < 1e-5
+    assert np.abs(f - direct_solution(tgt, src, mask)).max() < 2e-5
+
+
+def test_full_mask_is_pure_neumann():
+    # no Dirichlet texel anywhere: f = source + c with the target's mean
+    tgt, src, _ = uv_like(32, seed=6)
+    full = np.ones((32, 32), bool)
+    f = poisson_blend(tgt, src, full)
+    c = tgt.reshape(-1, 3).mean(0) - src.reshape(-1, 3).mean(0)
+    assert np.abs(f - (src + c)).max() < 1e-6
+    assert poisson_residual(f, tgt, src, full) < 1e-5
+
+
+def test_floating_island_next_to_solved_region():
+    tgt, src, _ = uv_like(64, seed=7)
+    full = np.ones((64, 64), bool)
+    full[20, 20] = False  # one Dirichlet texel: the whole image is still one solvable part
+    f = poisson_blend(tgt, src, full)
+    assert poisson_residual(f, tgt, src, full) < 1e-5
+
+
+def test_thin_and_tiny_masks():
+    tgt, src, _ = uv_like(64, seed=8)
+    for mask in (np.eye(64, dtype=bool), np.zeros((64, 64), bool)):
+        mask = mask.copy()
+        mask[30, 40] = True
+        f = poisson_blend(tgt, src, mask)
+        assert poisson_residual(f, tgt, src, mask) < 1e-5
+        assert np.array_equal(f[~mask], tgt[~mask])
+
+
+def test_bad_shapes_raise():
+    tgt, src, mask = uv_like(32)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        poisson_blend(tgt, src[:16], mask)
+    with pytest.raises(ValueError, match="mask"):
+        poisson_blend(tgt, src, mask[None, None])
+
+
+# ------------------------------------------------------------------ two-pass blend
+def flip_mirror_map(S: int, covered: np.ndarray) -> np.ndarray:
+    """A synthetic UV mirror map: a left-right flip inside a covered region."""
+    mm = np.full((S, S, 2), -1, np.int32)
+    r, c = np.nonzero(covered)
+    mc = S - 1 - c
+    ok = covered[r, mc]
+    mm[r[ok], c[ok], 0] = r[ok]
+    mm[r[ok], c[ok], 1] = mc[ok]
+    return mm
+
+
+def test_two_pass_blend_sources_and_equations():
+    S = 64
+    rng = np.random.default_rng(9)
+    yy, xx = np.mgrid[:S, :S]
+    covered = ((xx - S / 2 + 0.5) / 28.0) ** 2 + ((yy - S / 2 + 0.5) / 30.0) ** 2 < 1
+    texture = ndi.gaussian_filter(rng.random((S, S, 3)), (1, 1, 0)).astype(np.float32)
+    visible = covered & (xx < 40)  # the subject's right side plus a bit past the middle
+    visible &= ~((yy - 20) ** 2 + (xx - 28) ** 2 < 5)  # an occluded spot
+    prior = np.full((S, S, 3), 0.5, np.float32)
+    mm = flip_mirror_map(S, covered)
+    uv_vis = np.where(visible[..., None], texture, 0).astype(np.float32)
+    pgt, src = two_pass_blend(uv_vis, visible, prior, mm)
+    assert pgt.dtype == np.float32 and src.dtype == np.uint8 and pgt.shape == (S, S, 3)
+    assert (src[visible] == SOURCE_VISIBLE).all()
+    mirrored = covered & ~visible & visible[:, ::-1]
+    assert mirrored.sum() > 200
+    assert (src[mirrored] == SOURCE_MIRRORED).all()
+    assert (src[~visible & ~mirrored] == SOURCE_PRIOR).all()
+    # the spot hidden on the right is visible on the left: it was filled from the mirror
+    assert (src[20, 28] == SOURCE_MIRRORED) and (src[20, S - 1 - 28] == SOURCE_VISIBLE)
+    # pass 1: Poisson over the visible texels into the prior
+    p1 = poisson_blend(prior, uv_vis, visible)
+    assert poisson_residual(p1, prior, uv_vis, visible) < 1e-5
+    # pass 2: the mirrored texture's gradients over the mirrored region, pass 1 as boundary
+    mir_src = uv_vis[:, ::-1]
+    avail = covered & visible[:, ::-1]
+    assert poisson_residual(pgt, p1, mir_src, mirrored, source_mask=avail) < 1e-5
+    assert np.array_equal(pgt[~mirrored], p1[~mirrored])
+    # untouched prior far from everything
+    assert np.array_equal(pgt[0, 0], prior[0, 0])
+
+
+def test_two_pass_blend_batch():
+    S = 32
+    rng = np.random.default_rng(10)
+    covered = np.ones((S, S), bool)
+    mm = flip_mirror_map(S, covered)
+    vis = rng.random((3, S, S, 3)).astype(np.float32)
+    masks = rng.random((3, S, S)) < 0.4
+    prior = rng.random((S, S, 3)).astype(np.float32)
+    out, src = two_pass_blend(vis, masks, prior, mm)
+    assert out.shape == (3, S, S, 3) and src.shape == (3, S, S)
+    o1, s1 = two_pass_blend(vis[1], masks[1], prior, mm)
+    assert np.array_equal(out[1], o1) and np.array_equal(src[1], s1)
+    with pytest.raises(ValueError, match="mirror_map"):
+        two_pass_blend(vis, masks, prior, mm[:, :10])
