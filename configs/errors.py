@@ -11,3 +11,7 @@ class ConfigError(FacecorpusError):
 
 class InputError(FacecorpusError):
     """An input file is unusable; the message names the file and the reason."""
+
+
+class AssetUnavailableError(FacecorpusError):
+    """A model or asset source cannot be reached (offline, no local mirror, no cache)."""
