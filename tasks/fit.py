@@ -47,6 +47,7 @@ class FitOptions:
     sigma_px: float | None = None  # landmark noise scale; None: 1% of the image size
     huber_delta: float = 2.0  # in units of sigma
     jaw_weight: float = 0.5
+    slide_min_yaw: float = 20.0  # jaw landmarks slide on the side turned away beyond this yaw
     rounds: int = 4  # correspondence updates (sliding jaw)
     iters_per_round: int = 100
     tol: float = 1e-6
@@ -220,21 +221,29 @@ class _ShapeBasis:
 
 
 def _slide_jaw(proj_cand: np.ndarray, cand_r: np.ndarray, cand_l: np.ndarray,
-               lm2d: np.ndarray, lm_vertices: np.ndarray) -> np.ndarray:
-    """Re-attach jaw landmarks to the closest projected contour candidate.
+               lm2d: np.ndarray, lm_vertices: np.ndarray, fixed: np.ndarray,
+               yaw_deg: np.ndarray, min_yaw: float) -> np.ndarray:
+    """Re-attach the jaw landmarks of the side turned away from the camera to the closest
+    projected contour candidate (their 2D landmark lies on the silhouette, not on a fixed
+    vertex); the side facing the camera keeps the model's own landmark vertices.
 
     Args:
         proj_cand: (N, Nr + Nl, 2) projected candidates, right then left.
         lm2d: (N, 68, 2) targets. lm_vertices: (N, 68) current vertex ids.
+        fixed: (68,) the model's landmark vertices. yaw_deg: (N,) current yaw.
+        min_yaw: a side slides only when the head is turned away from it by more than this.
     """
     out = lm_vertices.copy()
     nr = len(cand_r)
-    for side, cand, off in ((JAW_RIGHT, cand_r, 0), (JAW_LEFT, cand_l, nr)):
-        if len(cand) == 0:
+    # negative yaw turns the nose to image left and hides the subject's right (x < 0) side
+    for side, cand, off, away in ((JAW_RIGHT, cand_r, 0, yaw_deg < -min_yaw),
+                                  (JAW_LEFT, cand_l, nr, yaw_deg > min_yaw)):
+        out[:, side] = fixed[side]
+        if len(cand) == 0 or not away.any():
             continue
-        P = proj_cand[:, off:off + len(cand)]  # (N, C, 2)
-        d = np.linalg.norm(lm2d[:, side, None, :] - P[:, None, :, :], axis=-1)  # (N, 8, C)
-        out[:, side] = cand[d.argmin(-1)]
+        P = proj_cand[away, off:off + len(cand)]  # (n, C, 2)
+        d = np.linalg.norm(lm2d[away][:, side, None, :] - P[:, None, :, :], axis=-1)
+        out[np.flatnonzero(away)[:, None], side[None, :]] = cand[d.argmin(-1)]
     return out
 
 
@@ -290,7 +299,8 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
     # problem is far better conditioned for L-BFGS
     a_w = torch.zeros(N, K, dtype=torch.float64, requires_grad=True)
     b_w = torch.zeros(N, E, dtype=torch.float64, requires_grad=True)
-    lm_vertices = np.tile(np.asarray(model.landmarks, np.int64), (N, 1))
+    fixed_lm = np.asarray(model.landmarks, np.int64)
+    lm_vertices = np.tile(fixed_lm, (N, 1))
     delta = opts.huber_delta
 
     def residual_terms(lm_pos_t):
@@ -315,8 +325,9 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
             with torch.no_grad():
                 X = basis(a_w * id_std, b_w * exp_std)
                 xy, _ = _project(X, angles, trans, log_sf.exp(), opts.camera, S)
+                yaw_now = np.rad2deg(angles[:, 0].numpy())
                 lm_vertices = _slide_jaw(xy[:, cand_pos].numpy(), cand_r, cand_l, lm2d,
-                                         lm_vertices)
+                                         lm_vertices, fixed_lm, yaw_now, opts.slide_min_yaw)
             lm_pos_t = torch.as_tensor(pos[lm_vertices])
             opt = torch.optim.LBFGS(params, lr=1.0, max_iter=opts.iters_per_round,
                                     tolerance_change=opts.tol, line_search_fn="strong_wolfe",
@@ -416,9 +427,11 @@ def synthetic_batch(model: MorphableModel, n: int, size: int = 256, *, seed: int
                     yaw_max: float = 60.0, camera: CameraKind = "orthographic",
                     noise_px: float = 1.0, texture_size: int = 256, sh=None,
                     fill: float = 0.75) -> SyntheticBatch:
-    """Render ``n`` faces with random identity/expression, yaw evenly spread over
+    """Render ``n`` faces with random identity (0.7 prior std) and three active expressions
+    (weights U[0, 0.6] std), yaw evenly spread over
     [-yaw_max, yaw_max], pitch in [-15, 15], roll in [-10, 10], a known UV texture and SH
-    light (default: the renderer's DEFAULT_SH)."""
+    light (default: the renderer's DEFAULT_SH). Landmarks are projections of the model's fixed
+    landmark vertices, hidden or not: fit them with ``slide_min_yaw=90`` (no sliding)."""
     from facecorpus.renderers.cameras import framing_camera
     from facecorpus.renderers.render import render
     from facecorpus.renderers.shading import DEFAULT_SH
@@ -431,7 +444,11 @@ def synthetic_batch(model: MorphableModel, n: int, size: int = 256, *, seed: int
     for i in range(n):
         pitch, roll = rng.uniform(-15, 15), rng.uniform(-10, 10)
         a = (rng.normal(size=model.n_id) * model.id_std * 0.7).astype(np.float32)
-        b = (rng.uniform(0, 0.5, model.n_exp) * model.exp_std).astype(np.float32)
+        # a few active expressions, as in a real face (not every blendshape half on)
+        b = np.zeros(model.n_exp, np.float32)
+        if model.n_exp:
+            k = rng.choice(model.n_exp, min(3, model.n_exp), replace=False)
+            b[k] = rng.uniform(0, 0.6, len(k)) * model.exp_std[k]
         v = model.shape(a, b)
         cam = framing_camera(v, size, size, yaw=yaws[i], pitch=pitch, roll=roll, kind=camera,
                              fill=fill)
