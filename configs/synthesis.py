@@ -128,6 +128,8 @@ class OutputConfig(_Strict):
     depth: bool = True
     uv_maps: bool = True
     val_fraction: float = Field(0.05, ge=0, le=1, description="faces whose split is 'val'")
+    compression: Literal["zstd", "blosc-lz4"] = "zstd"
+    compression_level: int = Field(3, ge=0, le=22)
 
 
 class SynthesisConfig(_Strict):

@@ -186,10 +186,13 @@ def schemas(ctx: Context):
                                       "model-space surface point per texel, 0 outside the layout")
     attrs = {"model": ctx.model.name, "model_hash": ctx.model.content_hash(),
              "yaws": [float(y) for y in ctx.yaws], "config": content_config(cfg)}
+    comp = {"compression": cfg.output.compression,
+            "compression_level": cfg.output.compression_level}
     views = DatasetSchema(vf, samples_per_shard=F * P, samples_per_chunk=P, producer="synthesis",
-                          config_hash=ctx.config_hash, attrs=attrs)
+                          config_hash=ctx.config_hash, attrs=attrs, **comp)
     faces = DatasetSchema(ff, samples_per_shard=F, samples_per_chunk=1,
-                          producer="synthesis-faces", config_hash=ctx.config_hash, attrs=attrs)
+                          producer="synthesis-faces", config_hash=ctx.config_hash, attrs=attrs,
+                          **comp)
     return views, faces
 
 

@@ -338,7 +338,7 @@ def prepare_sources(subjects: SourceSubjects, triangles: np.ndarray) -> Prepared
 
     reference = subjects.vertices.astype(np.float64).mean(0)
     topo = dr.DRTopology(reference, triangles)
-    feats = np.stack([dr.encode(topo, v) for v in subjects.vertices]).astype(np.float32)
+    feats = np.asarray(dr.encode(topo, subjects.vertices), np.float32)
     return PreparedSources(subjects, topo, feats, np.asarray(triangles, np.int32))
 
 
@@ -407,10 +407,11 @@ def sample_face(index: int, group: str, prepared: PreparedSources, *, seed: int,
         try:
             feats = dr.interpolate(prepared.features[parents], weights)
             verts = dr.decode(prepared.topology, feats)
-            reason = dr.check_mesh(verts, prepared.triangles,
-                                   reference=prepared.topology.reference,
-                                   max_flip_ratio=max_flip_ratio,
-                                   self_intersection=self_intersection)
+            check = dr.check_mesh(verts, prepared.triangles,
+                                  reference=prepared.topology.reference,
+                                  max_flip_ratio=max_flip_ratio,
+                                  self_intersection=self_intersection)
+            reason = "" if check.ok else (check.reason or "rejected by check_mesh")
         except (np.linalg.LinAlgError, FloatingPointError, ValueError) as e:
             reason = f"decode failed: {e}"
         if reason:

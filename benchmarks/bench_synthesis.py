@@ -1,0 +1,256 @@
+"""Synthesis throughput: DR encode/decode, per-pair rendering against the render-crop-resize
+reference, and end-to-end pairs/s (augment + render + crop + compress + write) with 1 and 2
+worker processes; optionally a long measured run extrapolated to the 690k-pair config.
+
+    FACECORPUS_ASSETS=../shared .venv/bin/python benchmarks/bench_synthesis.py            # quick
+    FACECORPUS_ASSETS=../shared .venv/bin/python benchmarks/bench_synthesis.py --big 50000
+
+Model: ICT-FaceKit face area (9,409 vertices, 18,460 triangles) when the archive is found,
+else the procedural test model. Sources: random model samples (textures procedural).
+Each worker is a process with one numba thread, shards are handed out dynamically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+TARGET_PAIRS = 690_004  # configs/srtc_690k.yaml: 36,316 faces x 19 poses
+
+
+def _model_spec() -> str:
+    try:
+        from facecorpus.meshops.ict import load_ict_facekit
+
+        load_ict_facekit("face")
+        return "ict"
+    except Exception as e:  # noqa: BLE001 - benchmark falls back to the test model
+        print(f"(ICT-FaceKit unavailable: {e}; using the procedural model)")
+        return "procedural"
+
+
+def make_cfg(model: str, n_faces: int, workers: int, **out):
+    from facecorpus.configs.synthesis import SynthesisConfig
+
+    return SynthesisConfig.model_validate({
+        "model": model, "seed": 0, "workers": workers,
+        "subjects": {"source": "random", "n_random": 60, "n_groups": 2, "texture_size": 256},
+        "augment": {"n_faces": n_faces},
+        "output": {"faces_per_shard": 16, "uv_size": 84, **out},
+    })
+
+
+# --------------------------------------------------------------------------- DR
+def bench_dr(model_spec: str, n: int = 20) -> dict:
+    from facecorpus.flows.synthesis import load_model
+    from facecorpus.meshops import dr
+
+    model = load_model(model_spec)
+    rng = np.random.default_rng(0)
+    meshes = [model.shape(rng.normal(size=model.n_id) * model.id_std) for _ in range(n)]
+    ref = np.mean(meshes, 0)
+    t = time.perf_counter()
+    topo = dr.DRTopology(ref, model.triangles)
+    t_fact = time.perf_counter() - t
+    t = time.perf_counter()
+    feats = [dr.encode(topo, v) for v in meshes]
+    t_enc = (time.perf_counter() - t) / n
+    t = time.perf_counter()
+    outs = [dr.decode(topo, f) for f in feats]
+    t_dec = (time.perf_counter() - t) / n
+    err = max(float(np.abs(o - v).max() / np.abs(v).max()) for o, v in zip(outs, meshes,
+                                                                           strict=True))
+    res = {"vertices": model.n_vertices, "factorize_ms": 1e3 * t_fact,
+           "encode_ms": 1e3 * t_enc, "decode_ms": 1e3 * t_dec, "roundtrip_rel_err": err}
+    print(f"DR ({model.n_vertices} vertices): topology+factorisation {res['factorize_ms']:.0f} ms "
+          f"once; encode {res['encode_ms']:.1f} ms/mesh; decode {res['decode_ms']:.1f} ms/mesh "
+          f"(reused factorisation); round trip max rel err {err:.1e}")
+    return res
+
+
+# --------------------------------------------------------------------------- rendering
+def bench_render(model_spec: str, faces: int = 4) -> dict:
+    """Ours (crop folded into the camera, rasterise at 128) vs the reference: render at 512
+    with a framing camera, crop the foreground's bounding square, resize to 128."""
+    import numba
+    from facecorpus.flows.synthesis import build_context
+    from facecorpus.renderers.cameras import euler_to_rotation, framing_camera
+    from facecorpus.tasks.augment import face_rng
+    from facecorpus.tasks.render_views import (
+        render_screen,
+        render_views,
+        sample_view_params,
+        vertex_irradiance,
+    )
+    from PIL import Image
+
+    numba.set_num_threads(1)
+    ctx = build_context(make_cfg(model_spec, 8, 1))
+    m = ctx.model
+    subj = ctx.prepared.subjects
+    S, big = 128, 512
+
+    def ours(i):
+        rng = face_rng(0, 2, i)
+        p = sample_view_params(rng, ctx.yaws)
+        bg = np.stack([ctx.backgrounds.sample(rng, S) for _ in range(len(ctx.yaws))])
+        return render_views(subj.vertices[i], m.triangles, ctx.corner_uv, subj.textures[i],
+                            ctx.ncc, p, bg, size=S)
+
+    def reference(i):
+        rng = face_rng(0, 2, i)
+        p = sample_view_params(rng, ctx.yaws)
+        bg = np.stack([ctx.backgrounds.sample(rng, S) for _ in range(len(ctx.yaws))])
+        v = subj.vertices[i]
+        R = euler_to_rotation(p.yaw, p.pitch, p.roll)
+        irr = vertex_irradiance(v, m.triangles, R, p.sh)
+        screens = np.stack([framing_camera(v, big, big, yaw=p.yaw[k], pitch=p.pitch[k],
+                                           roll=p.roll[k], kind="perspective").project(v)
+                            for k in range(len(p.yaw))])
+        out = render_screen(screens, m.triangles, ctx.corner_uv, subj.textures[i], ctx.ncc, irr,
+                            big)
+        res = []
+        for k in range(len(p.yaw)):
+            mk = out["mask"][k]
+            rows, cols = np.flatnonzero(mk.any(1)), np.flatnonzero(mk.any(0))
+            r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+            side = max(r1 - r0, c1 - c0)
+            y0, x0 = (r0 + r1 - side) // 2, (c0 + c1 - side) // 2
+            img = np.clip(out["albedo"][k] * out["irradiance"][k], 0, 1)
+            img = np.where(mk[..., None], img, 0.0)
+            crops = []
+            for a in (img, out["pncc"][k], mk[..., None].astype(np.float32)):
+                pad = np.pad(a, ((side, side), (side, side), (0, 0)))
+                c = pad[y0 + side:y0 + 2 * side, x0 + side:x0 + 2 * side]
+                u8 = (np.clip(c, 0, 1) * 255 + 0.5).astype(np.uint8)
+                im = Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8)
+                crops.append(np.asarray(im.resize((S, S), Image.BILINEAR)))
+            m128 = crops[2] >= 128
+            crops[0] = np.where(m128[..., None], crops[0], bg[k])
+            res.append(crops)
+        return res
+
+    P = len(ctx.yaws)
+    ours(0), reference(0)  # compile / warm caches
+    t = time.perf_counter()
+    for i in range(faces):
+        ours(i)
+    t_ours = (time.perf_counter() - t) / (faces * P)
+    t = time.perf_counter()
+    for i in range(faces):
+        reference(i)
+    t_ref = (time.perf_counter() - t) / (faces * P)
+    print(f"render one pair (image+PNCC+mask+depth, 128x128, 1 thread): ours "
+          f"{1e3 * t_ours:.2f} ms; reference render 512 + crop + resize {1e3 * t_ref:.2f} ms "
+          f"({t_ref / t_ours:.1f}x)")
+    return {"ours_ms_per_pair": 1e3 * t_ours, "reference_ms_per_pair": 1e3 * t_ref}
+
+
+# --------------------------------------------------------------------------- end to end
+def _warm(cfg_json: str, out: str, barrier) -> int:
+    import numba
+    from facecorpus.configs.synthesis import SynthesisConfig
+    from facecorpus.flows.synthesis import build_context
+
+    numba.set_num_threads(1)
+    build_context(SynthesisConfig.model_validate_json(cfg_json))
+    barrier.wait()
+    return os.getpid()
+
+
+def run_processes(cfg, out: Path, workers: int) -> dict:
+    """All shards of ``cfg`` on ``workers`` processes (fresh output); wall time after warm-up."""
+    import multiprocessing as mp
+
+    from facecorpus.flows.synthesis import _shard_worker, build_context, finish, open_writers
+
+    if out.exists():
+        shutil.rmtree(out)
+    ctx = build_context(cfg)
+    writers = open_writers(ctx, out)
+    cfg_json = cfg.model_dump_json()
+    mpctx = mp.get_context("spawn")
+    with mpctx.Manager() as man, ProcessPoolExecutor(workers, mp_context=mpctx) as ex:
+        barrier = man.Barrier(workers)
+        list(ex.map(_warm, [cfg_json] * workers, [str(out)] * workers, [barrier] * workers))
+        load0 = os.getloadavg()
+        t = time.perf_counter()
+        results = list(ex.map(_shard_worker, [cfg_json] * cfg.n_shards(),
+                              [writers] * cfg.n_shards(), range(cfg.n_shards()),
+                              [1] * cfg.n_shards()))
+        wall = time.perf_counter() - t
+        load1 = os.getloadavg()
+    summary = finish(cfg, out, results, skipped=0)
+    pairs = summary["pairs"]
+    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return {"workers": workers, "pairs": pairs, "faces": summary["faces"], "wall_s": wall,
+            "pairs_per_s": pairs / wall, "bytes_per_pair": size / max(pairs, 1),
+            "rejected": summary["rejected_draws"], "loadavg_before": load0[0],
+            "loadavg_after": load1[0]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--faces", type=int, default=96, help="faces per end-to-end run (x19 pairs)")
+    ap.add_argument("--big", type=int, default=0, help="also a measured run of >= this many pairs")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--compression", default="zstd", choices=("zstd", "blosc-lz4"))
+    ap.add_argument("--level", type=int, default=3)
+    ap.add_argument("--out", default=None, help="scratch folder (default: a temp dir, removed)")
+    ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--skip", nargs="*", default=[], choices=("dr", "render", "e2e"))
+    args = ap.parse_args(argv)
+
+    spec = _model_spec()
+    print(f"machine: {os.cpu_count()} cores; load average {os.getloadavg()[0]:.2f}; "
+          f"python {sys.version.split()[0]}; model {spec}")
+    results: dict = {"model": spec, "cores": os.cpu_count()}
+    if "dr" not in args.skip:
+        results["dr"] = bench_dr(spec)
+    if "render" not in args.skip:
+        results["render"] = bench_render(spec)
+    scratch = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-synth-"))
+    try:
+        comp = {"compression": args.compression, "compression_level": args.level}
+        if "e2e" not in args.skip:
+            runs = []
+            for w in args.workers:
+                r = run_processes(make_cfg(spec, args.faces, w, **comp), scratch / f"w{w}", w)
+                runs.append(r)
+                print(f"end to end, {w} worker(s): {r['pairs']} pairs in {r['wall_s']:.1f} s = "
+                      f"{r['pairs_per_s']:.1f} pairs/s ({r['bytes_per_pair'] / 1024:.0f} KiB/pair "
+                      f"on disk; load avg {r['loadavg_before']:.1f} -> {r['loadavg_after']:.1f})")
+            if len(runs) > 1:
+                print(f"scaling {runs[0]['workers']} -> {runs[-1]['workers']} workers: "
+                      f"{runs[-1]['pairs_per_s'] / runs[0]['pairs_per_s']:.2f}x")
+            results["e2e"] = runs
+        if args.big:
+            w = max(args.workers)
+            faces = -(-args.big // 19)
+            r = run_processes(make_cfg(spec, faces, w, **comp), scratch / "big", w)
+            eta = TARGET_PAIRS / r["pairs_per_s"]
+            print(f"measured run: {r['pairs']} pairs, {w} workers, {r['wall_s']:.0f} s = "
+                  f"{r['pairs_per_s']:.1f} pairs/s (load avg {r['loadavg_before']:.1f} -> "
+                  f"{r['loadavg_after']:.1f}); extrapolated 690,004 pairs: {eta / 60:.1f} min "
+                  f"(goal <= 60 min = 191.7 pairs/s); disk "
+                  f"{r['bytes_per_pair'] * TARGET_PAIRS / 2**30:.1f} GiB")
+            results["big"] = {**r, "extrapolated_690k_s": eta}
+    finally:
+        if not args.out:
+            shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
