@@ -1,0 +1,273 @@
+"""Data side of training: split selection by manifest filters, field normalisation, batch order.
+
+Samples are dicts of tensors as the datasets reader yields them (HWC images stay uint8 HWC);
+conversion to normalised NCHW floats happens on the training device (`Normalizer`), so
+loader workers move compact uint8 and the host does no float work.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from facecorpus.configs.errors import ConfigError, FacecorpusError, InputError
+from torch.utils.data import Dataset, Sampler
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """A field's per-sample shape (e.g. (H, W, 3) or (H, W)) and numpy dtype name."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def channels(self) -> int:
+        return self.shape[2] if len(self.shape) == 3 else 1
+
+
+@dataclass
+class Split:
+    """A selected subset of a dataset: a map-style torch dataset plus the fields' layout."""
+
+    dataset: Dataset
+    fields: dict[str, FieldInfo]
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+# ---------------------------------------------------------------- manifest filters
+
+_OPS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+        ">": operator.gt, ">=": operator.ge}
+
+
+def filter_expression(filters: Sequence) -> object | None:
+    """A list of FilterSpec (column, op, value) -> one pyarrow compute expression (AND), or None."""
+    import pyarrow.compute as pc
+
+    expr = None
+    for f in filters:
+        col = pc.field(f.column)
+        if f.op in _OPS:
+            e = _OPS[f.op](col, f.value)
+        elif f.op == "abs<=":
+            e = pc.abs(col) <= f.value
+        elif f.op == "in":
+            e = col.isin(f.value)
+        elif f.op == "not in":
+            e = ~col.isin(f.value)
+        else:  # pragma: no cover - the config validates op
+            raise ConfigError(f"unknown filter op {f.op!r}")
+        expr = e if expr is None else expr & e
+    return expr
+
+
+# ---------------------------------------------------------------- in-memory source
+
+
+class TensorSource:
+    """An in-memory dataset with the reader's interface: arrays ``{field: (N, *shape)}`` and a
+    manifest table (N rows, e.g. a ``split`` column). Used for tests and the benchmark's
+    reference loop."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], manifest):
+        import pyarrow as pa
+
+        n = {len(a) for a in arrays.values()}
+        if len(n) != 1:
+            raise ValueError(f"arrays differ in length: { {k: len(a) for k, a in arrays.items()} }")
+        self.arrays = {k: torch.from_numpy(np.ascontiguousarray(a)) for k, a in arrays.items()}
+        self.manifest = manifest if isinstance(manifest, pa.Table) else pa.Table.from_pylist(manifest)
+        if self.manifest.num_rows != n.pop():
+            raise ValueError("manifest rows != array length")
+        self.fields = {k: FieldInfo(tuple(a.shape[1:]), str(a.dtype)) for k, a in arrays.items()}
+
+    def split(self, fields: Sequence[str], filters: Sequence) -> Split:
+        missing = [f for f in fields if f not in self.arrays]
+        if missing:
+            raise InputError(f"<memory>: dataset has no field(s) {missing}; has {sorted(self.arrays)}")
+        expr = filter_expression(filters)
+        idx = np.arange(self.manifest.num_rows)
+        if expr is not None:
+            import pyarrow as pa
+
+            t = self.manifest.append_column("__i", pa.array(idx))
+            idx = t.filter(expr).column("__i").to_numpy()
+        return Split(_TensorDataset({f: self.arrays[f] for f in fields}, torch.from_numpy(np.array(idx))),
+                     {f: self.fields[f] for f in fields}, "<memory>")
+
+
+class _TensorDataset(Dataset):
+    def __init__(self, arrays: dict[str, torch.Tensor], index: torch.Tensor):
+        self.arrays, self.index = arrays, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = int(self.index[i])
+        out = {k: a[j] for k, a in self.arrays.items()}
+        out["index"] = torch.tensor(j)
+        return out
+
+    def __getitems__(self, ii: list[int]) -> dict[str, torch.Tensor]:
+        # one gather per field instead of N tensors + collate; collate_batch passes dicts through
+        j = self.index[torch.as_tensor(ii)]
+        out = {k: a[j] for k, a in self.arrays.items()}
+        out["index"] = j
+        return out
+
+
+def collate_batch(items):
+    """Collate a list of sample dicts, or pass through a dict already batched by __getitems__."""
+    if isinstance(items, dict):
+        return items
+    return torch.utils.data.default_collate(items)
+
+
+# ---------------------------------------------------------------- store source
+
+
+class _BatchedShards(Dataset):
+    """A ``ShardDataset`` whose batch fetch returns one array per field (``store.read`` of
+    all the batch's indices at once) instead of per-sample tensors that collate re-stacks."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.inner[i]
+
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        idx = self.inner.indices[np.asarray(positions, dtype=np.int64)]
+        out = {f: torch.from_numpy(self.inner.store.read(f, idx)) for f in self.inner.fields}
+        out["index"] = torch.from_numpy(idx)
+        return out
+
+
+def open_store_split(root: str, fields: Sequence[str], filters: Sequence) -> Split:
+    """A split of a dataset written by ``facecorpus.datasets`` (read only through its reader)."""
+    from facecorpus.datasets.reader import ShardDataset
+    from facecorpus.datasets.store import open_dataset
+
+    ds = open_dataset(root)
+    schema_fields = ds.schema.fields
+    missing = [f for f in fields if f not in schema_fields]
+    if missing:
+        raise InputError(f"{root}: dataset has no field(s) {missing}; has {sorted(schema_fields)}")
+    info = {f: FieldInfo(tuple(schema_fields[f].shape), str(np.dtype(schema_fields[f].dtype)))
+            for f in fields}
+    try:
+        dataset = ShardDataset(root, fields=tuple(fields), filter=filter_expression(filters))
+    except Exception as e:  # e.g. a filter naming a column the manifest lacks
+        if isinstance(e, FacecorpusError):
+            raise
+        raise InputError(f"{root}: cannot select split ({type(e).__name__}: {e})") from e
+    return Split(_BatchedShards(dataset), info, str(root))
+
+
+def open_split(source, fields: Sequence[str], filters: Sequence) -> Split:
+    if isinstance(source, TensorSource):
+        return source.split(fields, filters)
+    return open_store_split(str(source), fields, filters)
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+class Normalizer(torch.nn.Module):
+    """Maps a field between its stored form and the network's normalised NCHW float form.
+
+    uint8 fields: x / 255 (masks: > 0). Float fields (e.g. ``uv_position`` in mm): per-channel
+    ``(x - offset) / scale`` with offset/scale estimated on the training split (mean, std).
+
+    Shape:
+        to_model: (B, H, W, C) or (B, H, W) any dtype -> (B, C, H, W) float32
+        to_data: (B, C, H, W) -> (B, H, W, C) float32 in stored units (uint8 fields in [0, 255])
+    """
+
+    def __init__(self, info: FieldInfo, offset: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None, is_mask: bool = False):
+        super().__init__()
+        c = info.channels
+        self.info, self.is_mask = info, is_mask
+        if offset is None:
+            offset = torch.zeros(c)
+        if scale is None:
+            scale = torch.full((c,), 255.0 if info.dtype == "uint8" else 1.0)
+        self.register_buffer("offset", torch.as_tensor(offset, dtype=torch.float32).reshape(1, c, 1, 1))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32).reshape(1, c, 1, 1))
+
+    def to_model(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 3:
+            x = x.unsqueeze(-1)
+        x = x.permute(0, 3, 1, 2)
+        if self.is_mask:
+            return (x > 0).float()
+        return (x.float() - self.offset) / self.scale
+
+    def to_data(self, y: torch.Tensor) -> torch.Tensor:
+        return (y.float() * self.scale + self.offset).permute(0, 2, 3, 1)
+
+    @classmethod
+    def fit(cls, info: FieldInfo, samples: torch.Tensor, is_mask: bool = False) -> Normalizer:
+        """Estimate a float field's offset/scale from samples (N, H, W, C)."""
+        if is_mask or info.dtype in ("uint8", "bool"):
+            return cls(info, is_mask=is_mask or info.dtype == "bool")
+        x = samples.double().reshape(-1, info.channels)
+        x = x[torch.isfinite(x).all(dim=1)]
+        if len(x) == 0:
+            raise InputError(f"field of dtype {info.dtype}: no finite values to normalise")
+        std = x.std(dim=0).clamp_min(1e-6)
+        return cls(info, x.mean(dim=0).float(), std.float())
+
+
+# ---------------------------------------------------------------- batch order
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Endless batches of a seeded per-epoch permutation, starting at a global step.
+
+    The order is a pure function of (seed, epoch), and the position a pure function of the
+    global step (``epoch = step // batches_per_epoch``), so a resumed run sees exactly the
+    batches an uninterrupted one would. Under DDP each rank takes every ``world``-th sample of
+    the epoch's permutation; incomplete batches are dropped so all ranks step together.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, *, start_step: int = 0,
+                 rank: int = 0, world: int = 1):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_step, self.rank, self.world = start_step, rank, world
+        self.batches_per_epoch = n // (batch_size * world)
+        if self.batches_per_epoch == 0:
+            raise InputError(f"training split has {n} samples, fewer than one batch "
+                             f"({batch_size} x {world} processes)")
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within epoch) of a global step."""
+        return divmod(step, self.batches_per_epoch)
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g)
+        return perm[self.rank::self.world][: self.batches_per_epoch * self.batch_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, b = self.position(self.start_step)
+        while True:
+            order = self.epoch_order(epoch).view(self.batches_per_epoch, self.batch_size)
+            for i in range(b, self.batches_per_epoch):
+                yield order[i].tolist()
+            epoch, b = epoch + 1, 0
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for len(loader)
+        return 2**62
