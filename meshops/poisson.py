@@ -576,7 +576,8 @@ def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: boo
     """The pseudo-GT UV blend: visible texels into the prior, then the mirror into the rest.
 
     Pass 1 solves the Poisson problem over Ω1 = ``uv_visible_mask`` with ``uv_visible`` as
-    guidance and the prior as boundary/outside values. Pass 2 fills Ω2 = texels that are
+    guidance and the prior as boundary/outside values; ``uv_visible`` is undefined outside
+    its mask, so edges leaving Ω1 get zero guidance (``source_mask=uv_visible_mask``). Pass 2 fills Ω2 = texels that are
     not visible but whose mirror texel (``mirror_map``, the model's UV mirror map through the
     surface, not an image flip) is visible, with the mirrored visible texture as guidance
     and the pass-1 result as boundary. Edges from Ω2 to a texel without a mirrored value get
@@ -605,7 +606,9 @@ def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: boo
     vis = np.broadcast_to(vis, (n,) + vis.shape[1:])
     msk = np.broadcast_to(np.asarray(msk, bool), (n, S0, S1))
     pri = np.broadcast_to(pri, (n,) + pri.shape[1:])
-    pass1 = poisson_blend(pri, vis, msk, mixed=mixed, tol=tol, workers=workers)
+    # uv_visible is undefined outside its mask: edges leaving Ω1 get no guidance, so the
+    # visible texture meets the prior seamlessly instead of jumping by its own value
+    pass1 = poisson_blend(pri, vis, msk, mixed=mixed, source_mask=msk, tol=tol, workers=workers)
     if pass1.ndim == 3:
         pass1 = pass1[None]
     has = (mm[..., 0] >= 0) & (mm[..., 1] >= 0)
