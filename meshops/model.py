@@ -40,11 +40,15 @@ from pathlib import Path
 
 import numpy as np
 
+from facecorpus.configs.errors import FacecorpusError
+
 FORMAT_VERSION = 1
 
 
-class ModelFormatError(ValueError):
-    """A model file is malformed. The message names the file and the field."""
+class ModelFormatError(ValueError, FacecorpusError):
+    """A model file is malformed. The message names the file and the field.
+
+    Also a FacecorpusError, so the CLI reports it without a traceback."""
 
     def __init__(self, path: str | os.PathLike | None, field_name: str | None, reason: str):
         self.path = None if path is None else str(path)
