@@ -8,11 +8,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from facecorpus.configs.base import StrictConfig as _Strict
+from pydantic import Field, model_validator
 
 
 class SubjectsConfig(_Strict):

@@ -45,31 +45,24 @@ FACES = "faces"
 
 # --------------------------------------------------------------------------- config
 def load_config(path: str | os.PathLike, overrides: dict | None = None) -> SynthesisConfig:
-    """Read a YAML config, apply dotted ``overrides`` ({"augment.n_faces": 10}), validate."""
-    import yaml
-    from pydantic import ValidationError
+    """Read a YAML config, apply dotted ``overrides`` ({"augment.n_faces": 10}), validate
+    (one ConfigError listing every problem with its key path)."""
+    from facecorpus.configs.base import read_yaml, validate
 
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
+    data = read_yaml(path)
+    kind = data.get("kind", "synthesis")
+    if kind != "synthesis":
+        raise ConfigError(f"{path}: kind: '{kind}' but a 'synthesis' config was expected")
     for key, value in (overrides or {}).items():
         node = data
         parts = key.split(".")
         for k in parts[:-1]:
-            node = node.setdefault(k, {})
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: '{k}' is not a section")
+            node = nxt
         node[parts[-1]] = value
-    try:
-        return SynthesisConfig.model_validate(data)
-    except ValidationError as e:
-        lines = [f"  {'.'.join(str(x) for x in err['loc']) or '<root>'}: {err['msg']}"
-                 for err in e.errors()]
-        raise ConfigError(f"{p}: invalid synthesis config:\n" + "\n".join(lines)) from None
+    return validate(SynthesisConfig, data, str(path))
 
 
 def content_config(cfg: SynthesisConfig) -> dict:
