@@ -11,6 +11,12 @@ from facecorpus.renderers.raster import Fragments
 from numba import njit, prange
 
 
+def _rw(a: np.ndarray) -> np.ndarray:
+    """A writeable C-contiguous array: read-only inputs would compile a second signature."""
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
+
+
 @njit(cache=True, parallel=True, nogil=True)
 def _interp(p2f, bary, corner_idx, attr, out):
     N, H, W = p2f.shape
@@ -65,14 +71,15 @@ def interpolate(attributes, fragments: Fragments, triangles=None) -> np.ndarray:
         corner_idx = np.arange(F * 3, dtype=np.int32).reshape(F, 3)
         attr = a.reshape(1, F * 3, a.shape[2])
     else:
-        corner_idx = np.ascontiguousarray(triangles, dtype=np.int32)
+        corner_idx = _rw(np.asarray(triangles, dtype=np.int32))
         attr = a[None] if a.ndim == 2 else a
-    attr = np.ascontiguousarray(attr, dtype=np.float32)
+    attr = _rw(np.asarray(attr, dtype=np.float32))
     out = np.empty((N, H, W, attr.shape[2]), np.float32)
     if corner_idx.size and int(corner_idx.max()) >= attr.shape[1]:
         raise ValueError(f"triangles index vertex {int(corner_idx.max())} but attributes has "
                          f"{attr.shape[1]} rows")
-    _interp(p2f, np.ascontiguousarray(bary, dtype=np.float32), corner_idx, attr, out)
+    _interp(_rw(np.asarray(p2f, np.int32)), _rw(np.asarray(bary, np.float32)), corner_idx,
+            attr, out)
     return out
 
 
@@ -135,13 +142,13 @@ def sample_bilinear(image, xy_px, mask=None) -> np.ndarray:
         raise ValueError(f"image must be (H, W), (H, W, C) or (N, H, W, C), got {img.shape}")
     if img.dtype == np.uint8:
         img = img.astype(np.float32) / 255.0
-    img = np.ascontiguousarray(img, dtype=np.float32)
+    img = _rw(np.asarray(img, dtype=np.float32))
     if img.shape[0] not in (1, xy.shape[0]):
         raise ValueError(f"image batch {img.shape[0]} does not match coordinates {xy.shape[0]}")
     m = np.ones(xy.shape[:3], bool) if mask is None else np.asarray(mask, bool).reshape(
         xy.shape[:3])
     out = np.empty(xy.shape[:3] + (img.shape[3],), np.float32)
-    _bilinear(img, np.ascontiguousarray(xy), np.ascontiguousarray(m), out)
+    _bilinear(img, _rw(xy), _rw(m), out)
     return out[0] if squeeze else out
 
 

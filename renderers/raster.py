@@ -136,6 +136,8 @@ def _raster_band(sv, tris, n, r0, r1, W, cull, persp, p2f, bary, zbuf):
             X1, X2 = X2, X1
             Y1, Y2 = Y2, Y1
             z1, z2 = z2, z1
+            fx1, fx2 = fx2, fx1
+            fy1, fy2 = fy2, fy1
         else:
             sw = False
             area = -area  # |area|: the edge functions below are positive inside
@@ -154,7 +156,19 @@ def _raster_band(sv, tris, n, r0, r1, W, cull, persp, p2f, bary, zbuf):
         bias2 = 0 if (dy01 > 0 or (dy01 == 0 and dx01 < 0)) else -1
         px0 = np.int64(j0) * 256 + 128
         py = np.int64(i0) * 256 + 128
-        inv_area = 1.0 / np.float64(area)
+        # Coverage is decided on the snapped integer grid; the barycentrics themselves come
+        # from the unsnapped float64 positions so that they match the torch path (and the
+        # reference) to float precision instead of to 1/256 px.
+        gx0 = np.float64(fx0)
+        gy0 = np.float64(fy0)
+        gx1 = np.float64(fx1)
+        gy1 = np.float64(fy1)
+        gx2 = np.float64(fx2)
+        gy2 = np.float64(fy2)
+        farea = (gx2 - gx0) * (gy1 - gy0) - (gx1 - gx0) * (gy2 - gy0)
+        if farea == 0.0:
+            continue
+        inv_area = 1.0 / farea
         if persp:
             iw0 = 1.0 / np.float64(z0)
             iw1 = 1.0 / np.float64(z1)
@@ -164,14 +178,16 @@ def _raster_band(sv, tris, n, r0, r1, W, cull, persp, p2f, bary, zbuf):
             iw1 = 1.0
             iw2 = 1.0
         for i in range(i0, i1 + 1):
+            cy = i + 0.5
             e0 = (px0 - X1) * dy12 - (py - Y1) * dx12
             e1 = (px0 - X2) * dy20 - (py - Y2) * dx20
             e2 = (px0 - X0) * dy01 - (py - Y0) * dx01
             for j in range(j0, j1 + 1):
                 if e0 + bias0 >= 0 and e1 + bias1 >= 0 and e2 + bias2 >= 0:
-                    l0 = e0 * inv_area
-                    l1 = e1 * inv_area
-                    l2 = e2 * inv_area
+                    cx = j + 0.5
+                    l0 = ((cx - gx1) * (gy2 - gy1) - (cy - gy1) * (gx2 - gx1)) * inv_area
+                    l1 = ((cx - gx2) * (gy0 - gy2) - (cy - gy2) * (gx0 - gx2)) * inv_area
+                    l2 = 1.0 - l0 - l1
                     if persp:
                         q0 = l0 * iw0
                         q1 = l1 * iw1
@@ -225,8 +241,11 @@ def _check_inputs(screen_vertices, triangles, height, width):
         raise ValueError(f"triangle indices out of range [0, {sv.shape[1]})")
     if int(height) <= 0 or int(width) <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    return (np.ascontiguousarray(sv, dtype=np.float32),
-            np.ascontiguousarray(tris, dtype=np.int32))
+    sv = np.ascontiguousarray(sv, dtype=np.float32)
+    tris = np.ascontiguousarray(tris, dtype=np.int32)
+    # read-only inputs (cached, shared arrays) would compile a second jitted signature
+    return (sv if sv.flags.writeable else sv.copy(),
+            tris if tris.flags.writeable else tris.copy())
 
 
 def rasterize(screen_vertices, triangles, height: int, width: int, *,
