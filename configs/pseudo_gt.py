@@ -1,0 +1,94 @@
+"""Typed config of the pseudo-GT flow (`facecorpus run pseudo-gt`): photos -> landmarks ->
+3DMM fit -> UV unwrap -> texture prior -> two-pass Poisson blend. Defaults in
+``configs/pseudo_gt.yaml``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from facecorpus.configs.base import StrictConfig
+from pydantic import Field, model_validator
+
+
+class IngestConfig(StrictConfig):
+    max_megapixels: float = Field(40.0, gt=0, description="larger images are rejected from "
+                                  "their header, before decoding")
+    grayscale: Literal["reject", "convert"] = "reject"
+    alpha: Literal["reject", "flatten"] = "reject"
+
+
+class LandmarksConfig(StrictConfig):
+    mediapipe_model: str | None = Field(
+        None, description="face_landmarker.task; None: $FACECORPUS_MEDIAPIPE_MODEL, "
+                          "$FACECORPUS_ASSETS/models/mediapipe/, or the mediapipe package")
+    fallback: Literal["box_template", "none"] = Field(
+        "box_template", description="without a mediapipe model: LBP face box + the model's "
+                                    "landmark template (coarse), or reject")
+    crop_size: Literal[224, 256] = 256
+
+
+class FitConfig(StrictConfig):
+    camera: Literal["orthographic", "perspective"] = "orthographic"
+    fov_deg: float = Field(12.0, gt=0, lt=120)
+    n_id: int | None = Field(None, ge=0, description="identity modes fitted (None: all)")
+    n_exp: int | None = Field(None, ge=0, description="expression modes fitted (None: all)")
+    rounds: int = Field(4, ge=1)
+    iters_per_round: int = Field(100, ge=1)
+    slide_min_yaw: float = Field(20.0, ge=0, le=90)
+    max_nme: float = Field(0.2, gt=0, description="landmark error / inter-ocular distance "
+                                                  "above which the fit is rejected (diverged)")
+    photometric_iters: int = Field(40, ge=0, description="stage-2 Adam steps (0: off)")
+    photometric_lr: float = Field(0.01, gt=0)
+
+
+class UnwrapConfig(StrictConfig):
+    uv_size: int = Field(256, ge=16, le=2048)
+    erode_px: int = Field(3, ge=0, description="face-mask erosion (pixels of the crop)")
+    min_cos: float = Field(0.15, ge=0, lt=1, description="grazing texels are not visible")
+    face_region: str | None = Field("face", description="model region sampled into UV")
+    occlusion_threshold: float | None = Field(
+        0.3, gt=0, description="drop visible texels whose colour differs from the fitted "
+                               "prior by more than this (mean L1); None: off")
+
+
+class PriorConfig(StrictConfig):
+    kind: Literal["auto", "albedo", "corpus", "user"] = "auto"
+    texture: str | None = Field(None, description="UV texture image (kind: user)")
+    pca_rank: int = Field(8, ge=0)
+    pca_min_images: int = Field(32, ge=2)
+    max_images: int = Field(256, ge=1, description="images used for the corpus prior")
+
+    @model_validator(mode="after")
+    def _check(self) -> PriorConfig:
+        if self.kind == "user" and not self.texture:
+            raise ValueError("prior.kind 'user' needs prior.texture")
+        return self
+
+
+class BlendConfig(StrictConfig):
+    mixed: bool = Field(False, description="mixed gradients (Pérez et al.)")
+
+
+class OutputConfig(StrictConfig):
+    samples_per_shard: int = Field(16, ge=1)
+    val_fraction: float = Field(0.0, ge=0, le=1)
+    sheets: bool = Field(True, description="PNG contact sheet per shard")
+
+
+class PseudoGTConfig(StrictConfig):
+    kind: Literal["pseudo_gt"] = "pseudo_gt"
+    model: str = Field("ict", description="procedural | ict | ict:<region> | path to .npz")
+    ingest: IngestConfig = IngestConfig()
+    landmarks: LandmarksConfig = LandmarksConfig()
+    fit: FitConfig = FitConfig()
+    unwrap: UnwrapConfig = UnwrapConfig()
+    prior: PriorConfig = PriorConfig()
+    blend: BlendConfig = BlendConfig()
+    output: OutputConfig = OutputConfig()
+    workers: int = Field(2, ge=1)
+    task_runner: Literal["threads", "dask"] = "dask"
+    dask_address: str | None = Field(None, description="join this Dask scheduler instead of "
+                                                       "starting a LocalCluster")
+    retries: int = Field(2, ge=0, description="Prefect retries of a shard task (transient "
+                                              "failures: I/O, a lost worker)")
