@@ -56,8 +56,27 @@ def _floats(lines: list[bytes], width: int, what: str, source: str) -> np.ndarra
     return out
 
 
+_NOT_V_LINE = re.compile(rb"\n(?!v[ \t])")
+
+
 def read_obj_vertices(data: bytes, source: str = "<obj>") -> np.ndarray:
-    """(V, 3) float64 positions of an OBJ given as bytes (the fast path for morph targets)."""
+    """(V, 3) float64 positions of an OBJ given as bytes (the fast path for morph targets).
+
+    When all ``v`` lines form one contiguous block of ``v x y z`` lines (every exporter we
+    know), that block is converted in one ``np.fromstring`` call; otherwise line by line.
+    """
+    start = 0 if data.startswith(b"v ") else data.find(b"\nv ") + 1
+    if start > 0 or data.startswith(b"v "):
+        m = _NOT_V_LINE.search(data, start)
+        end = m.start() if m else len(data)
+        block = data[start:end]
+        n_lines = block.count(b"\n") + 1
+        total = data.count(b"\nv ") + data.startswith(b"v ")
+        if n_lines == total and b"#" not in block:
+            flat = np.fromstring(block.replace(b"v", b" ").decode("ascii", "replace"),
+                                 dtype=np.float64, sep=" ")
+            if flat.size == 3 * n_lines:
+                return flat.reshape(-1, 3)
     return _floats(_V.findall(data), 3, "v", source)
 
 
