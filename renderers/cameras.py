@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
+from numba import njit
 
 CameraKind = Literal["perspective", "orthographic"]
 
@@ -136,6 +137,30 @@ def project_orthographic(vertices, rotation, translation, scale, cx, cy) -> np.n
     return np.stack([x, y, -s * X[..., 2]], -1).astype(np.float32)
 
 
+@njit(cache=True, nogil=True)
+def _project_kernel(v, R, t, f, cx, cy, persp, out):  # pragma: no cover - compiled
+    """Fast path of Camera.project for one (V, 3) float32 mesh: one pass, no temporaries."""
+    r00, r01, r02 = R[0, 0], R[0, 1], R[0, 2]
+    r10, r11, r12 = R[1, 0], R[1, 1], R[1, 2]
+    r20, r21, r22 = R[2, 0], R[2, 1], R[2, 2]
+    for k in range(v.shape[0]):
+        x = np.float64(v[k, 0])
+        y = np.float64(v[k, 1])
+        z = np.float64(v[k, 2])
+        X = r00 * x + r01 * y + r02 * z
+        Y = r10 * x + r11 * y + r12 * z
+        Z = r20 * x + r21 * y + r22 * z
+        if persp:
+            d = -(Z + t[2])
+            out[k, 0] = cx + f * (X + t[0]) / d
+            out[k, 1] = cy - f * (Y + t[1]) / d
+            out[k, 2] = d
+        else:  # f is the scale; t = (tx, ty, 0) is an image shift
+            out[k, 0] = cx + f * X + t[0]
+            out[k, 1] = cy - f * Y - t[1]
+            out[k, 2] = -f * Z
+
+
 def _as_tensor_like(x, ref):
     import torch
 
@@ -227,6 +252,16 @@ class Camera:
 
     def project(self, vertices) -> np.ndarray:
         """Model-space (..., V, 3) -> screen vertices (..., V, 3) float32 [x_px, y_px, depth]."""
+        v = np.asarray(vertices)
+        if v.ndim == 2 and v.shape[1] == 3 and v.dtype == np.float32:
+            out = np.empty(v.shape, np.float32)
+            if self.is_perspective:
+                _project_kernel(v, self.rotation, self.translation, self.focal, self.cx,
+                                self.cy, True, out)
+            else:
+                t = np.array([self.translation[0], self.translation[1], 0.0])
+                _project_kernel(v, self.rotation, t, self.scale, self.cx, self.cy, False, out)
+            return out
         if self.is_perspective:
             return project_perspective(vertices, self.rotation, self.translation, self.focal,
                                        self.cx, self.cy)

@@ -64,87 +64,83 @@ class Fragments:
         return Fragments(self.pix_to_face[idx], self.bary[idx], self.zbuf[idx])
 
 
-@njit(cache=True, nogil=True, fastmath=False)
-def _raster_band(sv, tris, n, r0, r1, W, cull, persp, p2f, bary, zbuf):
+@njit(cache=True, parallel=True, nogil=True)
+def _snap(sv, persp, XY, ZW, ok):
+    """Per vertex: fixed-point position (1/256 px), the depth term interpolated linearly on
+    screen (1/depth for perspective, depth otherwise) and whether it can be drawn at all."""
+    N, V, _ = sv.shape
+    for n in range(N):
+        for v in prange(V):
+            x = sv[n, v, 0]
+            y = sv[n, v, 1]
+            z = sv[n, v, 2]
+            good = (abs(x) <= _LIMIT and abs(y) <= _LIMIT and np.isfinite(z)
+                    and (z > 0.0 or not persp))  # comparisons are False for NaN
+            ok[n, v] = good
+            if good:
+                XY[n, v, 0] = np.int32(np.floor(x * _SUB + 0.5))
+                XY[n, v, 1] = np.int32(np.floor(y * _SUB + 0.5))
+                ZW[n, v] = 1.0 / np.float64(z) if persp else np.float64(z)
+            else:
+                XY[n, v, 0] = 0
+                XY[n, v, 1] = 0
+                ZW[n, v] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def _raster_band(XY, ZW, ok, tris, n, r0, r1, W, cull, persp, p2f, key):
+    """Visibility only: face id and a depth key per pixel (smaller is nearer: depth, or
+    -1/depth for perspective, so no division per pixel). Barycentrics are resolved later,
+    once per pixel, in :func:`_resolve`."""
     for i in range(r0, r1):
         for j in range(W):
             p2f[n, i, j] = -1
-            zbuf[n, i, j] = np.inf
-            bary[n, i, j, 0] = 0.0
-            bary[n, i, j, 1] = 0.0
-            bary[n, i, j, 2] = 0.0
-    # band bounds in fixed point (pixel centres at k * 256 + 128)
+            key[n, i, j] = np.inf
+    xy = XY[n]
+    okn = ok[n]
     F = tris.shape[0]
     for f in range(F):
         a = tris[f, 0]
         b = tris[f, 1]
         c = tris[f, 2]
-        fx0 = sv[n, a, 0]
-        fy0 = sv[n, a, 1]
-        fx1 = sv[n, b, 0]
-        fy1 = sv[n, b, 1]
-        fx2 = sv[n, c, 0]
-        fy2 = sv[n, c, 1]
-        ymin = min(fy0, min(fy1, fy2))
-        ymax = max(fy0, max(fy1, fy2))
-        # cheap reject before anything else: most triangles miss this band (or are tiny)
-        if not (ymax > r0 and ymin < r1):  # also rejects NaN
+        if not (okn[a] and okn[b] and okn[c]):
             continue
-        xmin = min(fx0, min(fx1, fx2))
-        xmax = max(fx0, max(fx1, fx2))
-        if not (xmax > 0.0 and xmin < W):
+        Y0 = np.int64(xy[a, 1])
+        Y1 = np.int64(xy[b, 1])
+        Y2 = np.int64(xy[c, 1])
+        # Pixel-centre rows inside the triangle's box: centre of row k is k * 256 + 128.
+        # Reject on rows (bands) first, then columns: most triangles are tiny or elsewhere.
+        i0 = max(-((128 - min(Y0, min(Y1, Y2))) >> 8), r0)  # ceil((ymin - 128) / 256)
+        i1 = min((max(Y0, max(Y1, Y2)) - 128) >> 8, r1 - 1)
+        if i0 > i1:
             continue
-        if ymin < -_LIMIT or ymax > _LIMIT or xmin < -_LIMIT or xmax > _LIMIT:
-            continue
-        X0 = np.int64(np.rint(fx0 * _SUB))
-        Y0 = np.int64(np.rint(fy0 * _SUB))
-        X1 = np.int64(np.rint(fx1 * _SUB))
-        Y1 = np.int64(np.rint(fy1 * _SUB))
-        X2 = np.int64(np.rint(fx2 * _SUB))
-        Y2 = np.int64(np.rint(fy2 * _SUB))
-        # pixel-centre index range: centre k*256+128 within [min, max]
-        XMIN = min(X0, min(X1, X2))
-        XMAX = max(X0, max(X1, X2))
-        YMIN = min(Y0, min(Y1, Y2))
-        YMAX = max(Y0, max(Y1, Y2))
-        j0 = -((128 - XMIN) // 256)  # ceil((XMIN - 128) / 256)
-        j1 = (XMAX - 128) // 256
-        i0 = -((128 - YMIN) // 256)
-        i1 = (YMAX - 128) // 256
-        j0 = max(j0, 0)
-        j1 = min(j1, W - 1)
-        i0 = max(i0, r0)
-        i1 = min(i1, r1 - 1)
-        if j0 > j1 or i0 > i1:
+        X0 = np.int64(xy[a, 0])
+        X1 = np.int64(xy[b, 0])
+        X2 = np.int64(xy[c, 0])
+        j0 = max(-((128 - min(X0, min(X1, X2))) >> 8), 0)
+        j1 = min((max(X0, max(X1, X2)) - 128) >> 8, W - 1)
+        if j0 > j1:
             continue
         area = (X1 - X0) * (Y2 - Y0) - (X2 - X0) * (Y1 - Y0)
         if area == 0:
             continue
-        z0 = sv[n, a, 2]
-        z1 = sv[n, b, 2]
-        z2 = sv[n, c, 2]
-        if persp and not (z0 > 0.0 and z1 > 0.0 and z2 > 0.0):
-            continue
-        if not (np.isfinite(z0) and np.isfinite(z1) and np.isfinite(z2)):
-            continue
-        # area > 0 here means clockwise on screen seen with y up, i.e. a back face
+        w0 = ZW[n, a]
+        w1 = ZW[n, b]
+        w2 = ZW[n, c]
+        # area > 0 means clockwise as seen by the camera (y-down image): a back face
         if area > 0:
             if cull:
                 continue
-            # swap corners 1 and 2 so area < 0 (front-facing orientation) below
-            sw = True
+            # swap corners 1 and 2 so that the edge functions below are positive inside
             X1, X2 = X2, X1
             Y1, Y2 = Y2, Y1
-            z1, z2 = z2, z1
-            fx1, fx2 = fx2, fx1
-            fy1, fy2 = fy2, fy1
+            w1, w2 = w2, w1
         else:
-            sw = False
-            area = -area  # |area|: the edge functions below are positive inside
-        # Front orientation: corners 0 -> 1 -> 2 counter-clockwise on screen (y down), so
-        # with E_ab(p) = (p.x - a.x)(b.y - a.y) - (p.y - a.y)(b.x - a.x) inside is E >= 0.
-        # Top-left rule for this orientation: an edge a->b is "left" if b.y > a.y (going
-        # down) and "top" if horizontal going left (b.x < a.x).
+            area = -area
+        # Corners 0 -> 1 -> 2 now run counter-clockwise on screen (y down); with
+        # E_ab(p) = (p.x - a.x)(b.y - a.y) - (p.y - a.y)(b.x - a.x), inside is E >= 0.
+        # Top-left rule for this orientation: edge a->b is "left" if b.y > a.y (going
+        # down) and "top" if horizontal going left (b.x < a.x); ties count only there.
         dy12 = Y2 - Y1
         dx12 = X2 - X1
         dy20 = Y0 - Y2
@@ -154,69 +150,86 @@ def _raster_band(sv, tris, n, r0, r1, W, cull, persp, p2f, bary, zbuf):
         bias0 = 0 if (dy12 > 0 or (dy12 == 0 and dx12 < 0)) else -1
         bias1 = 0 if (dy20 > 0 or (dy20 == 0 and dx20 < 0)) else -1
         bias2 = 0 if (dy01 > 0 or (dy01 == 0 and dx01 < 0)) else -1
+        # the depth-key plane is set up lazily: about half of the tiny triangles that reach
+        # this point cover no pixel centre, and the division is the costly part
+        have = False
+        k0 = 0.0
+        k1 = 0.0
+        k2 = 0.0
         px0 = np.int64(j0) * 256 + 128
         py = np.int64(i0) * 256 + 128
-        # Coverage is decided on the snapped integer grid; the barycentrics themselves come
-        # from the unsnapped float64 positions so that they match the torch path (and the
-        # reference) to float precision instead of to 1/256 px.
-        gx0 = np.float64(fx0)
-        gy0 = np.float64(fy0)
-        gx1 = np.float64(fx1)
-        gy1 = np.float64(fy1)
-        gx2 = np.float64(fx2)
-        gy2 = np.float64(fy2)
-        farea = (gx2 - gx0) * (gy1 - gy0) - (gx1 - gx0) * (gy2 - gy0)
-        if farea == 0.0:
-            continue
-        inv_area = 1.0 / farea
-        if persp:
-            iw0 = 1.0 / np.float64(z0)
-            iw1 = 1.0 / np.float64(z1)
-            iw2 = 1.0 / np.float64(z2)
-        else:
-            iw0 = 1.0
-            iw1 = 1.0
-            iw2 = 1.0
         for i in range(i0, i1 + 1):
-            cy = i + 0.5
             e0 = (px0 - X1) * dy12 - (py - Y1) * dx12
             e1 = (px0 - X2) * dy20 - (py - Y2) * dx20
             e2 = (px0 - X0) * dy01 - (py - Y0) * dx01
             for j in range(j0, j1 + 1):
                 if e0 + bias0 >= 0 and e1 + bias1 >= 0 and e2 + bias2 >= 0:
-                    cx = j + 0.5
-                    l0 = ((cx - gx1) * (gy2 - gy1) - (cy - gy1) * (gx2 - gx1)) * inv_area
-                    l1 = ((cx - gx2) * (gy0 - gy2) - (cy - gy2) * (gx0 - gx2)) * inv_area
-                    l2 = 1.0 - l0 - l1
-                    if persp:
-                        q0 = l0 * iw0
-                        q1 = l1 * iw1
-                        q2 = l2 * iw2
-                        s = q0 + q1 + q2
-                        z = 1.0 / s
-                        l0 = q0 * z
-                        l1 = q1 * z
-                        l2 = q2 * z
-                    else:
-                        z = l0 * z0 + l1 * z1 + l2 * z2
-                    if z < zbuf[n, i, j]:
-                        zbuf[n, i, j] = z
+                    if not have:
+                        inv = (-1.0 if persp else 1.0) / np.float64(area)  # nearer = larger 1/w
+                        k0 = w0 * inv
+                        k1 = w1 * inv
+                        k2 = w2 * inv
+                        have = True
+                    z = e0 * k0 + e1 * k1 + e2 * k2
+                    if z < key[n, i, j]:
+                        key[n, i, j] = z
                         p2f[n, i, j] = f
-                        bary[n, i, j, 0] = l0
-                        if sw:
-                            bary[n, i, j, 1] = l2
-                            bary[n, i, j, 2] = l1
-                        else:
-                            bary[n, i, j, 1] = l1
-                            bary[n, i, j, 2] = l2
                 e0 += 256 * dy12
                 e1 += 256 * dy20
                 e2 += 256 * dy01
             py += 256
 
 
+@njit(cache=True, nogil=True)
+def _resolve_row(sv, tris, persp, n, i, p2f, bary, zbuf):
+    """Barycentrics and depth of the winning face at each pixel centre of one row, from the
+    unsnapped float positions (so they match the torch path and the reference to float
+    precision; the 1/256 snapping only decides coverage)."""
+    W = p2f.shape[2]
+    cy = i + 0.5
+    for j in range(W):
+        f = p2f[n, i, j]
+        if f < 0:
+            bary[n, i, j, 0] = 0.0
+            bary[n, i, j, 1] = 0.0
+            bary[n, i, j, 2] = 0.0
+            zbuf[n, i, j] = np.inf
+            continue
+        a = tris[f, 0]
+        b = tris[f, 1]
+        c = tris[f, 2]
+        x0 = np.float64(sv[n, a, 0])
+        y0 = np.float64(sv[n, a, 1])
+        x1 = np.float64(sv[n, b, 0])
+        y1 = np.float64(sv[n, b, 1])
+        x2 = np.float64(sv[n, c, 0])
+        y2 = np.float64(sv[n, c, 1])
+        cx = j + 0.5
+        inv = 1.0 / ((x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0))
+        l0 = ((x1 - cx) * (y2 - cy) - (x2 - cx) * (y1 - cy)) * inv
+        l1 = ((x2 - cx) * (y0 - cy) - (x0 - cx) * (y2 - cy)) * inv
+        l2 = 1.0 - l0 - l1
+        z0 = np.float64(sv[n, a, 2])
+        z1 = np.float64(sv[n, b, 2])
+        z2 = np.float64(sv[n, c, 2])
+        if persp:
+            q0 = l0 / z0
+            q1 = l1 / z1
+            q2 = l2 / z2
+            z = 1.0 / (q0 + q1 + q2)
+            l0 = q0 * z
+            l1 = q1 * z
+            l2 = q2 * z
+        else:
+            z = l0 * z0 + l1 * z1 + l2 * z2
+        bary[n, i, j, 0] = l0
+        bary[n, i, j, 1] = l1
+        bary[n, i, j, 2] = l2
+        zbuf[n, i, j] = z
+
+
 @njit(cache=True, parallel=True, nogil=True)
-def _raster_batch(sv, tris, H, W, n_bands, cull, persp, p2f, bary, zbuf):
+def _raster_batch(sv, XY, ZW, ok, tris, H, W, n_bands, cull, persp, p2f, bary, zbuf):
     N = sv.shape[0]
     rows = (H + n_bands - 1) // n_bands
     for k in prange(N * n_bands):
@@ -225,7 +238,9 @@ def _raster_batch(sv, tris, H, W, n_bands, cull, persp, p2f, bary, zbuf):
         r0 = b * rows
         r1 = min(H, r0 + rows)
         if r0 < r1:
-            _raster_band(sv, tris, n, r0, r1, W, cull, persp, p2f, bary, zbuf)
+            _raster_band(XY, ZW, ok, tris, n, r0, r1, W, cull, persp, p2f, zbuf)
+            for i in range(r0, r1):
+                _resolve_row(sv, tris, persp, n, i, p2f, bary, zbuf)
 
 
 def _check_inputs(screen_vertices, triangles, height, width):
@@ -277,8 +292,12 @@ def rasterize(screen_vertices, triangles, height: int, width: int, *,
     p2f = np.empty((N, H, W), np.int32)
     bary = np.empty((N, H, W, 3), np.float32)
     zbuf = np.empty((N, H, W), np.float32)
-    _raster_batch(sv, tris, H, W, n_bands, bool(cull_backfaces), bool(perspective_correct),
-                  p2f, bary, zbuf)
+    XY = np.empty((N, sv.shape[1], 2), np.int32)
+    ZW = np.empty((N, sv.shape[1]), np.float64)
+    ok = np.empty((N, sv.shape[1]), np.bool_)
+    _snap(sv, bool(perspective_correct), XY, ZW, ok)
+    _raster_batch(sv, XY, ZW, ok, tris, H, W, n_bands, bool(cull_backfaces),
+                  bool(perspective_correct), p2f, bary, zbuf)
     return Fragments(p2f, bary, zbuf)
 
 
