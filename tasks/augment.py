@@ -89,6 +89,12 @@ class PreparedSources:
     topology: object  # facecorpus.meshops.dr.DRTopology
     features: np.ndarray  # (N, V, 9) float32
     triangles: np.ndarray  # (F, 3) int32
+    centred: np.ndarray | None = None  # (N, V, 3) float32 sources minus their centroids
+
+    def __post_init__(self):
+        if self.centred is None:
+            v = self.subjects.vertices.astype(np.float32)
+            object.__setattr__(self, "centred", v - v.mean(1, keepdims=True))
 
 
 @dataclass(frozen=True, eq=False)
@@ -376,9 +382,8 @@ def closest_subject(candidates: np.ndarray, prepared: PreparedSources, vertices:
     if embedding is not None and subj.embeddings is not None:
         d = np.linalg.norm(subj.embeddings[candidates] - embedding, axis=1)
     else:
-        v = vertices - vertices.mean(0)
-        s = subj.vertices[candidates]
-        s = s - s.mean(1, keepdims=True)
+        v = (vertices - vertices.mean(0)).astype(np.float32)
+        s = prepared.centred[candidates]
         d = np.sqrt(((s - v) ** 2).sum(-1).mean(-1))
     return int(candidates[int(np.argmin(d))])
 

@@ -17,39 +17,53 @@ from facecorpus.configs.errors import InputError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def procedural_background(rng: np.random.Generator, size: int = 128) -> np.ndarray:
-    """A smooth random background: a colour gradient plus low-frequency blobs and grain.
+def procedural_backgrounds(rng: np.random.Generator, n: int, size: int = 128) -> np.ndarray:
+    """``n`` smooth random backgrounds: a colour gradient plus up to five soft blobs and grain.
 
-    Drawn on a 32 x 32 grid and upsampled (the content is low-frequency anyway), then a fine
-    luminance grain is added at full size, so one background costs well under a millisecond.
+    Drawn on a 32 x 32 grid for all ``n`` at once and upsampled (the content is
+    low-frequency anyway), then a fine luminance grain is added at full size: about 0.1 ms
+    per background.
 
     Args:
-        rng: the generator to draw from (one per face x pose).
-        size: side S of the square output.
+        rng: the generator to draw from (one per face).
+        n: number of backgrounds.
+        size: side S of the square outputs.
 
     Returns:
-        (S, S, 3) uint8.
+        (n, S, S, 3) uint8.
     """
     from PIL import Image
 
-    s = 32
+    s, K = 32, 5
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / (s - 1)
-    c0, c1 = rng.uniform(0.05, 0.95, size=(2, 3)).astype(np.float32)
-    ang = rng.uniform(0.0, 2.0 * np.pi)
+    c0, c1 = rng.uniform(0.05, 0.95, size=(2, n, 1, 1, 3)).astype(np.float32)
+    ang = rng.uniform(0.0, 2.0 * np.pi, size=(n, 1, 1)).astype(np.float32)
     t = 0.5 + 0.5 * ((xx - 0.5) * np.cos(ang) + (yy - 0.5) * np.sin(ang)) * 1.41421356
-    img = c0 * (1.0 - t[..., None]) + c1 * t[..., None]
-    # A few soft blobs mimic out-of-focus clutter; low frequency keeps them from looking
-    # like facial features to a network.
-    for _ in range(int(rng.integers(2, 6))):
-        cx, cy = rng.uniform(-0.2, 1.2, size=2)
-        rad = rng.uniform(0.1, 0.5)
-        col = rng.uniform(0.0, 1.0, size=3).astype(np.float32)
-        w = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2.0 * rad * rad)) * rng.uniform(0.2, 0.7)
-        img = img * (1.0 - w[..., None]) + col * w[..., None]
-    small = Image.fromarray((np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
-    big = np.asarray(small.resize((size, size), Image.BILINEAR), dtype=np.int16)
-    grain = rng.integers(-5, 6, size=(size, size, 1), dtype=np.int16)
-    return np.clip(big + grain, 0, 255).astype(np.uint8)
+    img = c0 * (1.0 - t[..., None]) + c1 * t[..., None]  # (n, s, s, 3)
+    # Soft blobs mimic out-of-focus clutter; low frequency keeps them from looking like
+    # facial features to a network.
+    cx, cy = rng.uniform(-0.2, 1.2, size=(2, n, K, 1, 1)).astype(np.float32)
+    rad = rng.uniform(0.1, 0.5, size=(n, K, 1, 1)).astype(np.float32)
+    col = rng.uniform(0.0, 1.0, size=(n, K, 1, 1, 3)).astype(np.float32)
+    amp = (rng.uniform(0.2, 0.7, size=(n, K, 1, 1))
+           * (rng.random((n, K, 1, 1)) < 0.7)).astype(np.float32)
+    for k in range(K):
+        w = np.exp(-((xx - cx[:, k]) ** 2 + (yy - cy[:, k]) ** 2) / (2.0 * rad[:, k] ** 2))
+        w = (w * amp[:, k])[..., None]
+        img = img * (1.0 - w) + col[:, k] * w
+    small = (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    out = np.empty((n, size, size, 3), np.uint8)
+    grain = rng.integers(-5, 6, size=(n, size, size, 1), dtype=np.int16)
+    for i in range(n):
+        big = np.asarray(Image.fromarray(small[i]).resize((size, size), Image.BILINEAR),
+                         dtype=np.int16)
+        out[i] = np.clip(big + grain[i], 0, 255)
+    return out
+
+
+def procedural_background(rng: np.random.Generator, size: int = 128) -> np.ndarray:
+    """One background (S, S, 3) uint8: :func:`procedural_backgrounds` with n = 1."""
+    return procedural_backgrounds(rng, 1, size)[0]
 
 
 @dataclass
@@ -131,6 +145,11 @@ class BackgroundSource:
         self.kind = kind
 
     def sample(self, rng: np.random.Generator, size: int = 128) -> np.ndarray:
+        """One background (S, S, 3) uint8."""
+        return self.sample_many(rng, 1, size)[0]
+
+    def sample_many(self, rng: np.random.Generator, n: int, size: int = 128) -> np.ndarray:
+        """``n`` backgrounds (n, S, S, 3) uint8 from one generator."""
         if self._folder is None:
-            return procedural_background(rng, size)
-        return self._folder.sample(rng, size)
+            return procedural_backgrounds(rng, n, size)
+        return np.stack([self._folder.sample(rng, size) for _ in range(n)])
