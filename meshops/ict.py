@@ -19,10 +19,11 @@ full mesh, so indices carry over unchanged):
 - ``head``: face + head and neck, vertices 0-11247, quads 0-11143; head/neck UVs live in UDIM
   tile 1 (u in [1, 2]), so this build packs both tiles side by side: ``u' = u / 2``.
 
-Quads are fan-triangulated (0, 1, 2), (0, 2, 3), keeping the OBJ's counter-clockwise-outside
-winding. UVs are per corner (138 face-area seam vertices carry two UVs). Landmarks: the 68
-Multi-PIE indices of the README; contours: its *extended* jawlines, both ordered top to bottom
-(the README lists the left one chin first; it is reversed here).
+Quads are fan-triangulated, keeping the OBJ's counter-clockwise-outside winding, with
+mirror-consistent diagonals (the mirror image of every triangle is a triangle). UVs are per
+corner (138 face-area seam vertices carry two UVs). Landmarks: the 68 Multi-PIE indices of the
+README; contours: its *extended* jawlines, both ordered top to bottom (the README lists the
+left one chin first; it is reversed here).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ ICT_REPO_URL = "https://github.com/ICT-VGL/ICT-FaceKit"
 ICT_DOWNLOAD_URL = ICT_REPO_URL + "/archive/refs/heads/master.tar.gz"
 ICT_ARCHIVE_NAME = "ICT-FaceKit-FaceXModel.tar.xz"
 ICT_MIRROR_SUBDIR = Path("models") / "ict-facekit"
-BUILDER_VERSION = "ict-builder-1"
+BUILDER_VERSION = "ict-builder-2"
 
 N_VERTICES = 26719
 CM_TO_MM = 10.0
@@ -377,6 +378,11 @@ def _assemble(parsed: dict, path: Path, label: str, region: str) -> MorphableMod
         raise ModelFormatError(where, "f", f"region '{region}' polygons use vertices >= {nv}")
     if (fvt < 0).any():
         raise ModelFormatError(where, "f", "region polygons without texture coordinates")
+    from facecorpus.meshops.geometry import symmetry_map
+
+    symmetry, residual = symmetry_map(mean32)
+    order = _mirror_consistent_corner_order(sizes, fv, symmetry)
+    fv, fvt = fv[order], fvt[order]
     triangles = triangulate(sizes, fv).astype(np.int32)
     tri_vt = triangulate(sizes, fvt)
     used_vt, uv_triangles = np.unique(tri_vt, return_inverse=True)
@@ -385,9 +391,6 @@ def _assemble(parsed: dict, path: Path, label: str, region: str) -> MorphableMod
         uv[:, 0] = uv[:, 0] / 2.0  # UDIM tiles 0 and 1 side by side
     uv_triangles = uv_triangles.reshape(-1, 3).astype(np.int32)
 
-    from facecorpus.meshops.geometry import symmetry_map
-
-    symmetry, residual = symmetry_map(mean32)
     idx_all = np.arange(nv, dtype=np.int32)
     regions = {"face": idx_all if region != "head" else np.arange(REGIONS["face"][0], dtype=np.int32)}
     if region != "narrow":
@@ -434,6 +437,39 @@ def _assemble(parsed: dict, path: Path, label: str, region: str) -> MorphableMod
         ),
     )
     return model.validate(where)
+
+
+def _mirror_consistent_corner_order(sizes: np.ndarray, corners: np.ndarray,
+                                     symmetry: np.ndarray) -> np.ndarray:
+    """Corner permutation that makes fan triangulation mirror-consistent.
+
+    A quad is split along its (0, 2) diagonal. For each pair of mirror quads the lower-indexed
+    one keeps that split and its partner starts its fan at corner 1 where needed, so that the
+    mirror image of every triangle is a triangle (exact topological symmetry). Quads on the
+    mirror plane and other polygons keep their order. Winding is unchanged (a rotation).
+
+    Returns:
+        (len(corners),) int64 index array into ``corners``.
+    """
+    sizes = np.asarray(sizes, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    order = np.arange(len(corners), dtype=np.int64)
+    quads = np.flatnonzero(sizes == 4)
+    if quads.size == 0:
+        return order
+    Q = corners[starts[quads][:, None] + np.arange(4)]
+    index = {tuple(row): i for i, row in enumerate(np.sort(Q, axis=1).tolist())}
+    M = symmetry[Q]
+    partner = np.array([index.get(tuple(row), -1) for row in np.sort(M, axis=1).tolist()])
+    for i in np.flatnonzero(partner > np.arange(len(Q))):
+        j = partner[i]
+        diag = {int(M[i, 0]), int(M[i, 2])}
+        if diag == {int(Q[j, 0]), int(Q[j, 2])}:
+            continue
+        if diag == {int(Q[j, 1]), int(Q[j, 3])}:
+            s0 = starts[quads[j]]
+            order[s0:s0 + 4] = s0 + np.array([1, 2, 3, 0])
+    return order
 
 
 def _check_count(v: np.ndarray, src: str) -> None:

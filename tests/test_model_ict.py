@@ -125,6 +125,9 @@ def test_ict_symmetry_and_uv_mirror_coverage(ict_built):
     print(f"ICT face symmetry residual: max {res.max():.4f} mm, mean {res.mean():.5f} mm")
     assert res.max() < 0.06  # the README-measured 0.005 cm
     assert np.mean(idx[idx] == np.arange(m.n_vertices)) > 0.999
+    # mirror-consistent triangulation: the mirror image of every triangle is a triangle
+    tris = {tuple(sorted(t)) for t in m.triangles.tolist()}
+    assert all(tuple(sorted(t)) in tris for t in m.symmetry[m.triangles].tolist())
     S = 256
     raster = rasterize_uv(m.uv, m.uv_triangles, S)
     mm = uv_mirror_map(m, S)
