@@ -63,9 +63,17 @@ def step_preview(ctx: DemoContext) -> None:
     ctx.say(f"preview: {path} ({how})")
 
 
+def step_synthesis(ctx: DemoContext) -> None:
+    """A small synthesis run (flows/synthesis.py) on what earlier steps produced."""
+    from facecorpus.flows.synthesis import demo_step
+
+    demo_step(ctx)
+
+
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("model", step_model),
     ("preview", step_preview),
+    ("synthesis", step_synthesis),  # keep last: it uses the pseudo-GT step's dataset if any
 ]
 
 

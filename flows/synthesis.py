@@ -440,6 +440,37 @@ def run_synthesis(cfg: SynthesisConfig, out: str | os.PathLike, *,
     return fl(cfg.model_dump_json(), str(out), max_shards)
 
 
+# --------------------------------------------------------------------------- demo
+def demo_step(ctx) -> None:
+    """The `facecorpus demo` synthesis step: ``configs/synthesis_demo.yaml`` on the demo's
+    model, with the demo's pseudo-GT dataset as sources when an earlier step made one (else
+    random model samples). Runs shards in-process (no Prefect server start for 8 faces)."""
+    from facecorpus.configs import default_config_path
+
+    out = Path(ctx.out) / "synthesis"
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / "model.npz"
+    if not model_path.is_file():
+        ctx.model.save(model_path)
+    overrides: dict = {"model": str(model_path)}
+    pgt = next((p for k, p in sorted(ctx.artifacts.items())
+                if "pseudo_gt" in k and (Path(p) / "schema.json").is_file()), None)
+    if pgt:
+        overrides.update({"subjects.source": "pseudo_gt", "subjects.dataset": str(pgt),
+                          "augment.group_ratios": None})
+    cfg = load_config(default_config_path("synthesis_demo.yaml"), overrides)
+    s = run_shards(cfg, out)
+    ctx.artifacts["synthesis_views"] = str(out / VIEWS)
+    ctx.artifacts["synthesis_faces"] = str(out / FACES)
+    if s.get("sheet"):
+        ctx.artifacts["synthesis_sheet"] = s["sheet"]
+    ctx.facts["synthesis"] = {k: s[k] for k in ("faces", "pairs", "poses_per_face",
+                                                "rejected_draws", "faces_by_group")}
+    ctx.facts["synthesis"]["sources"] = f"pseudo-GT dataset {pgt}" if pgt else "random samples"
+    ctx.say(f"synthesis: {s['faces']} faces x {s['poses_per_face']} poses = {s['pairs']} "
+            f"image/PNCC pairs from {ctx.facts['synthesis']['sources']}; sheet {s.get('sheet')}")
+
+
 # --------------------------------------------------------------------------- summary
 def finish(cfg: SynthesisConfig, out: str | os.PathLike, results: list[dict], *,
            skipped: int) -> dict:

@@ -295,7 +295,7 @@ def subjects_from_dataset(model: MorphableModel, root: str, *, group_column: str
     cols = set(table.column_names)
     idx = np.arange(n)
     coeff = None
-    for name in ("alpha", "coefficients", "id_coefficients"):
+    for name in ("id_coeffs", "alpha", "coefficients", "id_coefficients"):
         if name in fields:
             coeff = np.asarray(ds.read(name, idx), dtype=np.float32)
             break
@@ -304,9 +304,11 @@ def subjects_from_dataset(model: MorphableModel, root: str, *, group_column: str
             break
     if coeff is None:
         raise InputError(f"{root}: no identity coefficients (field or manifest column "
-                         "'alpha' / 'coefficients') in the pseudo-GT dataset")
+                         "'id_coeffs' / 'alpha' / 'coefficients') in the pseudo-GT dataset")
     if coeff.ndim != 2:
         raise InputError(f"{root}: coefficients have shape {coeff.shape}, expected (N, K)")
+    if coeff.shape[1] < model.n_id:  # fitted with fewer modes: the rest are 0
+        coeff = np.pad(coeff, ((0, 0), (0, model.n_id - coeff.shape[1])))
     coeff = coeff[:, : model.n_id]
     if texture_field not in fields:
         raise InputError(f"{root}: no '{texture_field}' field to use as textures")
@@ -319,7 +321,8 @@ def subjects_from_dataset(model: MorphableModel, root: str, *, group_column: str
         tex = np.stack([np.asarray(Image.fromarray(t[..., :3]).resize(
             (texture_size, texture_size), Image.BILINEAR)) for t in tex])
     if group_column and group_column in cols:
-        groups = tuple(str(g) for g in table.column(group_column).to_pylist())
+        groups = tuple(str(g) if g not in (None, "") else "all"
+                       for g in table.column(group_column).to_pylist())
     else:
         groups = ("all",) * n
     emb = None
