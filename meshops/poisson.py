@@ -127,29 +127,35 @@ def _restrict(r, b, unkf, offf, wf, offc, hc, wc):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
-def _prolong_add(x, unkf, offf, hf, wf, offc, wc):
-    """x_fine += P x_coarse (cell-centred bilinear: 9/16, 3/16, 3/16, 1/16)."""
-    Wc = u64(wc + 2)
+def _prolong_row(xf, xa, xb, uf, wc):
+    """One fine row += bilinear from coarse rows xa (parent) and xb (the other neighbour)."""
     one = u64(1)
+    for J in range(1, wc + 1):
+        Ju = u64(J)
+        a1 = 9.0 * xa[Ju] + 3.0 * xb[Ju]
+        p = u64(2 * J - 1)
+        xf[p] += uf[p] * (a1 + 3.0 * xa[Ju - one] + xb[Ju - one]) * (1.0 / 16.0)
+        xf[p + one] += uf[p + one] * (a1 + 3.0 * xa[Ju + one] + xb[Ju + one]) * (1.0 / 16.0)
+
+
+@nb.njit(cache=True, nogil=True)
+def _prolong_add(x, unkf, offf, hf, wf, offc, wc):
+    """x_fine += P x_coarse (cell-centred bilinear: 9/16, 3/16, 3/16, 1/16).
+
+    Rows are handed to a kernel as separate views so LLVM can vectorise (coarse and fine
+    levels share one buffer, which it would otherwise have to assume overlaps).
+    """
+    Wc = wc + 2
+    Wf = wf + 2
     for c in range(x.shape[0]):
         xc = x[c]
         for i in range(1, hf + 1):
-            I = u64((i + 1) // 2)
-            # a first child (odd stored row/col) leans towards the coarse cell before it
-            ra = u64(offc) + I * Wc
+            I = (i + 1) // 2
+            ra = offc + I * Wc
+            # a first child (odd stored row) leans towards the coarse row above
             rb = ra - Wc if (i % 2 == 1) else ra + Wc
-            base = u64(offf + i * (wf + 2))
-            for J in range(1, wc + 1):
-                Ju = u64(J)
-                a0 = xc[ra + Ju - one]
-                a1 = xc[ra + Ju]
-                a2 = xc[ra + Ju + one]
-                b0 = xc[rb + Ju - one]
-                b1 = xc[rb + Ju]
-                b2 = xc[rb + Ju + one]
-                p = base + u64(2 * J - 1)
-                xc[p] += unkf[p] * (9.0 * a1 + 3.0 * (b1 + a0) + b0) * (1.0 / 16.0)
-                xc[p + one] += unkf[p + one] * (9.0 * a1 + 3.0 * (b1 + a2) + b2) * (1.0 / 16.0)
+            f0 = offf + i * Wf
+            _prolong_row(xc[f0:f0 + Wf], xc[ra:ra + Wc], xc[rb:rb + Wc], unkf[f0:f0 + Wf], wc)
 
 
 @nb.njit(cache=True, nogil=True)
@@ -171,22 +177,6 @@ def _vcycle(b, x, r, unkf, d, invd, offs, hs, ws, nu, coarse_sweeps):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
-def _apply64(x, out, unkf, d, h, w):
-    """out = A x on level 0 in float64."""
-    W = u64(w + 2)
-    one = u64(1)
-    for c in range(x.shape[0]):
-        xc = x[c]
-        oc = out[c]
-        for i in range(1, h + 1):
-            base = u64(i * (w + 2))
-            for j in range(1, w + 1):
-                p = base + u64(j)
-                oc[p] = unkf[p] * (d[p] * xc[p] - (xc[p - one] + xc[p + one] + xc[p - W]
-                                                   + xc[p + W]))
-
-
-@nb.njit(cache=True, nogil=True, fastmath=True)
 def _dot(a, b):
     # a plain loop: np.dot would call a threaded BLAS, which stalls when cores are busy
     s = 0.0
@@ -196,6 +186,50 @@ def _dot(a, b):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
+def _apply_dot(x, out, unkf, d, h, w):
+    """out = A x on level 0 (float64) and return x . out."""
+    W = u64(w + 2)
+    one = u64(1)
+    s = 0.0
+    for i in range(1, h + 1):
+        base = u64(i * (w + 2))
+        for j in range(1, w + 1):
+            p = base + u64(j)
+            v = unkf[p] * (d[p] * x[p] - (x[p - one] + x[p + one] + x[p - W] + x[p + W]))
+            out[p] = v
+            s += x[p] * v
+    return s
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _dir_update(pdir, z, beta):
+    """pdir = z + beta * pdir (z float32 from the V-cycle)."""
+    for p in range(pdir.shape[0]):
+        pdir[p] = z[p] + beta * pdir[p]
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _dot32(r, z):
+    s = 0.0
+    for p in range(r.shape[0]):
+        s += r[p] * z[p]
+    return s
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _step(x, r, pdir, q, bh, alpha):
+    """x += alpha p; r -= alpha q; bh = r (float32, V-cycle input); return r . r."""
+    s = 0.0
+    for p in range(x.shape[0]):
+        x[p] += alpha * pdir[p]
+        rp = r[p] - alpha * q[p]
+        r[p] = rp
+        bh[p] = rp
+        s += rp * rp
+    return s
+
+
+@nb.njit(cache=True, nogil=True)
 def _pcg(b0, x0, unkf, d, invd, offs, hs, ws, tol, max_iter, nu, coarse_sweeps,
          r, q, pdir, bh, zh, wk):
     """Solve A x = b on level 0 by PCG, one CG per channel, a V-cycle as preconditioner.
@@ -209,53 +243,50 @@ def _pcg(b0, x0, unkf, d, invd, offs, hs, ws, tol, max_iter, nu, coarse_sweeps,
     C, n0 = b0.shape
     h, w = hs[0], ws[0]
     bh[:] = 0.0
-    zh[:] = 0.0
     wk[:] = 0.0
     pdir[:] = 0.0
     q[:] = 0.0
-    _apply64(x0, q, unkf, d, h, w)
     bnorm = np.empty(C)
     rz = np.zeros(C)
+    rr = np.zeros(C)
     for c in range(C):
+        _apply_dot(x0[c], q[c], unkf, d, h, w)
         for p in range(n0):
-            r[c, p] = b0[c, p] - q[c, p]
+            rp = b0[c, p] - q[c, p]
+            r[c, p] = rp
+            bh[c, p] = rp
+        rr[c] = _dot(r[c], r[c])
         bn = np.sqrt(_dot(b0[c], b0[c]))
         bnorm[c] = bn if bn > 0 else 1.0
     it = 0
     while True:
         rel = 0.0
         for c in range(C):
-            rel = max(rel, np.sqrt(_dot(r[c], r[c])) / bnorm[c])
+            rel = max(rel, np.sqrt(rr[c]) / bnorm[c])
         if rel <= tol or it >= max_iter:
             break
-        for c in range(C):
-            for p in range(n0):
-                bh[c, p] = r[c, p]
         _vcycle(bh, zh, wk, unkf, d, invd, offs, hs, ws, nu, coarse_sweeps)
         for c in range(C):
-            rz_new = 0.0
-            for p in range(n0):
-                rz_new += r[c, p] * zh[c, p]
+            zc = zh[c, :n0]
+            rz_new = _dot32(r[c], zc)
             beta = rz_new / rz[c] if (it > 0 and rz[c] != 0.0) else 0.0
-            for p in range(n0):
-                pdir[c, p] = zh[c, p] + beta * pdir[c, p]
             rz[c] = rz_new
-        _apply64(pdir, q, unkf, d, h, w)
-        for c in range(C):
-            pq = _dot(pdir[c], q[c])
-            alpha = rz[c] / pq if pq != 0.0 else 0.0
-            for p in range(n0):
-                x0[c, p] += alpha * pdir[c, p]
-                r[c, p] -= alpha * q[c, p]
+            _dir_update(pdir[c], zc, beta)
+            pq = _apply_dot(pdir[c], q[c], unkf, d, h, w)
+            alpha = rz_new / pq if pq != 0.0 else 0.0
+            rr[c] = _step(x0[c], r[c], pdir[c], q[c], bh[c, :n0], alpha)
         it += 1
         if it % 8 == 0:  # refresh the recursive residual so the stopping test stays honest
-            _apply64(x0, q, unkf, d, h, w)
             for c in range(C):
+                _apply_dot(x0[c], q[c], unkf, d, h, w)
                 for p in range(n0):
-                    r[c, p] = b0[c, p] - q[c, p]
-    _apply64(x0, q, unkf, d, h, w)
+                    rp = b0[c, p] - q[c, p]
+                    r[c, p] = rp
+                    bh[c, p] = rp
+                rr[c] = _dot(r[c], r[c])
     rel = 0.0
     for c in range(C):
+        _apply_dot(x0[c], q[c], unkf, d, h, w)
         s = 0.0
         for p in range(n0):
             e = b0[c, p] - q[c, p]
@@ -276,26 +307,45 @@ def _rhs(target, source, guide_ok, omega, i0, j0, h, w, mixed, b, x):
             if not omega[gi, gj]:
                 continue
             p = i * W + j
+            gp = guide_ok[gi, gj]
             for c in range(C):
-                acc = 0.0
-                for k in range(4):
-                    qi = gi + (-1, 1, 0, 0)[k]
-                    qj = gj + (0, 0, -1, 1)[k]
-                    if qi < 0 or qj < 0 or qi >= S0 or qj >= S1:
-                        continue
-                    if guide_ok[gi, gj] and guide_ok[qi, qj]:
-                        v = float(source[gi, gj, c]) - float(source[qi, qj, c])
-                    else:
-                        v = 0.0
+                b[c, p] = 0.0
+                x[c, p] = source[gi, gj, c] if gp else target[gi, gj, c]
+            for k in range(4):
+                if k == 0:
+                    qi, qj = gi - 1, gj
+                elif k == 1:
+                    qi, qj = gi + 1, gj
+                elif k == 2:
+                    qi, qj = gi, gj - 1
+                else:
+                    qi, qj = gi, gj + 1
+                if qi < 0 or qj < 0 or qi >= S0 or qj >= S1:
+                    continue
+                guided = gp and guide_ok[qi, qj]
+                outside = not omega[qi, qj]
+                for c in range(C):
+                    v = (float(source[gi, gj, c]) - float(source[qi, qj, c])) if guided else 0.0
                     if mixed:
                         vt = float(target[gi, gj, c]) - float(target[qi, qj, c])
                         if abs(vt) > abs(v):
                             v = vt
-                    acc += v
-                    if not omega[qi, qj]:
-                        acc += float(target[qi, qj, c])
-                b[c, p] = acc
-                x[c, p] = float(source[gi, gj, c] if guide_ok[gi, gj] else target[gi, gj, c])
+                    if outside:
+                        v += float(target[qi, qj, c])
+                    b[c, p] += v
+
+
+@nb.njit(cache=True, nogil=True)
+def _scatter(x, omega, i0, j0, h0, w0, w, out):
+    """out[Ω] = level-0 solution (planar, padded grid) in float32."""
+    W = w + 2
+    C = x.shape[0]
+    for i in range(h0):
+        for j in range(w0):
+            if omega[i0 + i, j0 + j]:
+                p = (i + 1) * W + j + 1
+                for c in range(C):
+                    out[i0 + i, j0 + j, c] = x[c, p]
 
 
 @nb.njit(cache=True, nogil=True)
@@ -447,10 +497,7 @@ def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
                    _work("r", (C, n0), np.float64), _work("q", (C, n0), np.float64),
                    _work("p", (C, n0), np.float64), _work("bh", (C, ntot), np.float32),
                    _work("zh", (C, ntot), np.float32), _work("wk", (C, ntot), np.float32))
-    xs = x.reshape(C, h + 2, w + 2)[:, 1:h0 + 1, 1:w0 + 1].transpose(1, 2, 0)
-    sub = out[i0:i0 + h0, j0:j0 + w0]
-    m = omega[i0:i0 + h0, j0:j0 + w0]
-    sub[m] = xs[m]
+    _scatter(x, omega, i0, j0, h0, w0, w, out)
     info.update(iterations=int(it), relative_residual=float(rel), unknowns=int(omega.sum()))
     return out, info
 
