@@ -94,3 +94,20 @@ def test_sliding_jaw_follows_the_silhouette(model):
             for s in (20.0, 90.0)}
     assert fits[20.0].landmark_rmse[0] < fits[90.0].landmark_rmse[0]
     assert abs(fits[20.0].yaw[0] - 50) < abs(fits[90.0].yaw[0] - 50) + 0.5
+
+
+@pytest.mark.slow
+def test_photometric_refinement_improves_fit(model):
+    from facecorpus.tasks.fit import PhotometricOptions, refine_photometric
+
+    sb = synthetic_batch(model, 3, 192, seed=3, noise_px=3.0)  # noisier landmarks
+    fit1 = fit_landmarks(model, sb.noisy_landmarks, 192, FitOptions(slide_min_yaw=90))
+    albedo = np.repeat(sb.uv_texture[None], 3, 0)
+    before = refine_photometric(model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks,
+                                PhotometricOptions(iters=0, render_size=96))
+    fit2 = refine_photometric(model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks,
+                              PhotometricOptions(iters=30, render_size=96))
+    assert (fit2.photometric_error < 0.5 * before.photometric_error).all()
+    e1, e2 = rotation_error_deg(fit1, sb.truth), rotation_error_deg(fit2, sb.truth)
+    assert np.median(e2) <= np.median(e1) and np.median(e2) < 2.0, (e1, e2)
+    assert fit2.sh.shape == (3, 27)
