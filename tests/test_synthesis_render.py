@@ -214,3 +214,31 @@ def test_vertex_irradiance_matches_shading_module(model):
     n = vertex_normals(model.vertices, model.triangles) @ np.swapaxes(R, -1, -2)
     for p in range(2):
         np.testing.assert_allclose(irr[p], sh_irradiance(n[p], sh[p]), rtol=1e-4, atol=1e-5)
+
+
+def test_render_views_matches_the_renderers_one_pass_render(model):
+    """The fused fast path equals renderers.render (same cameras) within 1/255."""
+    from facecorpus.renderers.cameras import Camera
+    from facecorpus.renderers.render import render
+
+    S = 64
+    params = sample_view_params(np.random.default_rng(2), [-50.0, 0.0, 70.0])
+    tex = (np.random.default_rng(3).uniform(0.2, 0.9, (32, 32, 3)) * 255).astype(np.uint8)
+    bg = np.full((3, S, S, 3), 30, np.uint8)
+    code = ncc(model.vertices)
+    v = render_views(model.vertices, model.triangles, model.uv[model.uv_triangles], tex, code,
+                     params, bg, size=S)
+    R = euler_to_rotation(params.yaw, params.pitch, params.roll)
+    centred = model.vertices - 0.5 * (model.vertices.min(0) + model.vertices.max(0))
+    cams = [Camera.perspective(S, S, v.camera[k, 0], rotation=R[k],
+                               translation=(0, 0, -v.camera[k, 3]), cx=v.camera[k, 1],
+                               cy=v.camera[k, 2]) for k in range(3)]
+    ref = render(centred, model.triangles, cams, outputs=("image", "mask", "depth", "pncc"),
+                 ncc=code, sh=params.sh, uv=model.uv, uv_triangles=model.uv_triangles,
+                 uv_texture=tex, background=bg)
+    np.testing.assert_array_equal(v.mask[..., 0] > 0, ref.mask)
+    img_ref = (ref.image * 255 + 0.5).astype(np.uint8)
+    assert np.abs(v.image.astype(int) - img_ref.astype(int)).max() <= 1
+    pncc_ref = (np.clip(ref.pncc, 0, 1) * 255 + 0.5).astype(np.uint8)
+    assert np.abs(v.pncc.astype(int) - pncc_ref.astype(int)).max() <= 1
+    np.testing.assert_allclose(v.depth[..., 0], ref.depth, rtol=1e-5, atol=1e-3)
