@@ -72,21 +72,10 @@ def content_config(cfg: SynthesisConfig) -> dict:
 
 # --------------------------------------------------------------------------- context
 def load_model(spec: str):
-    """``procedural`` | ``ict`` | ``ict:<region>`` | path to a MorphableModel ``.npz``."""
-    from facecorpus.meshops.model import MorphableModel
+    """``procedural`` | ``ict`` | ``ict:<region>`` | a model file (``meshops.catalog``)."""
+    from facecorpus.meshops.catalog import load_model as catalog_load
 
-    if spec == "procedural":
-        from facecorpus.meshops.procedural import procedural_model
-
-        return procedural_model()
-    if spec == "ict" or spec.startswith("ict:"):
-        from facecorpus.meshops.ict import load_ict_facekit
-
-        return load_ict_facekit(region=spec.split(":", 1)[1] if ":" in spec else "face")
-    p = Path(spec)
-    if not p.is_file():
-        raise InputError(f"{p}: model file not found (model: procedural | ict | <path.npz>)")
-    return MorphableModel.load(p)
+    return catalog_load(spec)
 
 
 @dataclass(eq=False)
