@@ -50,7 +50,7 @@ def test_demo_falls_back_to_procedural_when_offline(tmp_path, monkeypatch, capsy
     monkeypatch.delenv("FACECORPUS_ASSETS", raising=False)
     monkeypatch.setenv("FACECORPUS_OFFLINE", "1")
     monkeypatch.setenv("FACECORPUS_CACHE", str(tmp_path / "cache"))
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "model,preview"]) == 0
     out = capsys.readouterr().out
     assert "ICT-FaceKit is not reachable" in out and "procedural test model" in out
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
@@ -65,7 +65,7 @@ def test_build_and_demo_with_the_ict_mirror(shared, ict_archive, tmp_path, monke
     assert main(["model", "build", "ict-facekit", "--region", "face"]) == 0
     assert "ict-facekit-face: 9409 vertices, 100 identity modes, 53 expression modes" in \
         capsys.readouterr().out
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--steps", "model,preview"]) == 0
     out = capsys.readouterr().out
     assert "ICT-FaceKit face model from" in out and "not reachable" not in out
     summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
