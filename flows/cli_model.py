@@ -22,7 +22,8 @@ def register(sub) -> None:
                         "file: the model file")
     b.add_argument("--region", default="face", choices=["face", "narrow", "head"])
     b.add_argument("--landmarks", default=None,
-                   help="file: 68 vertex indices (text or .npy) for formats without them")
+                   help="file: 68 landmark vertex indices for formats without them (.anl "
+                        "1-based as BFMLandmarks ships them, or 0-based .npy/.txt)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.add_argument("--out", default=None, help="also write the .npz here")
     b.set_defaults(func=_build)
@@ -62,7 +63,7 @@ def _build(args) -> int:
 
         kw = {}
         if args.landmarks:
-            kw["landmarks"] = _read_landmarks(args.landmarks)
+            kw["landmarks"] = args.landmarks  # a file: read by meshops.loaders
         model, where = load_model_file(args.source, **kw), None
     if args.out:
         where = model.save(args.out)
@@ -70,17 +71,6 @@ def _build(args) -> int:
           f"{model.n_exp} expression modes, {model.landmarks.size} landmarks "
           f"({time.perf_counter() - t0:.1f} s)" + (f" -> {where}" if where else ""))
     return 0
-
-
-def _read_landmarks(path: str):
-    import numpy as np
-    from facecorpus.configs.errors import InputError
-
-    try:
-        a = np.load(path) if path.endswith(".npy") else np.loadtxt(path, dtype=np.int64)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read landmark indices ({e})") from None
-    return np.asarray(a).reshape(-1)
 
 
 def _info(args) -> int:

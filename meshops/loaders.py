@@ -14,7 +14,8 @@ and the field. Pickle formats go through :mod:`facecorpus.meshops.safe_pickle`.
 | 3DDFA | ``bfm_noneck_v3.pkl``: u (3N,1), w_shp (3N,40), w_exp (3N,10), tri (3,F) 0-based, keypoints (204,) into 3N | um: x 1e-3 | not stored: ``std = 1`` unless given |
 
 None of these carry UVs: a cylindrical projection of the mean shape is generated (noted in the
-provenance). Formats without 68 landmark indices (BFM 2009/2017, FLAME) need ``landmarks=``.
+provenance). Formats without 68 landmark indices (BFM 2009/2017, FLAME) need ``landmarks=``:
+indices or a file (:func:`read_landmark_indices`; e.g. BFMLandmarks' ``Landmarks68_BFM.anl``).
 Triangles are re-wound, if needed, so that they face +z (towards the camera) on average.
 """
 
@@ -139,7 +140,10 @@ def _assemble(path: Path, name: str, vertices, triangles, id_basis, id_std, *, e
         rewound = True
     if landmarks is None:
         raise ModelFormatError(path, "landmarks",
-                               "this format carries no 68-point landmark indices: pass landmarks=")
+                               "this format carries no 68-point landmark indices: pass landmarks= "
+                               "(indices, or a .anl/.npy/.txt file)")
+    if isinstance(landmarks, (str, os.PathLike)):
+        landmarks = read_landmark_indices(landmarks)
     lm = np.asarray(landmarks, dtype=np.int64).reshape(-1)
     if lm.shape != (68,) or lm.min() < 0 or lm.max() >= V:
         raise ModelFormatError(path, "landmarks", f"expected 68 indices in [0, {V}), got {lm.shape}")
@@ -176,6 +180,32 @@ def _assemble(path: Path, name: str, vertices, triangles, id_basis, id_std, *, e
                    f"symmetry residual max {float(residual.max()):.3f} mm")),
     )
     return model.validate(path)
+
+
+def read_landmark_indices(path: str | os.PathLike) -> np.ndarray:
+    """68 landmark vertex indices from a file: ``.anl`` (BFMLandmarks' format: ``%`` comment
+    lines, one **1-based** index per line, e.g. ``Landmarks68_BFM.anl`` for BFM 2009/2017),
+    ``.npy`` or text (``#``/``%`` comments), both 0-based.
+
+    Raises:
+        ModelFormatError: unreadable file or not 68 non-negative integers.
+    """
+    p = Path(path)
+    try:
+        if p.suffix.lower() == ".npy":
+            a = np.load(p, allow_pickle=False)
+        else:
+            lines = [ln.split("#")[0].strip() for ln in p.read_text().splitlines()]
+            a = np.array([float(t) for ln in lines if ln and not ln.startswith("%")
+                          for t in ln.replace(",", " ").split()])
+            if p.suffix.lower() == ".anl":
+                a = a - 1
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ModelFormatError(p, "landmarks", f"unreadable ({e})") from None
+    a = np.asarray(a).reshape(-1)
+    if a.shape != (68,) or not np.all(a == np.round(a)) or (a < 0).any():
+        raise ModelFormatError(p, "landmarks", f"expected 68 non-negative indices, got {a.shape}")
+    return a.astype(np.int64)
 
 
 def _load_mat(path: Path) -> dict:

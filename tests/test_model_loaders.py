@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import pytest
 import scipy.io
+from facecorpus.cli import main
 from facecorpus.meshops.loaders import (
     load_3ddfa_bfm,
     load_bfm2009,
@@ -68,6 +69,18 @@ def test_bfm2009(base, tmp_path):
     assert load_model_file(p, landmarks=base.landmarks).content_hash() == m.content_hash()
     with pytest.raises(ModelFormatError, match="landmarks"):
         load_bfm2009(p)
+    # BFMLandmarks' .anl: '%' comments, 1-based indices
+    anl = tmp_path / "Landmarks68_BFM.anl"
+    anl.write_text("%68 Landmark points\n" + "\n".join(str(i + 1) for i in base.landmarks) + "\n")
+    assert np.array_equal(load_bfm2009(p, landmarks=anl).landmarks, base.landmarks)
+    anl.write_text("%short\n1\n2\n")
+    with pytest.raises(ModelFormatError, match="68"):
+        load_bfm2009(p, landmarks=anl)
+    lm = tmp_path / "lm.npy"
+    np.save(lm, base.landmarks)
+    assert main(["model", "build", "file", "--source", str(p), "--landmarks", str(lm),
+                 "--out", str(tmp_path / "bfm.npz")]) == 0
+    assert load_model_file(tmp_path / "bfm.npz").content_hash() == m.content_hash()
     # winding: triangles listed clockwise are re-wound to face +z
     p2 = write_bfm2009(tmp_path / "cw.mat", base, tl=(base.triangles[:, [0, 2, 1]] + 1.0))
     m2 = load_bfm2009(p2, landmarks=base.landmarks)
