@@ -14,6 +14,8 @@ from facecorpus.meshops.uv import (
     uv_mirror_map,
     uv_to_texel,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 S = 128
 
@@ -133,3 +135,25 @@ def test_uv_to_texel_matches_centres():
     rc = uv_to_texel(c, 16)
     assert np.array_equal(rc[..., 0], np.indices((16, 16))[0])
     assert np.array_equal(rc[..., 1], np.indices((16, 16))[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=6, max_size=6),
+       st.integers(4, 40))
+def test_raster_property_centres_inside_exactly_when_covered(coords, size):
+    uv = np.array(coords, np.float64).reshape(3, 2)
+    r = rasterize_uv(uv.astype(np.float32), np.array([[0, 1, 2]]), size)
+    a, b, c = uv.astype(np.float32).astype(np.float64)
+    area = (b[0] - a[0]) * (c[1] - a[1]) - (c[0] - a[0]) * (b[1] - a[1])
+    if abs(area) * size * size < 1e-6:
+        return  # degenerate in texel units: may or may not be drawn
+    p = texel_centres_uv(size)
+    # exact inside test in UV space (the kernel works in texel space: allow a tiny band)
+    w0 = ((b[0] - p[..., 0]) * (c[1] - p[..., 1]) - (c[0] - p[..., 0]) * (b[1] - p[..., 1])) / area
+    w1 = ((c[0] - p[..., 0]) * (a[1] - p[..., 1]) - (a[0] - p[..., 0]) * (c[1] - p[..., 1])) / area
+    w2 = 1 - w0 - w1
+    m = np.minimum(np.minimum(w0, w1), w2)
+    assert not (r.mask & (m < -1e-4)).any()
+    assert r.mask[m > 1e-4].all()
+    rec = np.einsum("hwi,ij->hwj", r.texel_bary.astype(np.float64), np.stack([a, b, c]))
+    np.testing.assert_allclose(rec[r.mask], p[r.mask], atol=1e-4)
