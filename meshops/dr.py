@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numba as nb
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spl
@@ -109,8 +110,42 @@ def _vertex_normals(p: np.ndarray, tri: np.ndarray, inc: sp.csr_matrix) -> np.nd
     return np.divide(vn, nrm, out=np.zeros_like(vn), where=nrm > 0)
 
 
+@nb.njit(cache=True, nogil=True)
+def _lu_solve(Lp, Li, Lx, Up, Ui, Ux, y):
+    """In place: y <- U^-1 L^-1 y for CSC factors (L unit lower), y (n, m) C-order.
+
+    scipy's SuperLU.solve runs its triangular solves one right-hand side at a time and
+    slowly; this multi-RHS loop is ~5-10x faster on mesh Laplacian factors.
+    """
+    n, m = y.shape
+    for j in range(n):  # forward: L has a unit diagonal stored first in each column
+        for k in range(Lp[j], Lp[j + 1]):
+            r = Li[k]
+            if r > j:
+                a = Lx[k]
+                for c in range(m):
+                    y[r, c] -= a * y[j, c]
+    for j in range(n - 1, -1, -1):
+        dj = 0.0
+        for k in range(Up[j], Up[j + 1]):
+            if Ui[k] == j:
+                dj = Ux[k]
+        for c in range(m):
+            y[j, c] /= dj
+        for k in range(Up[j], Up[j + 1]):
+            r = Ui[k]
+            if r < j:
+                a = Ux[k]
+                for c in range(m):
+                    y[r, c] -= a * y[j, c]
+
+
 class _AnchoredSolver:
-    """Solve A x = b for symmetric A singular by one constant per component: anchor rows."""
+    """Solve A x = b for symmetric A singular by one constant per component: anchor rows.
+
+    The free block is LU-factorised once (SuperLU, symmetric minimum-degree ordering);
+    solves reuse the factors through a multi-RHS numba triangular solve.
+    """
 
     def __init__(self, A: sp.csr_matrix, anchors: np.ndarray):
         n = A.shape[0]
@@ -122,8 +157,16 @@ class _AnchoredSolver:
         A = A.tocsr()
         self.A_fa = A[self.free][:, anchors]
         A_ff = A[self.free][:, self.free].tocsc()
-        self.lu = spl.splu(A_ff, permc_spec="MMD_AT_PLUS_A",
-                           options={"SymmetricMode": True}) if self.free.size else None
+        self.lu = None
+        if self.free.size:
+            lu = spl.splu(A_ff, permc_spec="MMD_AT_PLUS_A", options={"SymmetricMode": True})
+            L, U = lu.L.tocsc(), lu.U.tocsc()
+            L.sort_indices()
+            U.sort_indices()
+            self.lu = (L.indptr.astype(np.int64), L.indices.astype(np.int64), L.data,
+                       U.indptr.astype(np.int64), U.indices.astype(np.int64), U.data)
+            self.perm_r = lu.perm_r
+            self.perm_c = lu.perm_c
 
     def solve(self, b: np.ndarray, x_anchor: np.ndarray) -> np.ndarray:
         """b: (n, k); x_anchor: (len(anchors), k) -> x (n, k)."""
@@ -131,7 +174,10 @@ class _AnchoredSolver:
         x[self.anchors] = x_anchor
         if self.lu is not None:
             rhs = b[self.free] - self.A_fa @ x_anchor
-            x[self.free] = self.lu.solve(np.ascontiguousarray(rhs))
+            y = np.empty_like(rhs)
+            y[self.perm_r] = rhs  # Pr A Pc = L U
+            _lu_solve(*self.lu, y)
+            x[self.free] = y[self.perm_c]
         return x
 
 
@@ -257,21 +303,78 @@ class DRTopology:
         return T
 
 
+@nb.njit(cache=True, nogil=True)
+def _polar_newton(T, R, ok):
+    """Scaled Newton iteration (Higham) for the rotation polar factor of each 3x3 T.
+
+    ok[i] = False where det T_i <= 0 or T_i is near singular: the caller falls back to the
+    SVD there (the iteration would return an improper or inaccurate factor).
+    """
+    X = np.empty((3, 3))
+    Y = np.empty((3, 3))
+    for n in range(T.shape[0]):
+        for a in range(3):
+            for b in range(3):
+                X[a, b] = T[n, a, b]
+        nrm = np.sqrt((X * X).sum())
+        det = (X[0, 0] * (X[1, 1] * X[2, 2] - X[1, 2] * X[2, 1])
+               - X[0, 1] * (X[1, 0] * X[2, 2] - X[1, 2] * X[2, 0])
+               + X[0, 2] * (X[1, 0] * X[2, 1] - X[1, 1] * X[2, 0]))
+        if not (det > 1e-9 * nrm * nrm * nrm):
+            ok[n] = False
+            continue
+        ok[n] = True
+        scale = True
+        for _ in range(60):
+            det = (X[0, 0] * (X[1, 1] * X[2, 2] - X[1, 2] * X[2, 1])
+                   - X[0, 1] * (X[1, 0] * X[2, 2] - X[1, 2] * X[2, 0])
+                   + X[0, 2] * (X[1, 0] * X[2, 1] - X[1, 1] * X[2, 0]))
+            # Y = inverse transpose = cofactor matrix / det
+            Y[0, 0] = (X[1, 1] * X[2, 2] - X[1, 2] * X[2, 1]) / det
+            Y[0, 1] = (X[1, 2] * X[2, 0] - X[1, 0] * X[2, 2]) / det
+            Y[0, 2] = (X[1, 0] * X[2, 1] - X[1, 1] * X[2, 0]) / det
+            Y[1, 0] = (X[0, 2] * X[2, 1] - X[0, 1] * X[2, 2]) / det
+            Y[1, 1] = (X[0, 0] * X[2, 2] - X[0, 2] * X[2, 0]) / det
+            Y[1, 2] = (X[0, 1] * X[2, 0] - X[0, 0] * X[2, 1]) / det
+            Y[2, 0] = (X[0, 1] * X[1, 2] - X[0, 2] * X[1, 1]) / det
+            Y[2, 1] = (X[0, 2] * X[1, 0] - X[0, 0] * X[1, 2]) / det
+            Y[2, 2] = (X[0, 0] * X[1, 1] - X[0, 1] * X[1, 0]) / det
+            g = 1.0
+            if scale:
+                g = np.sqrt(np.sqrt((Y * Y).sum()) / np.sqrt((X * X).sum()))
+            diff = 0.0
+            for a in range(3):
+                for b in range(3):
+                    v = 0.5 * (g * X[a, b] + Y[a, b] / g)
+                    diff += (v - X[a, b]) ** 2
+                    X[a, b] = v
+            if diff < 1e-4:
+                scale = False  # near convergence plain Newton is quadratically convergent
+            if diff < 1e-30:
+                break
+        for a in range(3):
+            for b in range(3):
+                R[n, a, b] = X[a, b]
+
+
 def _polar_features(T: np.ndarray) -> np.ndarray:
-    """T (..., 3, 3) -> (..., 9) [log R (axis-angle), S - I unique entries]."""
+    """T (..., 3, 3) -> (..., 9) [log R (axis-angle), S - I unique entries]; T = R S."""
     shp = T.shape[:-2]
-    T = T.reshape(-1, 3, 3)
-    U, s, Vt = np.linalg.svd(T)
-    det = np.linalg.det(U @ Vt)
-    flip = det < 0
-    U[flip, :, 2] *= -1
-    s[flip, 2] *= -1
-    R = U @ Vt
-    S = (Vt.transpose(0, 2, 1) * s[:, None, :]) @ Vt
+    T = np.ascontiguousarray(T.reshape(-1, 3, 3), dtype=np.float64)
+    R = np.empty_like(T)
+    ok = np.empty(T.shape[0], np.bool_)
+    _polar_newton(T, R, ok)
+    bad = ~ok
+    if bad.any():  # reflections / near-singular gradients: SVD with a sign fix
+        U, _, Vt = np.linalg.svd(T[bad])
+        flip = np.linalg.det(U @ Vt) < 0
+        U[flip, :, 2] *= -1
+        R[bad] = U @ Vt
+    S = R.transpose(0, 2, 1) @ T
+    S = 0.5 * (S + S.transpose(0, 2, 1))
     rv = Rotation.from_matrix(R).as_rotvec()
     iu = np.array([0, 0, 0, 1, 1, 2]), np.array([0, 1, 2, 1, 2, 2])
-    Sm = S - np.eye(3)
-    out = np.concatenate([rv, Sm[:, iu[0], iu[1]]], 1)
+    out = np.concatenate([rv, (S - np.eye(3))[:, iu[0], iu[1]]], 1)
     return out.reshape(shp + (9,))
 
 
