@@ -15,7 +15,7 @@ import numpy as np
 from facecorpus.renderers.cameras import Camera
 from facecorpus.renderers.interpolate import interpolate, texture
 from facecorpus.renderers.raster import Fragments, rasterize
-from facecorpus.renderers.shading import DEFAULT_SH, composite, sh_irradiance
+from facecorpus.renderers.shading import DEFAULT_SH, composite, shade_vertices
 
 OUTPUTS = ("image", "mask", "depth", "normals", "pncc", "uv")
 DEFAULT_ALBEDO = 0.7
@@ -59,7 +59,7 @@ def _as_cameras(cameras: Camera | Sequence[Camera]) -> list[Camera]:
 
 
 def _batch_vertices(vertices, n_views: int) -> np.ndarray:
-    v = np.asarray(vertices, dtype=np.float64)
+    v = np.asarray(vertices, dtype=np.float32)
     if v.ndim == 2:
         v = v[None]
     if v.ndim != 3 or v.shape[-1] != 3 or v.shape[0] not in (1, n_views):
@@ -124,7 +124,6 @@ def render(vertices, triangles, cameras: Camera | Sequence[Camera], *,
     tris = np.asarray(triangles)
     frags, sv = rasterize_views(v, tris, cams, cull_backfaces=cull_backfaces)
     mask = frags.mask
-    N = len(cams)
     out: dict[str, np.ndarray | None] = {}
     if "depth" in outputs:
         out["depth"] = np.where(mask, frags.zbuf, 0.0).astype(np.float32)
@@ -144,23 +143,19 @@ def render(vertices, triangles, cameras: Camera | Sequence[Camera], *,
             from facecorpus.meshops.geometry import vertex_normals as _vn
 
             vertex_normals = _vn(v, tris)
-        vn = np.asarray(vertex_normals, dtype=np.float32)
-        vn = vn[None] if vn.ndim == 2 else vn
-        cam_n = np.stack([vn[min(k, len(vn) - 1)] @ c.rotation.T.astype(np.float32)
-                          for k, c in enumerate(cams)])  # (N, V, 3) camera space
+        rots = np.stack([c.rotation for c in cams])
+        alb = np.float32(DEFAULT_ALBEDO) * np.ones(3, np.float32) if albedo is None else albedo
+        lit, cam_n = shade_vertices(vertex_normals, rots, alb if uv_texture is None
+                                    else np.ones(3, np.float32), sh)
         if "normals" in outputs:
             n_pix = interpolate(cam_n, frags, tris)
             norm = np.linalg.norm(n_pix, axis=-1, keepdims=True)
             out["normals"] = np.where(norm > 0, n_pix / np.maximum(norm, 1e-12), 0.0
                                       ).astype(np.float32)
         if "image" in outputs:
-            sh_arr = np.asarray(sh, np.float32)
-            irr = sh_irradiance(cam_n, sh_arr if sh_arr.ndim == 1 else sh_arr.reshape(N, 27))
+            colour = interpolate(lit, frags, tris)  # lit colour, or irradiance with a texture
             if uv_texture is not None:
-                colour = texture(uv_texture, uv_pix, mask) * interpolate(irr, frags, tris)
-            else:
-                alb = (np.full((1, v.shape[1], 3), DEFAULT_ALBEDO, np.float32) if albedo is None
-                       else np.asarray(albedo, np.float32))
-                colour = interpolate(alb * irr, frags, tris)
-            out["image"] = np.clip(composite(colour, mask, background), 0.0, 1.0)
+                colour *= texture(uv_texture, uv_pix, mask)
+            np.clip(colour, 0.0, 1.0, out=colour)
+            out["image"] = composite(colour, mask, background)
     return RenderOutput(fragments=frags, screen_vertices=sv, mask=mask, **out)

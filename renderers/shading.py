@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit, prange
 
 A0, A1, A2 = math.pi, 2 * math.pi / math.sqrt(3.0), 2 * math.pi / math.sqrt(8.0)
 C0 = 1 / math.sqrt(4 * math.pi)
@@ -70,14 +71,82 @@ def sh_basis_torch(normals):
 
 
 def sh_irradiance(normals, coeffs) -> np.ndarray:
-    """Per-channel irradiance: normals (..., 3), coeffs (27,) or broadcastable (..., 27)
-    -> (..., 3) float32."""
+    """Per-channel irradiance: normals (..., 3), coeffs (27,), or (N, 27) for normals with a
+    leading batch axis N -> (..., 3) float32."""
     Y = sh_basis(normals)  # (..., 9)
     c = np.asarray(coeffs, dtype=np.float32)
-    c = c.reshape(c.shape[:-1] + (3, 9))
-    if c.ndim > 2:  # per-image coefficients (N, 3, 9) against (N, ..., 9)
-        c = c.reshape(c.shape[:1] + (1,) * (Y.ndim - 2) + (3, 9))
-    return (Y[..., None, :] * c).sum(-1)
+    if c.ndim == 1:
+        return Y @ c.reshape(3, 9).T
+    c = c.reshape(c.shape[0], 3, 9)
+    flat = Y.reshape(Y.shape[0], -1, 9)
+    return np.einsum("nvk,nck->nvc", flat, c).reshape(Y.shape[:-1] + (3,))
+
+
+@njit(cache=True, parallel=True, nogil=True)
+def _shade_kernel(normals, rot, albedo, coeffs, colour, cam_normals):  # pragma: no cover
+    N = rot.shape[0]
+    V = normals.shape[1]
+    k0 = A0 * C0
+    k1 = A1 * C1
+    k2 = A2 * C2
+    k6 = A2 * C2 * 0.5 / math.sqrt(3.0)
+    for n in range(N):
+        nn = n if normals.shape[0] > 1 else 0
+        na = n if albedo.shape[0] > 1 else 0
+        nc = n if coeffs.shape[0] > 1 else 0
+        for v in prange(V):
+            x0 = normals[nn, v, 0]
+            y0 = normals[nn, v, 1]
+            z0 = normals[nn, v, 2]
+            x = rot[n, 0, 0] * x0 + rot[n, 0, 1] * y0 + rot[n, 0, 2] * z0
+            y = rot[n, 1, 0] * x0 + rot[n, 1, 1] * y0 + rot[n, 1, 2] * z0
+            z = rot[n, 2, 0] * x0 + rot[n, 2, 1] * y0 + rot[n, 2, 2] * z0
+            cam_normals[n, v, 0] = x
+            cam_normals[n, v, 1] = y
+            cam_normals[n, v, 2] = z
+            b1 = -k1 * y
+            b2 = k1 * z
+            b3 = -k1 * x
+            b4 = k2 * x * y
+            b5 = -k2 * y * z
+            b6 = k6 * (3.0 * z * z - 1.0)
+            b7 = -k2 * x * z
+            b8 = k2 * 0.5 * (x * x - y * y)
+            for ch in range(3):
+                o = 9 * ch
+                e = (k0 * coeffs[nc, o] + b1 * coeffs[nc, o + 1] + b2 * coeffs[nc, o + 2]
+                     + b3 * coeffs[nc, o + 3] + b4 * coeffs[nc, o + 4]
+                     + b5 * coeffs[nc, o + 5] + b6 * coeffs[nc, o + 6]
+                     + b7 * coeffs[nc, o + 7] + b8 * coeffs[nc, o + 8])
+                colour[n, v, ch] = albedo[na, v, ch] * e
+
+
+def shade_vertices(normals, rotations, albedo, coeffs) -> tuple[np.ndarray, np.ndarray]:
+    """Per-vertex SH Lambertian colour for N views in one pass (the renderer's fast path).
+
+    Args:
+        normals: (V, 3) or (N, V, 3) unit model-space vertex normals.
+        rotations: (N, 3, 3) model -> camera rotations.
+        albedo: (V, 3) or (N, V, 3) in [0, 1], or one (3,) colour for every vertex.
+        coeffs: (27,) or (N, 27).
+
+    Returns:
+        (colour (N, V, 3), camera-space normals (N, V, 3)), float32.
+    """
+    nrm = np.asarray(normals, np.float32)
+    nrm = nrm[None] if nrm.ndim == 2 else nrm
+    rot = np.ascontiguousarray(np.asarray(rotations, np.float64).reshape(-1, 3, 3))
+    N, V = rot.shape[0], nrm.shape[1]
+    alb = np.asarray(albedo, np.float32)
+    if alb.ndim == 1:
+        alb = np.broadcast_to(alb, (1, V, 3))
+    alb = alb[None] if alb.ndim == 2 else alb
+    c = np.asarray(coeffs, np.float32).reshape(-1, 27)
+    colour = np.empty((N, V, 3), np.float32)
+    cam = np.empty((N, V, 3), np.float32)
+    _shade_kernel(np.ascontiguousarray(nrm), rot, np.ascontiguousarray(alb),
+                  np.ascontiguousarray(c), colour, cam)
+    return colour, cam
 
 
 def lambertian(albedo, normals, coeffs=DEFAULT_SH) -> np.ndarray:
@@ -106,10 +175,13 @@ def composite(image, mask, background=None) -> np.ndarray:
         float32 array shaped like ``image``.
     """
     img = np.asarray(image, np.float32)
-    m = np.asarray(mask, np.float32)[..., None]
     if background is None:
-        bg = np.zeros_like(img)
+        bg = np.zeros((), np.float32)
     else:
         bg = np.asarray(background)
         bg = bg.astype(np.float32) / 255.0 if bg.dtype == np.uint8 else bg.astype(np.float32)
+    m = np.asarray(mask)
+    if m.dtype == np.bool_:  # hard coverage: a select, no blending arithmetic
+        return np.where(m[..., None], img, bg).astype(np.float32, copy=False)
+    m = m.astype(np.float32)[..., None]
     return (img * m + bg * (1.0 - m)).astype(np.float32)
