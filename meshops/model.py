@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from facecorpus.configs.errors import FacecorpusError
 
 FORMAT_VERSION = 1
@@ -230,7 +229,7 @@ class MorphableModel:
             raise ModelFormatError(path, None, "file not found") from None
         except ValueError as e:  # object arrays need pickle: refused
             raise ModelFormatError(path, None, f"refused: {e}") from None
-        except Exception as e:  # truncated zip, not a zip, ...
+        except Exception as e:  # noqa: BLE001 - truncated zip, not a zip, ...
             raise ModelFormatError(path, None, f"not a readable .npz ({e})") from None
         with npz:
             try:
@@ -244,7 +243,7 @@ class MorphableModel:
                         return npz[k]
                     except ValueError as e:
                         raise ModelFormatError(path, k, f"refused: {e}") from None
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 - any read failure is a bad file
                         raise ModelFormatError(path, k, f"unreadable ({e})") from None
 
                 version = int(get("format_version"))
@@ -280,7 +279,7 @@ class MorphableModel:
                 )
             except ModelFormatError:
                 raise
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any read failure is a bad file
                 raise ModelFormatError(path, None, f"unreadable ({e})") from None
         return model.validate(path)
 
