@@ -105,7 +105,13 @@ def _train(args: argparse.Namespace) -> int:
         last = out / "checkpoints" / "last.pt"
         resume = last if last.is_file() else None
     trainer = Trainer(cfg, args.data, out)
-    history = trainer.fit(resume=resume)
+    try:
+        history = trainer.fit(resume=resume)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if trainer.dist.main:
         val = [r for r in history if r["split"] == "val"]
         summary = {"out": str(out), "step": trainer.step,

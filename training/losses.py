@@ -67,6 +67,19 @@ class LossHook(nn.Module):
             self.optimizer.load_state_dict(state["optimizer"])
 
 
+def _average_grads_across_ranks(module: nn.Module) -> None:
+    """Under DDP, a hook's own networks are not wrapped: average their gradients by hand so
+    every rank takes the same step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
 class PatchDiscriminator(nn.Module):
     """A PatchGAN critic: (B, C, H, W) -> (B, 1, H/4, W/4) real/fake logits."""
 
@@ -111,6 +124,7 @@ class AdversarialLoss(LossHook):
         d_loss = F.softplus(-self.discriminator(target)).mean() + F.softplus(self.discriminator(pred)).mean()
         self.optimizer.zero_grad(set_to_none=True)
         d_loss.backward()
+        _average_grads_across_ranks(self.discriminator)
         self.optimizer.step()
         return {"loss_discriminator": float(d_loss.detach())}
 

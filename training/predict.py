@@ -55,7 +55,7 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, batch: dict[str, torch.Tensor | np.ndarray]) -> np.ndarray:
-        inputs = {k: self.norm[k].to_model(torch.as_tensor(batch[k]).to(self.device))
+        inputs = {k: self.norm[k].to_model(torch.as_tensor(np.array(batch[k], copy=True)).to(self.device))
                   for k in self.spec.inputs}
         pred = self.model(inputs)
         return self.norm[self.spec.target].to_data(pred.float()).cpu().numpy()

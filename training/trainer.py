@@ -335,7 +335,11 @@ class Trainer:
         if self._val_loader is None:
             self._val_loader = self._loader(self.val_split, self._val_batches(),
                                             min(self.cfg.num_workers, 1), persistent=True)
-        sums: dict[str, torch.Tensor] = {}
+        # the same keys on every rank, even one with no validation batch (all_reduce below)
+        keys = ["loss", "loss_l1"]
+        if self.cfg.task == "inpaint":
+            keys += [f"loss_{k}" for k in ("symmetry", "tv") if getattr(self.cfg.loss, k) > 0]
+        sums = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in keys}
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         for batch in self._val_loader:
             inputs, target = self.to_device(batch)
@@ -344,10 +348,9 @@ class Trainer:
             total, terms = self.loss_terms(pred.float(), target, inputs, with_hooks=False)
             n = target.shape[0]
             for k, v in {"loss": total, **{f"loss_{k}": t for k, t in terms.items()}}.items():
-                sums[k] = sums.get(k, torch.zeros((), dtype=torch.float64, device=self.device)) + v.double() * n
+                sums[k] += v.double() * n
             count += n
-        keys = sorted(sums)
-        vec = torch.stack([sums[k] for k in keys] + [count]) if keys else count.reshape(1)
+        vec = torch.stack([sums[k] for k in keys] + [count])
         if self.dist.world > 1:
             dist.all_reduce(vec)
         self.net.train()
