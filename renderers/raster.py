@@ -158,6 +158,17 @@ def _raster_band(XY, ZW, ok, tris, n, r0, r1, W, cull, persp, p2f, key):
         k2 = 0.0
         px0 = np.int64(j0) * 256 + 128
         py = np.int64(i0) * 256 + 128
+        if i0 == i1 and j0 == j1:  # one candidate pixel: the common case for dense meshes
+            e0 = (px0 - X1) * dy12 - (py - Y1) * dx12 + bias0
+            e1 = (px0 - X2) * dy20 - (py - Y2) * dx20 + bias1
+            e2 = (px0 - X0) * dy01 - (py - Y0) * dx01 + bias2
+            if e0 >= 0 and e1 >= 0 and e2 >= 0:
+                inv = (-1.0 if persp else 1.0) / np.float64(area)
+                z = ((e0 - bias0) * w0 + (e1 - bias1) * w1 + (e2 - bias2) * w2) * inv
+                if z < key[n, i0, j0]:
+                    key[n, i0, j0] = z
+                    p2f[n, i0, j0] = f
+            continue
         for i in range(i0, i1 + 1):
             e0 = (px0 - X1) * dy12 - (py - Y1) * dx12
             e1 = (px0 - X2) * dy20 - (py - Y2) * dx20
@@ -287,7 +298,8 @@ def rasterize(screen_vertices, triangles, height: int, width: int, *,
     H, W = int(height), int(width)
     if n_bands is None:
         threads = numba.get_num_threads()
-        n_bands = 1 if threads == 1 else max(1, -(-2 * threads // max(N, 1)))
+        # every band re-scans all triangles (cheap rejects), so use no more than needed
+        n_bands = max(1, -(-threads // max(N, 1)))
     n_bands = int(max(1, min(n_bands, H)))
     p2f = np.empty((N, H, W), np.int32)
     bary = np.empty((N, H, W, 3), np.float32)

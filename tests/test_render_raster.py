@@ -118,17 +118,18 @@ def test_closed_mesh_has_no_holes_and_backfaces_are_hidden():
         np.testing.assert_array_equal(back.mask, a.mask)
 
 
-def test_fill_rule_shared_edges_cover_each_pixel_exactly_once():
+@pytest.mark.parametrize(("n", "step"), [(9, 5.0), (25, 0.75)])
+def test_fill_rule_shared_edges_cover_each_pixel_exactly_once(n, step):
     """A jittered grid mesh with vertices snapped onto pixel centres and the 1/256 grid: every
-    pixel centre inside it is covered by exactly one triangle (no overlap, no crack)."""
+    pixel centre inside it is covered by exactly one triangle (no overlap, no crack). The
+    fine grid has mostly sub-pixel triangles (the single-candidate-pixel path)."""
     rng = np.random.default_rng(3)
-    n, step = 9, 5.0
     gx, gy = np.meshgrid(np.arange(n) * step + 4.5, np.arange(n) * step + 4.5)
     xy = np.stack([gx, gy], -1).reshape(-1, 2)
     inner = ((np.arange(n * n) % n > 0) & (np.arange(n * n) % n < n - 1)
              & (np.arange(n * n) // n > 0) & (np.arange(n * n) // n < n - 1))
     # half the interior vertices stay exactly on pixel centres, half are jittered (1/256 grid)
-    jitter = np.round(rng.uniform(-2, 2, xy.shape) * 256) / 256
+    jitter = np.round(rng.uniform(-0.4, 0.4, xy.shape) * step * 256) / 256
     jitter[rng.random(n * n) < 0.5] = 0
     xy[inner] += jitter[inner]
     tris = []
@@ -140,7 +141,7 @@ def test_fill_rule_shared_edges_cover_each_pixel_exactly_once():
     sv = np.concatenate([xy, np.ones((n * n, 1))], 1).astype(np.float32)
     count = np.zeros((48, 48), int)
     for t in tris:  # each triangle alone, so overlaps cannot hide behind the z-test
-        count += rasterize(sv[None], t[None], 48, 48).mask[0]
+        count += rasterize(sv[None], t[None], 48, 48, n_bands=1).mask[0]
     jj, ii = np.meshgrid(np.arange(48) + 0.5, np.arange(48) + 0.5)
     lo, hi = 4.5, 4.5 + (n - 1) * step
     strictly_inside = (jj > lo) & (jj < hi) & (ii > lo) & (ii < hi)
