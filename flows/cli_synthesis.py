@@ -30,8 +30,13 @@ def add_cli(flows) -> None:
 
 
 def _run(args) -> int:
+    import logging
+
     from facecorpus.configs.errors import ConfigError
     from facecorpus.flows import synthesis
+
+    for noisy in ("httpx", "distributed", "prefect.server"):  # per-request / per-worker chatter
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     overrides = {}
     for item in args.set:
