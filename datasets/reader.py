@@ -23,6 +23,7 @@ opened lazily in each process, so they survive DataLoader worker forking (and sp
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -56,6 +57,18 @@ def _select(store: StoredDataset, filter: Any, fields: Sequence[str] | None,
 
 def _value(v: Any) -> Any:
     return torch.from_numpy(np.asarray(v)) if isinstance(v, np.generic | np.ndarray) else v
+
+
+def _take(a: np.ndarray, idx: np.ndarray, shared: bool) -> np.ndarray | torch.Tensor:
+    """``a[idx]``; with ``shared``, gathered into a shared-memory torch tensor, which the
+    DataLoader sends to the main process without another copy (as default_collate does)."""
+    if not shared or a.dtype == object:
+        return a[idx]
+    t = torch.from_numpy(np.empty(0, a.dtype))
+    storage = t._typed_storage()._new_shared(int(idx.size * np.prod(a.shape[1:], dtype=np.int64)))
+    out = t.new(storage).view(idx.size, *a.shape[1:])
+    np.take(a, idx, axis=0, out=out.numpy())
+    return out
 
 
 def _dist_rank_world() -> tuple[int, int]:
@@ -126,14 +139,18 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
             unless ``drop_last``); use with ``DataLoader(batch_size=None)``.
         rank, world_size: override the torch.distributed rank/world (default: from the
             initialised process group, else 0/1).
+        decode_threads: shards decoded ahead in threads of the reading process; with
+            ``num_workers=0`` this uses several cores without the cost of sending batches
+            between processes (see docs/benchmarks.md).
     """
 
     def __init__(self, root: str | os.PathLike, fields: Sequence[str] | None = None,
                  filter: Any = None, shuffle: bool = True, seed: int = 0, buffer_size: int = 1024,
                  columns: Sequence[str] = (), batch_size: int | None = None, drop_last: bool = False,
                  rank: int | None = None, world_size: int | None = None,
-                 storage_options: dict | None = None):
+                 decode_threads: int = 1, storage_options: dict | None = None):
         super().__init__()
+        self.decode_threads = int(decode_threads)
         self.store = open_dataset(root, storage_options)
         self.fields, indices, self.columns = _select(self.store, filter, fields, columns)
         sps = self.store.schema.samples_per_shard
@@ -183,49 +200,90 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
                 break
         return out
 
-    def _blocks(self, plan) -> Iterator[dict[str, np.ndarray]]:
-        sps = self.store.schema.samples_per_shard
-        for s, pos in plan:
-            rows = self._index[pos] - s * sps
-            r0, r1 = int(rows.min()), int(rows.max()) + 1
-            block = {}
-            for f in self.fields:
-                a = self.store.read_rows(f, s, r0, r1)
-                block[f] = a if (r1 - r0 == rows.size) else a[rows - r0]
-            block["index"] = self._index[pos]
-            for c, v in self.columns.items():
-                block[c] = v[pos]
-            yield block
+    def _read_block(self, s: int, pos: np.ndarray) -> dict[str, np.ndarray]:
+        rows = self._index[pos] - s * self.store.schema.samples_per_shard
+        r0, r1 = int(rows.min()), int(rows.max()) + 1
+        block = {}
+        for f in self.fields:
+            a = self.store.read_rows(f, s, r0, r1)
+            block[f] = a if (r1 - r0 == rows.size) else a[rows - r0]
+        block["index"] = self._index[pos]
+        for c, v in self.columns.items():
+            block[c] = v[pos]
+        return block
 
-    def _shuffled(self, blocks: Iterator[dict], rng: np.random.Generator) -> Iterator[dict]:
-        """Vectorised shuffle buffer: each arriving sample takes a random slot of a full buffer
-        and the slot's previous occupant is emitted (a reservoir shuffle, block at a time)."""
+    def _blocks(self, plan) -> Iterator[dict[str, np.ndarray]]:
+        """Decoded shard runs in plan order; with ``decode_threads > 1`` the next runs are
+        decoded ahead in threads (zstd/blosc release the GIL), in this process."""
+        if self.decode_threads <= 1 or len(plan) <= 1:
+            for s, pos in plan:
+                yield self._read_block(s, pos)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        for f in self.fields:  # open readers once, before threads race to do it
+            self.store.read_rows(f, plan[0][0], 0, 0)
+        todo = iter(plan)
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="shard-decode") as ex:
+            futs = deque(ex.submit(self._read_block, s, pos)
+                         for s, pos in itertools.islice(todo, self.decode_threads))
+            while futs:
+                block = futs.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    futs.append(ex.submit(self._read_block, *nxt))
+                yield block
+
+    def _shuffled(self, blocks: Iterator[dict], rng: np.random.Generator,
+                  emit: int) -> Iterator[dict]:
+        """Vectorised reservoir shuffle: arriving samples take ``emit`` random slots of a full
+        buffer at a time and the slots' previous occupants leave as one chunk. Each sample is
+        copied twice (into the buffer, out of it); chunks come out exactly ``emit`` long (the
+        batch size in batched mode) until the final drain."""
+        B = self.buffer_size
+        E = max(1, min(emit, B))
+        # batches leaving a DataLoader worker are gathered straight into shared memory
+        shm = bool(self.batch_size) and torch.utils.data.get_worker_info() is not None
         buf: dict[str, np.ndarray] | None = None
         fill = 0
-        B = self.buffer_size
+        pend: list[dict[str, np.ndarray]] = []
+        n_pend = 0
         for block in blocks:
             k = block["index"].size
-            perm = rng.permutation(k)
-            block = {key: v[perm] for key, v in block.items()}
             if buf is None:
                 buf = {key: np.empty((B, *v.shape[1:]), v.dtype) for key, v in block.items()}
             start = 0
             if fill < B:
-                take = min(B - fill, k)
+                start = min(B - fill, k)
                 for key, v in block.items():
-                    buf[key][fill:fill + take] = v[:take]
-                fill += take
-                start = take
-            while start < k:
-                take = min(B, k - start)
-                slots = rng.choice(B, size=take, replace=False)
-                yield {key: b[slots] for key, b in buf.items()}
-                for key, v in block.items():
-                    buf[key][slots] = v[start:start + take]
-                start += take
-        if buf is not None and fill:
-            last = rng.permutation(fill)
-            yield {key: b[last] for key, b in buf.items()}
+                    buf[key][fill:fill + start] = v[:start]
+                fill += start
+            if start < k:
+                pend.append({key: v[start:] for key, v in block.items()})
+                n_pend += k - start
+            while n_pend >= E:
+                slots = rng.choice(B, size=E, replace=False)
+                out = {key: _take(b, slots, shm) for key, b in buf.items()}
+                j = 0
+                while j < E:
+                    p = pend[0]
+                    m = min(p["index"].size, E - j)
+                    for key, v in p.items():
+                        buf[key][slots[j:j + m]] = v[:m]
+                    j += m
+                    if m == p["index"].size:
+                        pend.pop(0)
+                    else:
+                        pend[0] = {key: v[m:] for key, v in p.items()}
+                n_pend -= E
+                yield out
+        if buf is None:
+            return
+        rest = {key: np.concatenate([b[:fill], *(p[key] for p in pend)]) for key, b in buf.items()}
+        order = rng.permutation(rest["index"].size)
+        for i in range(0, order.size, E):
+            yield {key: _take(v, order[i:i + E], shm) for key, v in rest.items()}
 
     def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
         rank, world = self._rank_world()
@@ -236,7 +294,7 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
         if not self.shuffle:
             return blocks
         rng = np.random.default_rng([self.seed, self.epoch, rank * n_workers + worker, 1])
-        return self._shuffled(blocks, rng)
+        return self._shuffled(blocks, rng, emit=self.batch_size or 64)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.batch_size:
@@ -252,27 +310,31 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
                     item[c] = _value(cols[c][i])
                 yield item
 
-    def _batches(self, chunks: Iterator[dict[str, np.ndarray]]) -> Iterator[dict[str, Any]]:
+    def _batches(self, chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         bs = int(self.batch_size)
-        pending: list[dict[str, np.ndarray]] = []
+        pending: list[dict[str, Any]] = []
         have = 0
 
-        def emit(parts, n):
-            out = {}
-            for k in parts[0]:
-                v = parts[0][k] if len(parts) == 1 else np.concatenate([p[k] for p in parts])
-                out[k] = torch.from_numpy(np.ascontiguousarray(v)) if v.dtype != object else v.tolist()
-            return out
+        def tensor(v):
+            if isinstance(v, torch.Tensor):
+                return v
+            return torch.from_numpy(v) if v.dtype != object else v.tolist()
+
+        def cat(parts, k):
+            if len(parts) == 1:
+                return parts[0][k]
+            vs = [p[k] for p in parts]
+            if isinstance(vs[0], torch.Tensor):
+                return torch.cat(vs)
+            return np.concatenate([np.asarray(v) for v in vs])
 
         for chunk in chunks:
             pending.append(chunk)
-            have += chunk["index"].size
+            have += chunk["index"].shape[0]
             while have >= bs:
-                merged = {k: np.concatenate([p[k] for p in pending]) if len(pending) > 1 else pending[0][k]
-                          for k in pending[0]}
-                yield emit([{k: v[:bs] for k, v in merged.items()}], bs)
-                rest = {k: v[bs:] for k, v in merged.items()}
+                merged = {k: cat(pending, k) for k in pending[0]}
+                yield {k: tensor(v[:bs]) for k, v in merged.items()}
                 have -= bs
-                pending = [rest] if have else []
+                pending = [{k: v[bs:] for k, v in merged.items()}] if have else []
         if have and not self.drop_last:
-            yield emit(pending, have)
+            yield {k: tensor(cat(pending, k)) for k in pending[0]}

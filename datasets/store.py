@@ -911,9 +911,9 @@ class _FastShardReader:
 
     def read(self, shard: int, start: int, stop: int) -> np.ndarray:
         n = stop - start
-        out = np.zeros((n, *self.shape), self.dtype)
         if n <= 0:
-            return out
+            return np.zeros((0, *self.shape), self.dtype)
+        out = np.empty((n, *self.shape), self.dtype)
         fs = self.ds.root.fs
         path = self._path(shard)
         c0, c1 = start // self.spc, (stop - 1) // self.spc + 1
@@ -925,7 +925,8 @@ class _FastShardReader:
             else:
                 tail = np.frombuffer(fs.cat_file(path, start=-self.index_nbytes), np.uint8)
         except FileNotFoundError:
-            return out  # zarr drops all-fill shards: the rows are fill value
+            out.fill(0)  # zarr drops all-fill shards: the rows are fill value
+            return out
         if tail.size != self.index_nbytes:
             raise StoreError(f"{self.ds.url}: truncated shard file {path}")
         index = self._check(tail, "shard index", shard).view("<u8").reshape(self.n_chunks, 2)
@@ -933,6 +934,7 @@ class _FastShardReader:
         if not whole:
             present = sel[:, 0] != self.EMPTY
             if not present.any():
+                out.fill(0)
                 return out
             lo = int(sel[present, 0].min())
             hi = int((sel[present, 0] + sel[present, 1]).max())
@@ -945,7 +947,10 @@ class _FastShardReader:
         tmp = None
         for c in range(c0, c1):
             off, nb = index[c]
-            if off == self.EMPTY:
+            r0, r1 = c * self.spc, (c + 1) * self.spc
+            a0, a1 = max(r0, start), min(r1, stop)
+            if off == self.EMPTY:  # an all-fill chunk zarr did not store
+                flat[(a0 - start) * row_bytes:(a1 - start) * row_bytes] = 0
                 continue
             off = int(off) - base
             buf = blob[off:off + int(nb)]
@@ -953,8 +958,6 @@ class _FastShardReader:
                 raise StoreError(f"{self.ds.url}: truncated shard file {path}")
             if self.has_crc:
                 buf = self._check(buf, f"chunk {c}", shard)
-            r0, r1 = c * self.spc, (c + 1) * self.spc
-            a0, a1 = max(r0, start), min(r1, stop)
             try:
                 if a0 == r0 and a1 == r1:
                     self.codec.decode(buf, out=flat[(r0 - start) * row_bytes:(r1 - start) * row_bytes])

@@ -97,7 +97,10 @@ def test_ranks_and_workers_partition_the_epoch(root):
 def test_unshuffled_order_and_batched_mode(root):
     plain = [int(it["index"]) for it in ShardIterableDataset(root, shuffle=False)]
     assert plain == sorted(plain) and len(plain) == N
-    ds = ShardIterableDataset(root, shuffle=True, seed=5, batch_size=10, columns=("yaw", "sample_id"))
+    threaded = ShardIterableDataset(root, shuffle=False, decode_threads=3)
+    assert [int(it["index"]) for it in threaded] == plain  # decode-ahead keeps the order
+    ds = ShardIterableDataset(root, shuffle=True, seed=5, batch_size=10, columns=("yaw", "sample_id"),
+                              decode_threads=2)
     batches = list(DataLoader(ds, batch_size=None, num_workers=0))
     assert [b["index"].shape[0] for b in batches] == [10] * (N // 10) + ([N % 10] if N % 10 else [])
     assert batches[0]["image"].shape == (10, 6, 6, 3) and batches[0]["image"].dtype == torch.uint8
