@@ -54,6 +54,10 @@ def make_shard(shard: int, n: int = SPS, seed: int | None = None):
     }
     if n:
         arrays["depth"][0, 0, :4] = [np.nan, np.inf, -0.0, np.float32(1e-42)]
+    if shard == 3:  # an all-zero chunk: zarr stores nothing for it
+        arrays["mask"][SPC:2 * SPC] = False
+    if shard == 7:  # an all-zero field: zarr stores no shard file at all
+        arrays["uv_sampling_map"][:] = 0
     manifest = [{"sample_id": f"s{shard}-{i}", "source_uri": f"photos/{shard}/{i}.jpg",
                  "subject_id": f"p{i % 3}", "yaw": float(rng.uniform(-90, 90)),
                  "pitch": 0.0, "roll": 0.0, "split": "train" if i % 4 else "val",
@@ -106,8 +110,10 @@ def test_round_trip_bit_exact(tmp_path, url):
             assert ds.array(name)[s * SPS: s * SPS + n].tobytes() == ref.tobytes()
         # scattered reads in arbitrary order (partial chunks, gaps, repeats)
         pick = idx[[n - 1, 0, 5, 5, 2, min(9, n - 1)]]
-        ref = arrays["uv_position"][pick - s * SPS]
-        assert ds.read("uv_position", pick).tobytes() == ref.tobytes()
+        for name in ("uv_position", "mask", "uv_sampling_map"):
+            ref = arrays[name][pick - s * SPS]
+            assert ds.read(name, pick).tobytes() == ref.tobytes()
+    assert not shard_file(Path(root.replace("file://", "")), "uv_sampling_map", 7).exists() or url == "memory"
     with pytest.raises(StoreError, match="not a committed sample"):
         ds.read("image", [7 * SPS + 11])
     assert verify_dataset(root).ok
