@@ -168,11 +168,31 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __len__(self) -> int:
+    def num_samples(self) -> int:
         """Samples this rank yields per epoch (over all its DataLoader workers)."""
         rank, world = self._rank_world()
         total = int(self._index.size)
         return total * (rank + 1) // world - total * rank // world
+
+    def num_batches(self, num_workers: int = 0) -> int:
+        """Batches this rank yields per epoch in batched mode: each worker batches its own
+        slice, so every worker may end with one short batch (dropped with ``drop_last``)."""
+        if not self.batch_size:
+            raise TypeError("num_batches() needs batch_size=")
+        rank, world = self._rank_world()
+        nw = max(1, num_workers)
+        total, parts = int(self._index.size), world * nw
+        out = 0
+        for w in range(nw):
+            g = rank * nw + w
+            n = total * (g + 1) // parts - total * g // parts
+            out += n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return out
+
+    def __len__(self) -> int:
+        """Items this rank yields per epoch: samples, or batches in batched mode (exact
+        for ``num_workers=0``; with workers use :meth:`num_batches`)."""
+        return self.num_batches(0) if self.batch_size else self.num_samples()
 
     def _rank_world(self) -> tuple[int, int]:
         if self.world_size is not None:

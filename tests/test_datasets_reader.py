@@ -59,6 +59,14 @@ def epoch_indices(loader) -> list[int]:
 def test_iterable_two_workers_exactly_once_per_epoch(root):
     ds = ShardIterableDataset(root, fields=("image", "pncc", "depth"), shuffle=True, seed=3, buffer_size=20)
     loader = DataLoader(ds, batch_size=8, num_workers=2)
+    batched = ShardIterableDataset(root, shuffle=True, seed=3, batch_size=8)
+    got = list(DataLoader(batched, batch_size=None, num_workers=2))  # shared-memory batches
+    assert len(got) == batched.num_batches(2)
+    assert Counter(i for b in got for i in b["index"].tolist()) == Counter(
+        s * SPS + r for s, n in SHARDS.items() for r in range(n))
+    for b in got:
+        for k in range(b["index"].shape[0]):
+            check_item({key: v[k] for key, v in b.items()})
     all_idx = {s * SPS + r for s, n in SHARDS.items() for r in range(n)}
     orders = []
     for epoch in range(2):
@@ -86,7 +94,7 @@ def test_ranks_and_workers_partition_the_epoch(root):
     got = []
     for rank in range(2):
         r = ShardIterableDataset(root, shuffle=True, seed=1, buffer_size=7, rank=rank, world_size=2)
-        assert len(r) in (N // 2, N - N // 2)
+        assert len(r) == r.num_samples() in (N // 2, N - N // 2)
         items = list(r)
         for it in items:
             check_item(it)
@@ -102,6 +110,7 @@ def test_unshuffled_order_and_batched_mode(root):
     ds = ShardIterableDataset(root, shuffle=True, seed=5, batch_size=10, columns=("yaw", "sample_id"),
                               decode_threads=2)
     batches = list(DataLoader(ds, batch_size=None, num_workers=0))
+    assert len(ds) == len(batches) == ds.num_batches(0)
     assert [b["index"].shape[0] for b in batches] == [10] * (N // 10) + ([N % 10] if N % 10 else [])
     assert batches[0]["image"].shape == (10, 6, 6, 3) and batches[0]["image"].dtype == torch.uint8
     assert batches[0]["yaw"].dtype == torch.float32 and isinstance(batches[0]["sample_id"], list)
