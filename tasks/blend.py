@@ -24,22 +24,69 @@ class BlendResult:
 
 def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.ndarray,
                 mirror_map: np.ndarray, *, mixed: bool = False,
-                layout_mask: np.ndarray | None = None) -> BlendResult:
+                layout_mask: np.ndarray | None = None, adapt: bool = True) -> BlendResult:
     """Two-pass Poisson blend of N maps.
 
     Args:
         uv_visible: (N, S, S, 3); uv_visible_mask: (N, S, S) bool.
         prior: (N, S, S, 3) per-image prior (``TexturePrior.fit_to_visible``) or (S, S, 3).
         mirror_map: (S, S, 2) int32 (``meshops.uv.uv_mirror_map``).
-        layout_mask: (S, S) bool texels of the UV layout; texels outside it are set to 0
-            (the Poisson membrane is only meaningful on the surface).
+        layout_mask: (S, S) bool texels of the UV layout. The prior is extended outside it
+            (nearest layout texel), so a UV-island border acts like any other boundary of the
+            visible region (the map meets the prior there) instead of pulling towards 0;
+            texels outside the layout are 0 in the result.
+        adapt: first carry the prior's *gradients* into the non-visible texels with the
+            visible texels as boundary (:func:`adapt_prior`), so the prior already meets the
+            photo where pass 1 joins them: the visible texels then keep the photo's values
+            (pass 1's membrane correction is the prior/photo mismatch at the boundary, now
+            near 0) instead of being pulled towards a prior that differs locally.
     """
     from facecorpus.meshops.poisson import two_pass_blend
 
+    prior = np.asarray(prior, np.float32)
+    n = len(uv_visible)
+    if prior.ndim == 3:
+        prior = np.repeat(prior[None], n, 0)
+    if adapt:
+        prior = adapt_prior(uv_visible, uv_visible_mask, prior, layout_mask)
+    if layout_mask is not None:
+        prior = extend_outside(prior, layout_mask)
     out, src = two_pass_blend(np.asarray(uv_visible, np.float32),
-                              np.asarray(uv_visible_mask, bool),
-                              np.asarray(prior, np.float32), mirror_map, mixed=mixed)
+                              np.asarray(uv_visible_mask, bool), prior, mirror_map, mixed=mixed)
     out = np.clip(out, 0.0, 1.0)
     if layout_mask is not None:
         out = np.where(layout_mask[None, ..., None], out, 0.0).astype(np.float32)
     return BlendResult(out.astype(np.float32), src)
+
+
+def extend_outside(maps: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Copy every texel outside ``inside`` (S, S) from its nearest inside texel.
+
+    Args:
+        maps: (..., S, S, C).
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    if inside.all() or not inside.any():
+        return maps
+    _, (ri, ci) = distance_transform_edt(~inside, return_indices=True)
+    return maps[..., ri, ci, :]
+
+
+def adapt_prior(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.ndarray,
+                layout_mask: np.ndarray | None = None) -> np.ndarray:
+    """The prior's texture, shifted smoothly to meet the visible texels.
+
+    Poisson problem over the non-visible texels of the layout: guidance = prior gradients,
+    boundary = ``uv_visible`` (visible texels). Returns (N, S, S, 3); equals ``uv_visible`` on
+    visible texels and the prior's detail elsewhere.
+    """
+    from facecorpus.meshops.poisson import poisson_blend
+
+    vis = np.asarray(uv_visible_mask, bool)
+    inside = ~vis if layout_mask is None else (~vis & layout_mask[None])
+    target = np.where(vis[..., None], uv_visible, prior).astype(np.float32)
+    src_ok = np.ones_like(vis) if layout_mask is None else np.broadcast_to(layout_mask,
+                                                                            vis.shape)
+    return poisson_blend(target, np.asarray(prior, np.float32), inside,
+                         source_mask=src_ok, tol=1e-5)

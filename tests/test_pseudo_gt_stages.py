@@ -86,6 +86,7 @@ def model():
     return procedural_model(n=41)
 
 
+@pytest.mark.slow
 def test_blend_with_true_prior_and_mirror(model):
     from facecorpus.meshops.uv import rasterize_uv, uv_mirror_map
     from facecorpus.tasks.fit import synthetic_batch
@@ -98,10 +99,11 @@ def test_blend_with_true_prior_and_mirror(model):
     u = unwrap_batch(sb.image, model, sb.truth, S, np.stack([erode(m, 1) for m in sb.mask]))
     mirror = uv_mirror_map(model, S)
     layout = rasterize_uv(model.uv, model.uv_triangles, S).mask
-    # with the true texture as prior, the visible texels must come back unchanged (no seam
-    # to correct) and prior texels are the prior exactly
+    # with the true texture as prior, the visible texels come back unchanged (no seam to
+    # correct); without adaptation prior texels are the prior exactly
     prior = np.repeat(sb.uv_texture[None], 2, 0)
-    res = blend_batch(u.uv_visible, u.uv_visible_mask, prior, mirror, layout_mask=layout)
+    res = blend_batch(u.uv_visible, u.uv_visible_mask, prior, mirror, layout_mask=layout,
+                      adapt=False)
     assert res.uv_pseudo_gt.shape == (2, S, S, 3) and res.uv_source.dtype == np.uint8
     assert ((res.uv_source == 1) == u.uv_visible_mask).all()
     assert (res.uv_source == 2).any()  # turned heads: the far side comes from the mirror
@@ -111,9 +113,15 @@ def test_blend_with_true_prior_and_mirror(model):
         pm = (res.uv_source[i] == 0) & layout
         np.testing.assert_allclose(res.uv_pseudo_gt[i][pm], np.clip(prior[i][pm], 0, 1))
     assert (res.uv_pseudo_gt[:, ~layout] == 0).all()
-    # a flat prior: the visible texture keeps its detail (gradients) and meets the prior
+    # a flat prior: without adaptation pass 1 pulls the visible texels towards the prior
+    # (detail kept up to a smooth offset); adapting the prior keeps them (the photo) as is
     flat = np.full((S, S, 3), 0.5, np.float32)
-    res2 = blend_batch(u.uv_visible, u.uv_visible_mask, flat, mirror, layout_mask=layout)
+    raw = blend_batch(u.uv_visible, u.uv_visible_mask, flat, mirror, layout_mask=layout,
+                      adapt=False)
+    ada = blend_batch(u.uv_visible, u.uv_visible_mask, flat, mirror, layout_mask=layout)
     vm = u.uv_visible_mask[0]
-    d = res2.uv_pseudo_gt[0] - sb.uv_texture
-    assert np.abs(d[vm] - d[vm].mean(0)).mean() < 0.05  # detail kept up to a smooth offset
+    d = raw.uv_pseudo_gt[0] - sb.uv_texture
+    assert np.abs(d[vm] - d[vm].mean(0)).mean() < 0.05
+    assert psnr(ada.uv_pseudo_gt[0], u.uv_visible[0], vm) > 33
+    assert psnr(ada.uv_pseudo_gt[0], u.uv_visible[0], vm) > psnr(raw.uv_pseudo_gt[0],
+                                                                 u.uv_visible[0], vm) + 10
