@@ -43,6 +43,7 @@ __all__ = [
     "PoissonInfo",
     "poisson_blend",
     "poisson_residual",
+    "poisson_system",
     "two_pass_blend",
 ]
 
@@ -569,23 +570,21 @@ def poisson_blend(target, source, mask, *, mixed: bool = False, source_mask=None
     return out
 
 
-def poisson_residual(f, target, source, mask, *, mixed: bool = False, source_mask=None):
-    """Relative residual ``||b - A f|| / ||b||`` (float64, max over channels) of a result.
+def poisson_system(target, source, mask, *, mixed: bool = False, source_mask=None):
+    """The discrete system ``A f_Ω = b`` as a scipy sparse matrix (reference / tests).
 
-    Independent of the solver: builds the sparse system with scipy and is used by the tests.
-    f, target, source: (S, S, C); mask, source_mask: (S, S) bool.
+    Independent of the solver's assembly. target, source: (S, S, C); mask, source_mask:
+    (S, S) bool. Returns (A (n, n) CSR, b (n, C) float64) with unknowns in row-major order
+    of the mask's texels.
     """
     import scipy.sparse as sp
 
-    f = np.asarray(f, np.float64)
     t = np.asarray(target, np.float64)
     s = np.asarray(source, np.float64)
     om = np.asarray(mask, bool)
     g = np.ones(om.shape, bool) if source_mask is None else np.asarray(source_mask, bool)
     S0, S1, C = t.shape
     n = int(om.sum())
-    if n == 0:
-        return 0.0
     idx = -np.ones((S0, S1), np.int64)
     idx[om] = np.arange(n)
     pi, pj = np.nonzero(om)
@@ -612,7 +611,20 @@ def poisson_residual(f, target, source, mask, *, mixed: bool = False, source_mas
         vals.append(-np.ones(int(inside.sum())))
     A = sp.csr_matrix((np.concatenate([diag] + vals), (np.concatenate(rows),
                                                        np.concatenate(cols))), shape=(n, n))
-    r = b - A @ f[om]
+    return A, b
+
+
+def poisson_residual(f, target, source, mask, *, mixed: bool = False, source_mask=None):
+    """Relative residual ``||b - A f|| / ||b||`` (float64, max over channels) of a result.
+
+    Independent of the solver (uses :func:`poisson_system`); used by the tests.
+    f, target, source: (S, S, C); mask, source_mask: (S, S) bool.
+    """
+    om = np.asarray(mask, bool)
+    if not om.any():
+        return 0.0
+    A, b = poisson_system(target, source, om, mixed=mixed, source_mask=source_mask)
+    r = b - A @ np.asarray(f, np.float64)[om]
     bn = np.linalg.norm(b, axis=0)
     bn[bn == 0] = 1.0
     return float((np.linalg.norm(r, axis=0) / bn).max())
