@@ -124,4 +124,4 @@ def test_blend_with_true_prior_and_mirror(model):
     assert np.abs(d[vm] - d[vm].mean(0)).mean() < 0.05
     assert psnr(ada.uv_pseudo_gt[0], u.uv_visible[0], vm) > 33
     assert psnr(ada.uv_pseudo_gt[0], u.uv_visible[0], vm) > psnr(raw.uv_pseudo_gt[0],
-                                                                 u.uv_visible[0], vm) + 10
+                                                                 u.uv_visible[0], vm) + 6
