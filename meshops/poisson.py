@@ -453,13 +453,14 @@ def _work(name: str, shape: tuple, dtype) -> np.ndarray:
 
 
 class PoissonInfo(dict):
-    """Per-map solver diagnostics: ``iterations``, ``relative_residual``, ``unknowns``."""
+    """Per-map solver diagnostics: ``iterations``, ``relative_residual``, ``unknowns`` and
+    ``converged`` (relative_residual <= tol; False only if max_iter ran out)."""
 
 
 def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
     """One map. target/source (S,S,C) float32, omega/guide_ok (S,S) bool."""
     out = np.array(target, dtype=np.float32, copy=True)
-    info = PoissonInfo(iterations=0, relative_residual=0.0, unknowns=0)
+    info = PoissonInfo(iterations=0, relative_residual=0.0, unknowns=0, converged=True)
     if not omega.any():
         return out, info
     reach = _reach(omega)
@@ -499,7 +500,8 @@ def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
                    _work("p", (C, n0), np.float64), _work("bh", (C, ntot), np.float32),
                    _work("zh", (C, ntot), np.float32), _work("wk", (C, ntot), np.float32))
     _scatter(x, omega, i0, j0, h0, w0, w, out)
-    info.update(iterations=int(it), relative_residual=float(rel), unknowns=int(omega.sum()))
+    info.update(iterations=int(it), relative_residual=float(rel), unknowns=int(omega.sum()),
+                converged=bool(rel <= tol))
     return out, info
 
 
@@ -550,6 +552,9 @@ def poisson_blend(target, source, mask, *, mixed: bool = False, source_mask=None
     t = np.ascontiguousarray(t, dtype=np.float32)
     s = np.ascontiguousarray(s, dtype=np.float32)
     m = np.ascontiguousarray(m, dtype=bool)
+    for name, a in (("target", t), ("source", s)):
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name}: contains NaN or infinite values")
     g = np.ascontiguousarray(g, dtype=bool)
 
     def one(k):

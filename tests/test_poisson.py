@@ -227,3 +227,22 @@ def test_two_pass_blend_batch():
     assert np.array_equal(out[1], o1) and np.array_equal(src[1], s1)
     with pytest.raises(ValueError, match="mirror_map"):
         two_pass_blend(vis, masks, prior, mm[:, :10])
+
+
+def test_non_square_single_channel_and_nan():
+    rng = np.random.default_rng(11)
+    tgt = rng.random((40, 70, 1)).astype(np.float32)
+    src = rng.random((40, 70, 1)).astype(np.float32)
+    mask = np.zeros((40, 70), bool)
+    mask[5:35, 10:66] = True
+    mask[20, 30:40] = False
+    f, info = poisson_blend(tgt, src, mask, return_info=True)
+    assert f.shape == (40, 70, 1) and info[0]["converged"]
+    assert poisson_residual(f, tgt, src, mask) < 1e-5
+    bad = tgt.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="target: contains NaN"):
+        poisson_blend(bad, src, mask)
+    # an iteration cap that is too small is reported, not hidden
+    _, info = poisson_blend(tgt, src, mask, max_iter=1, return_info=True)
+    assert not info[0]["converged"] and info[0]["relative_residual"] > 1e-6
