@@ -311,7 +311,8 @@ def _rhs(target, source, guide_ok, omega, i0, j0, h, w, mixed, b, x):
             gp = guide_ok[gi, gj]
             for c in range(C):
                 b[c, p] = 0.0
-                x[c, p] = source[gi, gj, c] if gp else target[gi, gj, c]
+                v0 = source[gi, gj, c] if gp else target[gi, gj, c]
+                x[c, p] = v0 if np.isfinite(v0) else 0.0
             for k in range(4):
                 if k == 0:
                     qi, qj = gi - 1, gj
@@ -459,6 +460,14 @@ class PoissonInfo(dict):
 
 def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
     """One map. target/source (S,S,C) float32, omega/guide_ok (S,S) bool."""
+    # only values the equations read must be finite: the target outside Ω (everywhere with
+    # mixed gradients) and the source where it guides; NaN placeholders elsewhere are fine
+    tbad = ~np.isfinite(target).all(-1)
+    if (tbad & ~omega).any() or (mixed and tbad.any()):
+        raise ValueError("target: contains NaN or infinite values where the equations use it")
+    if (~np.isfinite(source).all(-1) & guide_ok).any():
+        raise ValueError("source: contains NaN or infinite values where it guides "
+                         "(pass source_mask to exclude them)")
     out = np.array(target, dtype=np.float32, copy=True)
     info = PoissonInfo(iterations=0, relative_residual=0.0, unknowns=0, converged=True)
     if not omega.any():
@@ -552,9 +561,6 @@ def poisson_blend(target, source, mask, *, mixed: bool = False, source_mask=None
     t = np.ascontiguousarray(t, dtype=np.float32)
     s = np.ascontiguousarray(s, dtype=np.float32)
     m = np.ascontiguousarray(m, dtype=bool)
-    for name, a in (("target", t), ("source", s)):
-        if not np.isfinite(a).all():
-            raise ValueError(f"{name}: contains NaN or infinite values")
     g = np.ascontiguousarray(g, dtype=bool)
 
     def one(k):

@@ -243,6 +243,13 @@ def test_non_square_single_channel_and_nan():
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="target: contains NaN"):
         poisson_blend(bad, src, mask)
+    # NaN placeholders inside Ω (never read) are fine, and do not leak into the result
+    holey = tgt.copy()
+    holey[mask] = np.nan
+    f2 = poisson_blend(holey, src, mask)
+    assert np.isfinite(f2).all() and np.abs(f2 - f).max() < 1e-5
+    with pytest.raises(ValueError, match="source"):
+        poisson_blend(tgt, np.where(mask[..., None], np.nan, src), mask)
     # an iteration cap that is too small is reported, not hidden
     _, info = poisson_blend(tgt, src, mask, max_iter=1, return_info=True)
     assert not info[0]["converged"] and info[0]["relative_residual"] > 1e-6
