@@ -7,7 +7,7 @@ float32 out) keeps the compile cache small; inputs are converted.
 from __future__ import annotations
 
 import numpy as np
-from facecorpus.renderers.raster import Fragments
+from facecorpus.renderers.raster import Fragments, index_range
 from numba import njit, prange
 
 
@@ -75,9 +75,11 @@ def interpolate(attributes, fragments: Fragments, triangles=None) -> np.ndarray:
         attr = a[None] if a.ndim == 2 else a
     attr = _rw(np.asarray(attr, dtype=np.float32))
     out = np.empty((N, H, W, attr.shape[2]), np.float32)
-    if corner_idx.size and int(corner_idx.max()) >= attr.shape[1]:
-        raise ValueError(f"triangles index vertex {int(corner_idx.max())} but attributes has "
-                         f"{attr.shape[1]} rows")
+    if corner_idx.size:
+        lo, hi = index_range(corner_idx)
+        if lo < 0 or hi >= attr.shape[1]:
+            raise ValueError(f"triangles index vertices in [{lo}, {hi}] but attributes has "
+                             f"{attr.shape[1]} rows")
     _interp(_rw(np.asarray(p2f, np.int32)), _rw(np.asarray(bary, np.float32)), corner_idx,
             attr, out)
     return out

@@ -162,12 +162,14 @@ def _raster_band(XY, ZW, ok, tris, n, r0, r1, W, cull, persp, p2f, key):
             e0 = (px0 - X1) * dy12 - (py - Y1) * dx12 + bias0
             e1 = (px0 - X2) * dy20 - (py - Y2) * dx20 + bias1
             e2 = (px0 - X0) * dy01 - (py - Y0) * dx01 + bias2
-            if e0 >= 0 and e1 >= 0 and e2 >= 0:
-                inv = (-1.0 if persp else 1.0) / np.float64(area)
-                z = ((e0 - bias0) * w0 + (e1 - bias1) * w1 + (e2 - bias2) * w2) * inv
-                if z < key[n, i0, j0]:
-                    key[n, i0, j0] = z
-                    p2f[n, i0, j0] = f
+            # branch-free select: whether a tiny triangle covers its one candidate pixel is
+            # unpredictable, so compute the depth key anyway and store conditionally
+            z = (((e0 - bias0) * w0 + (e1 - bias1) * w1 + (e2 - bias2) * w2)
+                 * ((-1.0 if persp else 1.0) / np.float64(area)))
+            old = key[n, i0, j0]
+            take = ((e0 | e1 | e2) >= 0) & (z < old)
+            key[n, i0, j0] = z if take else old
+            p2f[n, i0, j0] = f if take else p2f[n, i0, j0]
             continue
         for i in range(i0, i1 + 1):
             e0 = (px0 - X1) * dy12 - (py - Y1) * dx12
@@ -254,6 +256,19 @@ def _raster_batch(sv, XY, ZW, ok, tris, H, W, n_bands, cull, persp, p2f, bary, z
                 _resolve_row(sv, tris, persp, n, i, p2f, bary, zbuf)
 
 
+@njit(cache=True, nogil=True)
+def index_range(idx):  # pragma: no cover - compiled
+    """(min, max) of an int32 index array in one pass (numpy needs two)."""
+    flat = idx.ravel()
+    lo = np.int64(flat[0]) if flat.size else 0
+    hi = lo
+    for k in range(flat.size):
+        x = np.int64(flat[k])
+        lo = min(lo, x)
+        hi = max(hi, x)
+    return lo, hi
+
+
 def _check_inputs(screen_vertices, triangles, height, width):
     sv = np.asarray(screen_vertices)
     if sv.ndim == 2:
@@ -263,15 +278,20 @@ def _check_inputs(screen_vertices, triangles, height, width):
     tris = np.asarray(triangles)
     if tris.ndim != 2 or tris.shape[1] != 3 or not np.issubdtype(tris.dtype, np.integer):
         raise ValueError(f"triangles must be (F, 3) integers, got {tris.shape} {tris.dtype}")
-    if tris.size and (tris.min() < 0 or tris.max() >= sv.shape[1]):
-        raise ValueError(f"triangle indices out of range [0, {sv.shape[1]})")
     if int(height) <= 0 or int(width) <= 0:
         raise ValueError(f"image size must be positive, got {height}x{width}")
-    sv = np.ascontiguousarray(sv, dtype=np.float32)
+    V = sv.shape[1]
+    if tris.dtype != np.int32 and tris.size and (tris.min() < 0 or tris.max() >= V):
+        raise ValueError(f"triangle indices out of range [0, {V})")
     tris = np.ascontiguousarray(tris, dtype=np.int32)
     # read-only inputs (cached, shared arrays) would compile a second jitted signature
-    return (sv if sv.flags.writeable else sv.copy(),
-            tris if tris.flags.writeable else tris.copy())
+    tris = tris if tris.flags.writeable else tris.copy()
+    if tris.size:
+        lo, hi = index_range(tris)  # one pass instead of numpy's min() and max()
+        if lo < 0 or hi >= V:
+            raise ValueError(f"triangle indices out of range [0, {V})")
+    sv = np.ascontiguousarray(sv, dtype=np.float32)
+    return sv if sv.flags.writeable else sv.copy(), tris
 
 
 def rasterize(screen_vertices, triangles, height: int, width: int, *,
