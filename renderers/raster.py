@@ -42,7 +42,9 @@ class Fragments:
 
     Attributes:
         pix_to_face: (N, H, W) int32 face index, -1 for background.
-        bary: (N, H, W, 3) float32 perspective-correct barycentrics (0 on background).
+        bary: (N, H, W, 3) float32 perspective-correct barycentrics (0 on background),
+            computed from the unsnapped vertex positions: on pixels whose centre lies within
+            1/512 px of an edge they can be slightly negative.
         zbuf: (N, H, W) float32 depth of the nearest surface, +inf on background.
     """
 
@@ -218,10 +220,16 @@ def _resolve_row(sv, tris, persp, n, i, p2f, bary, zbuf):
         x2 = np.float64(sv[n, c, 0])
         y2 = np.float64(sv[n, c, 1])
         cx = j + 0.5
-        inv = 1.0 / ((x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0))
-        l0 = ((x1 - cx) * (y2 - cy) - (x2 - cx) * (y1 - cy)) * inv
-        l1 = ((x2 - cx) * (y0 - cy) - (x0 - cx) * (y2 - cy)) * inv
-        l2 = 1.0 - l0 - l1
+        area = (x1 - x0) * (y2 - y0) - (x2 - x0) * (y1 - y0)
+        if abs(area) > 1e-12:
+            inv = 1.0 / area
+            l0 = ((x1 - cx) * (y2 - cy) - (x2 - cx) * (y1 - cy)) * inv
+            l1 = ((x2 - cx) * (y0 - cy) - (x0 - cx) * (y2 - cy)) * inv
+            l2 = 1.0 - l0 - l1
+        else:  # collinear in float, not after snapping: no meaningful weights, use the centroid
+            l0 = 1.0 / 3.0
+            l1 = 1.0 / 3.0
+            l2 = 1.0 / 3.0
         z0 = np.float64(sv[n, a, 2])
         z1 = np.float64(sv[n, b, 2])
         z2 = np.float64(sv[n, c, 2])
