@@ -208,9 +208,9 @@ class ShardResult:
 
 
 def _split(seed: int, index: int, val_fraction: float) -> str:
-    from facecorpus.tasks.augment import face_rng
+    from facecorpus.tasks.augment import STREAM_SPLIT, face_rng
 
-    return "val" if face_rng(seed, 5, index).random() < val_fraction else "train"
+    return "val" if face_rng(seed, STREAM_SPLIT, index).random() < val_fraction else "train"
 
 
 def synthesize_shard(cfg: SynthesisConfig, writers, shard_id: int) -> ShardResult:

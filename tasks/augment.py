@@ -36,6 +36,7 @@ STREAM_AUGMENT = 1
 STREAM_RENDER = 2
 STREAM_SOURCES = 3
 STREAM_GROUPS = 4
+STREAM_SPLIT = 5
 
 
 def face_rng(seed: int, stream: int, index: int) -> np.random.Generator:

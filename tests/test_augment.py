@@ -132,3 +132,33 @@ def test_group_ratios_must_name_present_groups(prepared):
     with pytest.raises(InputError, match="nosuch"):
         augment.group_ratios_for(prepared.subjects, {"g0": 0.5, "nosuch": 0.5})
     assert augment.group_ratios_for(prepared.subjects, None) == {"g0": 1.0, "g1": 1.0, "g2": 1.0}
+
+
+def test_subjects_from_a_pseudo_gt_dataset(model, tmp_path):
+    """Fitted coefficients + uv_pseudo_gt textures + a group column, as the pseudo-GT flow
+    writes them (fewer fitted modes than the model: the rest are 0)."""
+    from facecorpus.datasets.store import DatasetSchema, DatasetWriter, FieldSpec
+
+    rng = np.random.default_rng(0)
+    n, k = 4, model.n_id - 2
+    schema = DatasetSchema({"id_coeffs": FieldSpec((k,), "float32"),
+                            "uv_pseudo_gt": FieldSpec((16, 16, 3), "uint8")},
+                           samples_per_shard=4, samples_per_chunk=1, producer="pseudo_gt")
+    coeffs = rng.normal(size=(n, k)).astype(np.float32)
+    tex = rng.integers(0, 255, (n, 16, 16, 3), dtype=np.uint8)
+    rows = [{"sample_id": f"p{i}", "source_uri": f"photos/p{i}.jpg",
+             "group": ["f", "m", "", "m"][i], "emb": [float(i), 1.0]} for i in range(n)]
+    DatasetWriter(str(tmp_path / "pgt"), schema).write_shard(
+        0, {"id_coeffs": coeffs, "uv_pseudo_gt": tex}, rows)
+    s = augment.subjects_from_dataset(model, str(tmp_path / "pgt"), embedding_column="emb",
+                                      texture_size=8)
+    assert s.groups == ("f", "m", "all", "m")
+    assert s.source_uris[1] == "photos/p1.jpg"
+    full = np.zeros(model.n_id, np.float32)
+    full[:k] = coeffs[2]
+    np.testing.assert_allclose(s.vertices[2], model.shape(full), atol=1e-4)
+    assert s.textures.shape == (n, 8, 8, 3) and s.embeddings.shape == (n, 2)
+    same = augment.subjects_from_dataset(model, str(tmp_path / "pgt"), texture_size=16)
+    np.testing.assert_array_equal(same.textures, tex)
+    with pytest.raises(InputError, match="nosuch"):
+        augment.subjects_from_dataset(model, str(tmp_path / "pgt"), embedding_column="nosuch")
