@@ -298,7 +298,11 @@ def _pcg(b0, x0, unkf, d, invd, offs, hs, ws, tol, max_iter, nu, coarse_sweeps,
 
 @nb.njit(cache=True, nogil=True)
 def _rhs(target, source, guide_ok, omega, i0, j0, h, w, mixed, b, x):
-    """Level-0 right-hand side b and initial guess x (the source), planar (C, n0)."""
+    """Level-0 right-hand side b and initial guess x (the source), planar (C, n0).
+
+    Returns 0, or 1 / 2 if a target / source value the equations read is not finite.
+    """
+    status = 0
     W = w + 2
     S0, S1, C = target.shape
     for i in range(1, min(h, S0 - i0) + 1):
@@ -328,13 +332,21 @@ def _rhs(target, source, guide_ok, omega, i0, j0, h, w, mixed, b, x):
                 outside = not omega[qi, qj]
                 for c in range(C):
                     v = (float(source[gi, gj, c]) - float(source[qi, qj, c])) if guided else 0.0
+                    if not np.isfinite(v):
+                        status = 2
                     if mixed:
                         vt = float(target[gi, gj, c]) - float(target[qi, qj, c])
+                        if not np.isfinite(vt):
+                            status = 1
                         if abs(vt) > abs(v):
                             v = vt
                     if outside:
-                        v += float(target[qi, qj, c])
+                        t = float(target[qi, qj, c])
+                        if not np.isfinite(t):
+                            status = 1
+                        v += t
                     b[c, p] += v
+    return status
 
 
 @nb.njit(cache=True, nogil=True)
@@ -460,14 +472,6 @@ class PoissonInfo(dict):
 
 def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
     """One map. target/source (S,S,C) float32, omega/guide_ok (S,S) bool."""
-    # only values the equations read must be finite: the target outside Ω (everywhere with
-    # mixed gradients) and the source where it guides; NaN placeholders elsewhere are fine
-    tbad = ~np.isfinite(target).all(-1)
-    if (tbad & ~omega).any() or (mixed and tbad.any()):
-        raise ValueError("target: contains NaN or infinite values where the equations use it")
-    if (~np.isfinite(source).all(-1) & guide_ok).any():
-        raise ValueError("source: contains NaN or infinite values where it guides "
-                         "(pass source_mask to exclude them)")
     out = np.array(target, dtype=np.float32, copy=True)
     info = PoissonInfo(iterations=0, relative_residual=0.0, unknowns=0, converged=True)
     if not omega.any():
@@ -497,7 +501,14 @@ def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
     x = _work("x", (C, (h + 2) * (w + 2)), np.float64)
     b[:] = 0.0
     x[:] = 0.0
-    _rhs(target, source, guide_ok, omega, i0, j0, h, w, mixed, b, x)
+    # only values the equations read must be finite (the target next to Ω, everywhere in
+    # it with mixed gradients; the source where it guides): NaN placeholders elsewhere are fine
+    status = _rhs(target, source, guide_ok, omega, i0, j0, h, w, mixed, b, x)
+    if status == 1:
+        raise ValueError("target: contains NaN or infinite values where the equations read it")
+    if status == 2:
+        raise ValueError("source: contains NaN or infinite values where it guides "
+                         "(pass source_mask to exclude them)")
     # a small coarsest level is solved by many sweeps; a large one (coarsening stopped because
     # Ω is thin) only smoothed: thin parts are well conditioned and CG does the rest
     ncoarse = int(unkf[offs[-1]:].sum())

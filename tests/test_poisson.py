@@ -240,9 +240,12 @@ def test_non_square_single_channel_and_nan():
     assert f.shape == (40, 70, 1) and info[0]["converged"]
     assert poisson_residual(f, tgt, src, mask) < 1e-5
     bad = tgt.copy()
-    bad[0, 0, 0] = np.nan
+    bad[4, 20, 0] = np.nan  # a Dirichlet neighbour of Ω
     with pytest.raises(ValueError, match="target: contains NaN"):
         poisson_blend(bad, src, mask)
+    bad = tgt.copy()
+    bad[0, 0, 0] = np.nan  # far from Ω: never read, returned as is
+    assert np.isnan(poisson_blend(bad, src, mask)[0, 0, 0])
     # NaN placeholders inside Ω (never read) are fine, and do not leak into the result
     holey = tgt.copy()
     holey[mask] = np.nan
