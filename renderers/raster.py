@@ -100,12 +100,18 @@ def _raster_band(XY, ZW, ok, tris, n, r0, r1, W, cull, persp, p2f, key):
             key[n, i, j] = np.inf
     xy = XY[n]
     okn = ok[n]
+    # invalid vertices are rare: skip the three validity loads per triangle when there are none
+    all_ok = True
+    for v in range(okn.size):
+        if not okn[v]:
+            all_ok = False
+            break
     F = tris.shape[0]
     for f in range(F):
         a = tris[f, 0]
         b = tris[f, 1]
         c = tris[f, 2]
-        if not (okn[a] and okn[b] and okn[c]):
+        if not all_ok and not (okn[a] and okn[b] and okn[c]):
             continue
         Y0 = np.int64(xy[a, 1])
         Y1 = np.int64(xy[b, 1])
