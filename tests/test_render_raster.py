@@ -219,3 +219,23 @@ def test_bad_inputs_raise_clear_errors():
         rasterize(sv, np.array([[0.0, 1, 2]]), 8, 8)
     with pytest.raises(ValueError, match="positive"):
         rasterize(sv, [[0, 1, 2]], 0, 8)
+
+
+def test_one_jitted_signature_per_kernel():
+    """Inputs of any float/int dtype, read-only or not, reuse one compiled signature (compile
+    time and the numba cache stay small)."""
+    from facecorpus.renderers import interpolate as interp_mod
+    from facecorpus.renderers import raster as raster_mod
+
+    v, f = icosphere(1, 10.0)
+    sv = Camera.orthographic(16, 16, scale=0.6).project(v)[None]
+    ro = sv.astype(np.float64)
+    ro.flags.writeable = False
+    tri_ro = f.astype(np.int64)
+    tri_ro.flags.writeable = False
+    for s, t in ((sv, f), (ro, tri_ro), (sv.astype(np.float16), f.astype(np.int16))):
+        fr = rasterize(s, t, 16, 16, perspective_correct=False)
+        interp_mod.interpolate(v.astype(np.float64), fr, t)
+    for kernel in (raster_mod._snap, raster_mod._raster_batch, raster_mod.index_range,
+                   interp_mod._interp):
+        assert len(kernel.signatures) == 1, kernel
