@@ -158,13 +158,13 @@ def bench_render(model_spec: str, faces: int = 4) -> dict:
 
 
 # --------------------------------------------------------------------------- end to end
-def _warm(cfg_json: str, out: str, barrier) -> int:
+def _warm(cfg_json: str, sources_dir: str, barrier) -> int:
     import numba
     from facecorpus.configs.synthesis import SynthesisConfig
     from facecorpus.flows.synthesis import build_context
 
     numba.set_num_threads(1)
-    build_context(SynthesisConfig.model_validate_json(cfg_json))
+    build_context(SynthesisConfig.model_validate_json(cfg_json), sources_dir)
     barrier.wait()
     return os.getpid()
 
@@ -173,22 +173,29 @@ def run_processes(cfg, out: Path, workers: int) -> dict:
     """All shards of ``cfg`` on ``workers`` processes (fresh output); wall time after warm-up."""
     import multiprocessing as mp
 
-    from facecorpus.flows.synthesis import _shard_worker, build_context, finish, open_writers
+    from facecorpus.flows.synthesis import (
+        _shard_worker,
+        build_context,
+        finish,
+        open_writers,
+        sources_dir_for,
+    )
 
     if out.exists():
         shutil.rmtree(out)
-    ctx = build_context(cfg)
+    sd = str(sources_dir_for(cfg, out))
+    ctx = build_context(cfg, sd)
     writers = open_writers(ctx, out)
     cfg_json = cfg.model_dump_json()
     mpctx = mp.get_context("spawn")
     with mpctx.Manager() as man, ProcessPoolExecutor(workers, mp_context=mpctx) as ex:
         barrier = man.Barrier(workers)
-        list(ex.map(_warm, [cfg_json] * workers, [str(out)] * workers, [barrier] * workers))
+        list(ex.map(_warm, [cfg_json] * workers, [sd] * workers, [barrier] * workers))
         load0 = os.getloadavg()
         t = time.perf_counter()
         results = list(ex.map(_shard_worker, [cfg_json] * cfg.n_shards(),
                               [writers] * cfg.n_shards(), range(cfg.n_shards()),
-                              [1] * cfg.n_shards()))
+                              [1] * cfg.n_shards(), [sd] * cfg.n_shards()))
         wall = time.perf_counter() - t
         load1 = os.getloadavg()
     summary = finish(cfg, out, results, skipped=0)

@@ -102,42 +102,46 @@ _CONTEXTS: dict[str, Context] = {}
 _CONTEXT_LOCK = threading.Lock()
 
 
-def build_context(cfg: SynthesisConfig) -> Context:
-    """Model, sources (DR-encoded), group assignment: cached per process by config content."""
+def build_context(cfg: SynthesisConfig, sources_dir: str | os.PathLike | None = None
+                  ) -> Context:
+    """Model, sources (DR-encoded), group assignment: cached per process by config content.
+
+    With ``sources_dir``, the prepared sources are memory-mapped from there, or computed
+    and written there when absent (the driver does this once before any shard runs, so
+    worker processes share one copy and never re-encode).
+    """
     key = hashlib.sha256(json.dumps(content_config(cfg), sort_keys=True).encode()).hexdigest()
+    ckey = f"{key}:{sources_dir}"
     with _CONTEXT_LOCK:
-        ctx = _CONTEXTS.get(key)
+        ctx = _CONTEXTS.get(ckey)
         if ctx is not None:
             return ctx
-        ctx = _build_context(cfg, key)
-        _CONTEXTS[key] = ctx
+        ctx = _build_context(cfg, key, sources_dir)
+        _CONTEXTS[ckey] = ctx
         return ctx
 
 
-def _build_context(cfg: SynthesisConfig, key: str) -> Context:
+def sources_dir_for(cfg: SynthesisConfig, out: str | os.PathLike) -> Path:
+    """Where a run keeps its prepared sources: ``OUT/.sources/<hash of what shapes them>``."""
+    shaping = {k: content_config(cfg)[k] for k in ("model", "seed", "subjects")}
+    h = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(out) / ".sources" / h
+
+
+def _build_context(cfg: SynthesisConfig, key: str, sources_dir) -> Context:
     from facecorpus.meshops.geometry import ncc
     from facecorpus.tasks import augment
     from facecorpus.tasks.backgrounds import BackgroundSource
-    from facecorpus.tasks.render_views import albedo_uv_map
 
     model = load_model(cfg.model)
-    sc = cfg.subjects
-    tsize = sc.texture_size
-    albedo_uv = albedo_uv_map(model, tsize) if model.has_albedo else None
-    if sc.source == "random":
-        subjects = augment.random_subjects(model, sc.n_random, coeff_std=sc.coeff_std,
-                                           n_groups=sc.n_groups, seed=cfg.seed,
-                                           texture_size=tsize, albedo_uv=albedo_uv)
-    elif sc.source == "meshes":
-        subjects = augment.subjects_from_meshes(model, sc.meshes, groups_csv=sc.groups_csv,
-                                                texture_size=tsize, seed=cfg.seed,
-                                                albedo_uv=albedo_uv)
+    if sources_dir is not None and (Path(sources_dir) / "done.json").is_file():
+        prepared = augment.load_prepared(sources_dir, model.triangles)
     else:
-        subjects = augment.subjects_from_dataset(model, sc.dataset, group_column=sc.group_column,
-                                                 embedding_column=sc.embedding_column,
-                                                 texture_size=tsize)
+        prepared = augment.prepare_sources(_make_subjects(cfg, model), model.triangles)
+        if sources_dir is not None:
+            augment.save_prepared(prepared, sources_dir)
+    subjects = prepared.subjects
     ratios = augment.group_ratios_for(subjects, cfg.augment.group_ratios)
-    prepared = augment.prepare_sources(subjects, model.triangles)
     groups = augment.assign_groups(cfg.augment.n_faces, ratios, cfg.seed)
     h = hashlib.sha256((key + model.content_hash()).encode()).hexdigest()[:32]
     return Context(cfg=cfg, config_hash=h, model=model, ncc=ncc(model.vertices),
@@ -145,6 +149,26 @@ def _build_context(cfg: SynthesisConfig, key: str) -> Context:
                    prepared=prepared, groups=groups,
                    yaws=np.asarray(cfg.poses.yaws(), np.float32),
                    backgrounds=BackgroundSource(cfg.background.kind, cfg.background.folder))
+
+
+def _make_subjects(cfg: SynthesisConfig, model):
+    from facecorpus.tasks import augment
+    from facecorpus.tasks.render_views import albedo_uv_map
+
+    sc = cfg.subjects
+    tsize = sc.texture_size
+    albedo_uv = albedo_uv_map(model, tsize) if model.has_albedo else None
+    if sc.source == "random":
+        return augment.random_subjects(model, sc.n_random, coeff_std=sc.coeff_std,
+                                       n_groups=sc.n_groups, seed=cfg.seed,
+                                       texture_size=tsize, albedo_uv=albedo_uv)
+    if sc.source == "meshes":
+        return augment.subjects_from_meshes(model, sc.meshes, groups_csv=sc.groups_csv,
+                                            texture_size=tsize, seed=cfg.seed,
+                                            albedo_uv=albedo_uv)
+    return augment.subjects_from_dataset(model, sc.dataset, group_column=sc.group_column,
+                                         embedding_column=sc.embedding_column,
+                                         texture_size=tsize)
 
 
 # --------------------------------------------------------------------------- datasets
@@ -213,7 +237,8 @@ def _split(seed: int, index: int, val_fraction: float) -> str:
     return "val" if face_rng(seed, STREAM_SPLIT, index).random() < val_fraction else "train"
 
 
-def synthesize_shard(cfg: SynthesisConfig, writers, shard_id: int) -> ShardResult:
+def synthesize_shard(cfg: SynthesisConfig, writers, shard_id: int,
+                     sources_dir: str | None = None) -> ShardResult:
     """Augment, render and commit one shard (faces dataset first, views last).
 
     A failure of one face (sampling exhausted, or an exception while rendering it) is a
@@ -229,7 +254,7 @@ def synthesize_shard(cfg: SynthesisConfig, writers, shard_id: int) -> ShardResul
     )
 
     t0, c0 = time.perf_counter(), time.process_time()
-    ctx = build_context(cfg)
+    ctx = build_context(cfg, sources_dir)
     vw, fw = writers
     key = shard_key(ctx, shard_id)
     res = ShardResult(shard_id)
@@ -331,13 +356,14 @@ def _threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, workers))
 
 
-def _shard_worker(cfg_json: str, writers, shard_id: int, threads: int) -> dict:
+def _shard_worker(cfg_json: str, writers, shard_id: int, threads: int,
+                  sources_dir: str | None = None) -> dict:
     """Process-friendly entry point (plain JSON config in, plain dict out)."""
     import numba
 
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     cfg = SynthesisConfig.model_validate_json(cfg_json)
-    return asdict(synthesize_shard(cfg, writers, shard_id))
+    return asdict(synthesize_shard(cfg, writers, shard_id, sources_dir))
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -371,12 +397,13 @@ class _Progress:
 def run_shards(cfg: SynthesisConfig, out: str | os.PathLike, *,
                max_shards: int | None = None) -> dict:
     """Run pending shards in this process, in order, without Prefect (tests, benchmarks)."""
-    ctx = build_context(cfg)
+    sd = str(sources_dir_for(cfg, out))
+    ctx = build_context(cfg, sd)
     writers = open_writers(ctx, out)
     todo, done = pending_shards(ctx, writers)
     if max_shards is not None:
         todo = todo[:max_shards]
-    results = [asdict(synthesize_shard(cfg, writers, s)) for s in todo]
+    results = [asdict(synthesize_shard(cfg, writers, s, sd)) for s in todo]
     return finish(cfg, out, results, skipped=len(done))
 
 
@@ -387,7 +414,8 @@ def synthesis_flow_fn(cfg_json: str, out: str, max_shards: int | None = None) ->
     from prefect.futures import as_completed
 
     cfg = SynthesisConfig.model_validate_json(cfg_json)
-    ctx = build_context(cfg)
+    sd = str(sources_dir_for(cfg, out))
+    ctx = build_context(cfg, sd)  # prepares (and caches) the sources once, here
     writers = open_writers(ctx, out)
     todo, done = pending_shards(ctx, writers)
     if max_shards is not None:
@@ -398,7 +426,7 @@ def synthesis_flow_fn(cfg_json: str, out: str, max_shards: int | None = None) ->
                       retries=0)
     threads = _threads_per_worker(cfg.workers)
     futures = [shard_task.with_options(task_run_name=f"shard-{s}").submit(
-        cfg_json, writers, s, threads) for s in todo]
+        cfg_json, writers, s, threads, sd) for s in todo]
     prog = _Progress(len(todo) + len(done), len(done),
                      cfg.output.faces_per_shard * ctx.n_poses)
     results = []

@@ -90,11 +90,17 @@ class PreparedSources:
     topology: object  # facecorpus.meshops.dr.DRTopology
     features: np.ndarray  # (N, V, 9) float32
     triangles: np.ndarray  # (F, 3) int32
-    centred: np.ndarray | None = None  # (N, V, 3) float32 sources minus their centroids
+    # Texture matching compares shapes on an evenly strided subset of at most ~2048 vertices
+    # (``probe``), centred: enough to rank shapes, and small for thousands of sources.
+    probe: np.ndarray | None = None  # (P,) vertex indices
+    centred: np.ndarray | None = None  # (N, P, 3) float32 probe vertices minus their centroid
 
     def __post_init__(self):
+        if self.probe is None:
+            V = self.subjects.vertices.shape[1]
+            object.__setattr__(self, "probe", np.arange(0, V, max(1, V // 2048)))
         if self.centred is None:
-            v = self.subjects.vertices.astype(np.float32)
+            v = np.asarray(self.subjects.vertices[:, self.probe], np.float32)
             object.__setattr__(self, "centred", v - v.mean(1, keepdims=True))
 
 
@@ -352,6 +358,57 @@ def prepare_sources(subjects: SourceSubjects, triangles: np.ndarray) -> Prepared
     return PreparedSources(subjects, topo, feats, np.asarray(triangles, np.int32))
 
 
+_ARRAYS = ("vertices", "textures", "features", "coefficients", "embeddings", "reference")
+
+
+def save_prepared(prepared: PreparedSources, folder: str | Path) -> Path:
+    """Write prepared sources as plain ``.npy`` files + ``meta.json`` (no pickle), each
+    atomically, ``done.json`` last; :func:`load_prepared` memory-maps them, so worker
+    processes share one copy through the page cache and nobody re-encodes."""
+    import json
+    import os
+
+    d = Path(folder)
+    d.mkdir(parents=True, exist_ok=True)
+    subj = prepared.subjects
+    arrays = {"vertices": subj.vertices, "textures": subj.textures,
+              "features": prepared.features, "coefficients": subj.coefficients,
+              "embeddings": subj.embeddings, "reference": prepared.topology.reference}
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        tmp = d / f".{name}.npy.tmp{os.getpid()}"
+        with open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(a), allow_pickle=False)
+        os.replace(tmp, d / f"{name}.npy")
+    meta = {"subject_ids": list(subj.subject_ids), "groups": list(subj.groups),
+            "source_uris": list(subj.source_uris)}
+    for name, text in (("meta.json", json.dumps(meta)), ("done.json", json.dumps({"n": len(subj)}))):
+        tmp = d / f".{name}.tmp{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, d / name)
+    return d
+
+
+def load_prepared(folder: str | Path, triangles: np.ndarray) -> PreparedSources:
+    """Memory-map sources written by :func:`save_prepared` and rebuild the DR topology."""
+    import json
+
+    from facecorpus.meshops import dr
+
+    d = Path(folder)
+    if not (d / "done.json").is_file():
+        raise InputError(f"{d}: no complete prepared-sources cache (done.json missing)")
+    meta = json.loads((d / "meta.json").read_text())
+    a = {n: (np.load(d / f"{n}.npy", mmap_mode="r", allow_pickle=False)
+             if (d / f"{n}.npy").is_file() else None) for n in _ARRAYS}
+    subj = SourceSubjects(tuple(meta["subject_ids"]), tuple(meta["groups"]), a["vertices"],
+                          a["textures"], tuple(meta["source_uris"]),
+                          embeddings=a["embeddings"], coefficients=a["coefficients"])
+    topo = dr.DRTopology(np.asarray(a["reference"]), triangles)
+    return PreparedSources(subj, topo, a["features"], np.asarray(triangles, np.int32))
+
+
 def assign_groups(n_faces: int, ratios: dict[str, float], seed: int) -> np.ndarray:
     """The group of every generated face: exact quotas (largest remainder) in a random order.
 
@@ -386,7 +443,8 @@ def closest_subject(candidates: np.ndarray, prepared: PreparedSources, vertices:
     if embedding is not None and subj.embeddings is not None:
         d = np.linalg.norm(subj.embeddings[candidates] - embedding, axis=1)
     else:
-        v = (vertices - vertices.mean(0)).astype(np.float32)
+        v = np.asarray(vertices, np.float32)[prepared.probe]
+        v = v - v.mean(0)
         s = prepared.centred[candidates]
         d = np.sqrt(((s - v) ** 2).sum(-1).mean(-1))
     return int(candidates[int(np.argmin(d))])

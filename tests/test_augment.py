@@ -162,3 +162,18 @@ def test_subjects_from_a_pseudo_gt_dataset(model, tmp_path):
     np.testing.assert_array_equal(same.textures, tex)
     with pytest.raises(InputError, match="nosuch"):
         augment.subjects_from_dataset(model, str(tmp_path / "pgt"), embedding_column="nosuch")
+
+
+def test_prepared_sources_cache_round_trip(prepared, model, tmp_path):
+    """Sources saved once and memory-mapped by workers sample exactly the same faces."""
+    augment.save_prepared(prepared, tmp_path / "src")
+    loaded = augment.load_prepared(tmp_path / "src", model.triangles)
+    assert isinstance(loaded.features, np.memmap)
+    assert loaded.subjects.groups == prepared.subjects.groups
+    for i in (0, 5):
+        a = augment.sample_face(i, "g2", prepared, seed=1).face
+        b = augment.sample_face(i, "g2", loaded, seed=1).face
+        np.testing.assert_array_equal(a.vertices, b.vertices)
+        assert a.texture_subject == b.texture_subject
+    with pytest.raises(InputError, match="done.json"):
+        augment.load_prepared(tmp_path / "nothing", model.triangles)
