@@ -137,7 +137,7 @@ def project_orthographic(vertices, rotation, translation, scale, cx, cy) -> np.n
     return np.stack([x, y, -s * X[..., 2]], -1).astype(np.float32)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _project_kernel(v, R, t, f, cx, cy, persp, out):  # pragma: no cover - compiled
     """Fast path of Camera.project for one (V, 3) float32 mesh: one pass, no temporaries."""
     r00, r01, r02 = R[0, 0], R[0, 1], R[0, 2]

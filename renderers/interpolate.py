@@ -17,7 +17,7 @@ def _rw(a: np.ndarray) -> np.ndarray:
     return a if a.flags.writeable else a.copy()
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def _interp(p2f, bary, corner_idx, attr, out):
     N, H, W = p2f.shape
     C = attr.shape[2]
@@ -85,7 +85,7 @@ def interpolate(attributes, fragments: Fragments, triangles=None) -> np.ndarray:
     return out
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def _bilinear(img, xy, mask, out):
     """img (B, Hi, Wi, C); xy (N, H, W, 2) continuous pixel coords (centres at +0.5)."""
     N, H, W, _ = xy.shape

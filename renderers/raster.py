@@ -66,7 +66,7 @@ class Fragments:
         return Fragments(self.pix_to_face[idx], self.bary[idx], self.zbuf[idx])
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def _snap(sv, persp, XY, ZW, ok):
     """Per vertex: fixed-point position (1/256 px), the depth term interpolated linearly on
     screen (1/depth for perspective, depth otherwise) and whether it can be drawn at all."""
@@ -89,7 +89,7 @@ def _snap(sv, persp, XY, ZW, ok):
                 ZW[n, v] = 0.0
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _raster_band(XY, ZW, ok, tris, n, r0, r1, W, cull, persp, p2f, key):
     """Visibility only: face id and a depth key per pixel (smaller is nearer: depth, or
     -1/depth for perspective, so no division per pixel). Barycentrics are resolved later,
@@ -201,7 +201,7 @@ def _raster_band(XY, ZW, ok, tris, n, r0, r1, W, cull, persp, p2f, key):
             py += 256
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _resolve_row(sv, tris, persp, n, i, p2f, bary, zbuf):
     """Barycentrics and depth of the winning face at each pixel centre of one row, from the
     unsnapped float positions (so they match the torch path and the reference to float
@@ -255,7 +255,7 @@ def _resolve_row(sv, tris, persp, n, i, p2f, bary, zbuf):
         zbuf[n, i, j] = z
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def _raster_batch(sv, XY, ZW, ok, tris, H, W, n_bands, cull, persp, p2f, bary, zbuf):
     N = sv.shape[0]
     rows = (H + n_bands - 1) // n_bands
@@ -270,7 +270,7 @@ def _raster_batch(sv, XY, ZW, ok, tris, H, W, n_bands, cull, persp, p2f, bary, z
                 _resolve_row(sv, tris, persp, n, i, p2f, bary, zbuf)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def index_range(idx):  # pragma: no cover - compiled
     """(min, max) of an int32 index array in one pass (numpy needs two)."""
     flat = idx.ravel()

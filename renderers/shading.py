@@ -82,7 +82,7 @@ def sh_irradiance(normals, coeffs) -> np.ndarray:
     return np.einsum("nvk,nck->nvc", flat, c).reshape(Y.shape[:-1] + (3,))
 
 
-@njit(cache=True, parallel=True, nogil=True)
+@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
 def _shade_kernel(normals, rot, albedo, coeffs, colour, cam_normals):  # pragma: no cover
     N = rot.shape[0]
     V = normals.shape[1]
