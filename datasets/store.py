@@ -22,8 +22,10 @@ Commit protocol (one shard at a time, :meth:`DatasetWriter.write_shard`):
 1. If the shard is committed with the same content key and checksums, return (no-op); with
    different content raise :class:`ShardConflictError` unless ``overwrite=True``, in which case
    the manifest part is removed first (the shard becomes invisible while it is rewritten).
-2. Write the data: each field's whole shard region in one assignment (padded with fill value),
-   so exactly one shard file per field is touched and stale rows of an earlier write vanish.
+2. Write the data: each field's shard file is encoded here in zarr's sharding format (rows
+   past ``n`` are fill value) and written whole, with the same atomic put as the manifest;
+   exactly one file per field is touched and stale rows of an earlier write vanish. (An array
+   with another codec layout is written through zarr, as one whole-shard assignment.)
 3. Write ``rejected/shard-N.parquet``, then ``manifest/shard-N.parquet`` LAST. The manifest part
    carries the commit record (content key, row count, sha256 of each field's raw bytes) in its
    Parquet key-value metadata under ``facecorpus.shard``. Local filesystems: written to a
@@ -449,11 +451,12 @@ class DatasetWriter:
         self.root = _Root(root, storage_options)
         self.schema = schema
         self._arrays: dict[str, Any] = {}
+        self._encoders: dict[str, Any] = {}
         self._pid = os.getpid()
         self._create_or_check()
 
     def __getstate__(self):
-        return {"root": self.root, "schema": self.schema, "_arrays": {}, "_pid": None}
+        return {"root": self.root, "schema": self.schema, "_arrays": {}, "_encoders": {}, "_pid": None}
 
     @property
     def url(self) -> str:
@@ -645,7 +648,6 @@ class DatasetWriter:
             # Uncommit first: readers must never see the old manifest over new data.
             self.root.rm(MANIFEST_DIR, part_name(shard_id))
         self._clean_tmp(shard_id)
-        lo = shard_id * s.samples_per_shard
         for name, a in data.items():
             if n < s.samples_per_shard:
                 # Pad to the whole shard: one full-shard write replaces the shard file (no
@@ -653,16 +655,37 @@ class DatasetWriter:
                 full = np.zeros((s.samples_per_shard, *a.shape[1:]), a.dtype)
                 full[:n] = a
                 a = full
-            self._array(name)[lo:lo + s.samples_per_shard] = a
+            self._write_field_shard(name, shard_id, a)
         self._before_commit(shard_id)
         _write_part(self.root, rej, REJECTED_DIR, shard_id)
         _write_part(self.root, table, MANIFEST_DIR, shard_id, meta=info.record())
         return info
 
+    def _write_field_shard(self, name: str, shard_id: int, a: np.ndarray) -> None:
+        """Replace one field's shard file with ``a`` (``(samples_per_shard, *shape)``).
+
+        Encodes the shard file directly and writes it with :meth:`_Root.put_atomic` (so even a
+        data file is never half-written) when the array has our codec layout; else zarr."""
+        if self._encoders.get(name) is None:
+            layout = _codec_layout(self._array(name).metadata, self.schema, name)
+            self._encoders[name] = layout or False
+        layout = self._encoders[name]
+        if layout is False:
+            lo = shard_id * self.schema.samples_per_shard
+            self._array(name)[lo:lo + self.schema.samples_per_shard] = a
+            return
+        blob = encode_shard(a, self.schema.samples_per_chunk, *layout)
+        parts = _shard_key(name, shard_id, len(self.schema.fields[name].shape))
+        if blob is None:
+            self.root.rm(*parts)
+        else:
+            self.root.put_atomic(blob, *parts)
+
     def _before_commit(self, shard_id: int) -> None:
         """Hook between data and manifest (tests kill the process here)."""
 
     def _clean_tmp(self, shard_id: int) -> None:
+        """Remove temp files an interrupted earlier write of this shard left behind."""
         if not self.root.is_local:
             return
         stem = _TMP_PREFIX + part_name(shard_id)
@@ -670,6 +693,16 @@ class DatasetWriter:
             for name in self.root.ls_names(sub):
                 if name.startswith(stem) and name.endswith(".tmp"):
                     self.root.rm(sub, name)
+        for field_name, spec in self.schema.fields.items():
+            parent = _shard_key(field_name, shard_id, len(spec.shape))[:-1]
+            for name in self.root.ls_names(*parent):
+                if name.startswith(_TMP_PREFIX) and name.endswith(".tmp"):
+                    self.root.rm(*parent, name)
+
+
+def _shard_key(name: str, shard: int, ndim: int) -> tuple[str, ...]:
+    """Path parts of a field's shard file (zarr v3 default chunk keys, '/' separator)."""
+    return (name, "c", str(shard), *["0"] * ndim)
 
 
 def check_path_columns(table, columns: Sequence[str], where: str = "") -> None:
@@ -837,6 +870,71 @@ class StoredDataset:
         return out
 
 
+def _codec_layout(md: Any, s: DatasetSchema, name: str) -> tuple[Any, bool] | None:
+    """(numcodecs compressor, has per-chunk crc32c) if a field's zarr metadata is the layout
+    this module writes (see :class:`_FastShardReader`), else None."""
+    from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+
+    try:
+        (sh,) = md.codecs
+        enc = md.chunk_key_encoding
+        ok = (isinstance(sh, ShardingCodec)
+              and tuple(sh.chunk_shape) == (s.samples_per_chunk, *s.fields[name].shape)
+              and tuple(md.chunk_grid.chunk_shape) == (s.samples_per_shard, *s.fields[name].shape)
+              and sh.index_location.value == "end"
+              and [type(c) for c in sh.index_codecs] == [BytesCodec, Crc32cCodec]
+              and isinstance(sh.codecs[0], BytesCodec)
+              and getattr(sh.codecs[0].endian, "value", "little") == "little"
+              and getattr(enc, "name", "") == "default" and getattr(enc, "separator", "") == "/")
+        inner = list(sh.codecs[1:])
+    except (ValueError, AttributeError, TypeError):
+        return None
+    if not ok or md.fill_value != 0:
+        return None
+    has_crc = bool(inner) and isinstance(inner[-1], Crc32cCodec)
+    if has_crc:
+        inner = inner[:-1]
+    if len(inner) != 1:
+        return None
+    c = inner[0]
+    import numcodecs
+
+    if isinstance(c, ZstdCodec):
+        return numcodecs.Zstd(level=c.level, checksum=bool(c.checksum)), has_crc
+    if isinstance(c, BloscCodec) and c.shuffle.value == "noshuffle":
+        return numcodecs.Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=numcodecs.Blosc.NOSHUFFLE,
+                               blocksize=c.blocksize), has_crc
+    return None
+
+
+def encode_shard(a: np.ndarray, samples_per_chunk: int, codec: Any, has_crc: bool) -> bytes | None:
+    """One shard file's bytes for ``a`` (``(samples_per_shard, *shape)``), in the layout
+    :class:`_FastShardReader` documents; chunks whose bytes are all zero (the fill value) are
+    not stored, as zarr does; None if every chunk is. Byte-level emptiness keeps ``-0.0``."""
+    import google_crc32c
+
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    n_chunks = a.shape[0] // samples_per_chunk
+    flat = a.reshape(n_chunks, -1).view(np.uint8)
+    index = np.full((n_chunks, 2), 2**64 - 1, "<u8")
+    parts, off = [], 0
+    for c in range(n_chunks):
+        raw = flat[c]
+        if not raw.any():
+            continue
+        comp = bytes(codec.encode(raw))
+        if has_crc:
+            comp += np.uint32(google_crc32c.value(comp)).astype("<u4").tobytes()
+        index[c] = (off, len(comp))
+        parts.append(comp)
+        off += len(comp)
+    if not parts:
+        return None
+    ib = index.tobytes()
+    parts.append(ib + np.uint32(google_crc32c.value(ib)).astype("<u4").tobytes())
+    return b"".join(parts)
+
+
 class _FastShardReader:
     """Reads rows of one field straight from its shard files.
 
@@ -856,49 +954,15 @@ class _FastShardReader:
         self.spc = ds.schema.samples_per_chunk
         self.n_chunks = ds.schema.samples_per_shard // self.spc
         self.index_nbytes = 16 * self.n_chunks + 4
-        self.suffix = "/".join(["0"] * len(self.shape))
 
     @classmethod
     def for_array(cls, ds: StoredDataset, name: str) -> _FastShardReader | bool:
         """A reader if the array's codecs are the ones we write, else False (use zarr)."""
-        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
-
-        md = ds.array(name).metadata
-        s = ds.schema
-        try:
-            (sh,) = md.codecs
-            enc = md.chunk_key_encoding
-            ok = (isinstance(sh, ShardingCodec)
-                  and tuple(sh.chunk_shape) == (s.samples_per_chunk, *s.fields[name].shape)
-                  and tuple(md.chunk_grid.chunk_shape) == (s.samples_per_shard, *s.fields[name].shape)
-                  and sh.index_location.value == "end"
-                  and [type(c) for c in sh.index_codecs] == [BytesCodec, Crc32cCodec]
-                  and isinstance(sh.codecs[0], BytesCodec)
-                  and getattr(sh.codecs[0].endian, "value", "little") == "little"
-                  and getattr(enc, "name", "") == "default" and getattr(enc, "separator", "") == "/")
-            inner = list(sh.codecs[1:])
-        except (ValueError, AttributeError, TypeError):
-            return False
-        if not ok or md.fill_value != 0:
-            return False
-        has_crc = bool(inner) and isinstance(inner[-1], Crc32cCodec)
-        if has_crc:
-            inner = inner[:-1]
-        if len(inner) != 1:
-            return False
-        c = inner[0]
-        import numcodecs
-
-        if isinstance(c, ZstdCodec):
-            codec = numcodecs.Zstd(level=c.level)
-        elif isinstance(c, BloscCodec):
-            codec = numcodecs.Blosc()
-        else:
-            return False
-        return cls(ds, name, codec, has_crc)
+        layout = _codec_layout(ds.array(name).metadata, ds.schema, name)
+        return False if layout is None else cls(ds, name, *layout)
 
     def _path(self, shard: int) -> str:
-        return self.ds.root.join(self.name, "c", str(shard), self.suffix)
+        return self.ds.root.join(*_shard_key(self.name, shard, len(self.shape)))
 
     def _check(self, buf: np.ndarray, what: str, shard: int) -> np.ndarray:
         import google_crc32c

@@ -194,14 +194,25 @@ def verify_dataset(root: str | os.PathLike, storage_options: dict | None = None,
                     P(f"shard {s} field {name!r}: sha256 of the stored data does not match the "
                       f"commit record (corrupted or missing chunk data)")
 
-    # ---- orphans: shard files with no committed manifest part
-    for name in schema.fields:
-        for d in r.ls_names(name, "c"):
-            if not d.isdigit():
-                P(f"{name}/c/{d}: unexpected entry")
-                continue
-            s = int(d)
-            if s not in infos:
-                P(f"{name}/c/{d}: orphan data of uncommitted shard {s} (an interrupted write; "
-                  f"rerun the shard to commit it)")
+    # ---- orphans: shard files with no committed manifest part, temp and stray files
+    for name, spec in schema.fields.items():
+        base = r.join(name, "c")
+        try:
+            files = r.fs.find(base)
+        except FileNotFoundError:
+            files = []
+        suffix = "/".join(["0"] * len(spec.shape))
+        orphans = set()
+        for f in files:
+            rel = f[len(base.rstrip("/")) + 1:] if f.startswith(base.rstrip("/")) else f
+            head, _, rest = rel.partition("/")
+            if rel.rsplit("/", 1)[-1].startswith(_TMP_PREFIX):
+                P(f"{name}/c/{rel}: leftover temp file of an interrupted write")
+            elif not head.isdigit() or rest != suffix:
+                P(f"{name}/c/{rel}: unexpected file")
+            elif int(head) not in infos:
+                orphans.add(int(head))
+        for s in sorted(orphans):
+            P(f"{name}/c/{s}: orphan data of uncommitted shard {s} (an interrupted write; "
+              f"rerun the shard to commit it)")
     return rep
