@@ -63,6 +63,13 @@ def step_preview(ctx: DemoContext) -> None:
     ctx.say(f"preview: {path} ({how})")
 
 
+def step_pseudo_gt(ctx: DemoContext) -> None:
+    """Photos -> pseudo-GT UV maps (flows/pseudo_gt.py) on the astronaut or ``--input``."""
+    from facecorpus.flows.pseudo_gt import demo_step
+
+    demo_step(ctx)
+
+
 def step_synthesis(ctx: DemoContext) -> None:
     """A small synthesis run (flows/synthesis.py) on what earlier steps produced."""
     from facecorpus.flows.synthesis import demo_step
@@ -73,6 +80,7 @@ def step_synthesis(ctx: DemoContext) -> None:
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
     ("model", step_model),
     ("preview", step_preview),
+    ("pseudo_gt", step_pseudo_gt),
     ("synthesis", step_synthesis),  # keep last: it uses the pseudo-GT step's dataset if any
 ]
 

@@ -25,6 +25,7 @@ model's UV layout, mirror map and centre/side region masks, with PNGs beside it)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -433,6 +434,8 @@ def finish_shard(cfg: PseudoGTConfig, writer, plan: ShardPlan, out: str | os.Pat
     a = _load_npz(_analysis_path(out, plan))
     prior = _load_prior(out, prior_key)
     arrays, rows, rejected, sheet_rows = finish_arrays(ctx, a, prior)
+    if not rows:  # every input rejected: empty arrays of the schema's shapes
+        arrays = {k: np.zeros((0, *f.shape), f.dtype) for k, f in writer.schema.fields.items()}
     writer.write_shard(plan.shard, arrays, rows, key=key, rejected=rejected)
     if cfg.output.sheets and sheet_rows:
         from facecorpus.sheets import contact_sheet
@@ -768,14 +771,42 @@ def make_task_runner(cfg: PseudoGTConfig):
                                           "processes": True, "dashboard_address": None})
 
 
+@contextlib.contextmanager
+def prefect_api(cfg: PseudoGTConfig):
+    """A Prefect API every process of the run can reach.
+
+    With no ``PREFECT_API_URL``, Prefect starts an ephemeral server per *process*: Dask worker
+    processes would each start their own. So for a process-based Dask runner one server is
+    started here and its URL exported to the workers (inherited environment). The startup
+    timeout is raised from 20 s: on a loaded machine the ephemeral server is slower.
+    """
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if os.environ.get("PREFECT_API_URL") or cfg.task_runner == "threads" or cfg.dask_address:
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server = SubprocessASGIServer()
+    server.start(timeout=120)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        server.stop()
+
+
 def run_pseudo_gt(cfg: PseudoGTConfig, input_spec: str, out: str | os.PathLike, *,
                   max_shards: int | None = None) -> dict:
     """Run the flow through Prefect on the configured task runner."""
-    from prefect import flow
+    with prefect_api(cfg):
+        from prefect import flow
 
-    fl = flow(pseudo_gt_flow_fn, name="pseudo-gt", task_runner=make_task_runner(cfg),
-              validate_parameters=False, log_prints=False)
-    return fl(cfg.model_dump_json(), str(input_spec), str(out), max_shards)
+        fl = flow(pseudo_gt_flow_fn, name="pseudo-gt", task_runner=make_task_runner(cfg),
+                  validate_parameters=False, log_prints=False)
+        return fl(cfg.model_dump_json(), str(input_spec), str(out), max_shards)
 
 
 # --------------------------------------------------------------------------- summary
@@ -848,3 +879,36 @@ def format_summary(s: dict) -> str:
         lines.append(f"  sheets: {s['sheets'][0]}" + (f" (+{len(s['sheets']) - 1})"
                                                      if len(s["sheets"]) > 1 else ""))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- demo
+def demo_step(ctx) -> None:
+    """`facecorpus demo`: this flow (Prefect, thread runner) with the demo's model on
+    scikit-image's astronaut, or on every photo of ``--input``."""
+    out = ctx.out / "pseudo_gt"
+    if ctx.input is not None:
+        inputs = str(ctx.input)
+    else:
+        from PIL import Image
+        from skimage.data import astronaut
+
+        folder = ctx.out / "inputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        p = folder / "astronaut.png"
+        if not p.is_file():
+            Image.fromarray(astronaut()).save(p)
+        inputs = str(folder)
+    # the demo's model step falls back to the procedural fixture when ICT is unreachable
+    model = "ict" if ctx.model is not None and ctx.model.name.startswith("ict") else "procedural"
+    cfg = load_config(None, {"model": model, "task_runner": "threads"})
+    ctx.say(f"pseudo-GT flow on {inputs} with the {model} model ...")
+    s = run_pseudo_gt(cfg, inputs, out)
+    ctx.artifacts["pseudo_gt_dataset"] = str(out / DATASET)
+    ctx.artifacts["pseudo_gt_summary"] = str(out / "summary.json")
+    if s["sheets"]:
+        ctx.artifacts["pseudo_gt_sheet"] = s["sheets"][0]
+    ctx.facts["pseudo_gt"] = {k: s[k] for k in ("inputs", "accepted", "rejected",
+                                                "counts_add_up", "landmark_sources",
+                                                "medians", "rejected_by_reason")}
+    for line in format_summary(s).splitlines():
+        ctx.say(line)
