@@ -113,3 +113,19 @@ def test_image_to_uv_recovers_the_texture(model):
     assert (got[~vis] == 0).all()
     allin = image_to_uv(out.image, proj, visible_only=False)[0]
     np.testing.assert_array_equal(allin[vis], got[vis])
+
+
+def test_per_pixel_uv_points_back_to_the_same_face(model):
+    """image -> UV: the UV rendered at a pixel lies in the UV triangle of the face the pixel
+    sees (the two rasterizers agree on which surface point is where)."""
+    cam = framing_camera(model.vertices, 96, 96, yaw=25, kind="perspective")
+    out = render(model.vertices, model.triangles, cam, outputs=("uv",), uv=model.uv,
+                 uv_triangles=model.uv_triangles)
+    S = 512
+    r = rasterize_uv(model.uv, model.uv_triangles, S)
+    m = out.mask[0]
+    uv = out.uv[0][m]
+    col = np.clip((uv[:, 0] * S).astype(int), 0, S - 1)
+    row = np.clip(((1 - uv[:, 1]) * S).astype(int), 0, S - 1)
+    same = r.texel_face[row, col] == out.fragments.pix_to_face[0][m]
+    assert same.mean() > 0.9
