@@ -127,5 +127,11 @@ def test_per_pixel_uv_points_back_to_the_same_face(model):
     uv = out.uv[0][m]
     col = np.clip((uv[:, 0] * S).astype(int), 0, S - 1)
     row = np.clip(((1 - uv[:, 1]) * S).astype(int), 0, S - 1)
-    same = r.texel_face[row, col] == out.fragments.pix_to_face[0][m]
-    assert same.mean() > 0.9
+    face = out.fragments.pix_to_face[0][m]
+    exact = r.texel_face[row, col] == face
+    # a UV point on a triangle edge may fall in the neighbouring texel's triangle
+    near = np.zeros_like(exact)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            near |= r.texel_face[np.clip(row + dr, 0, S - 1), np.clip(col + dc, 0, S - 1)] == face
+    assert exact.mean() > 0.85 and near.mean() > 0.995
