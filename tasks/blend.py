@@ -24,7 +24,8 @@ class BlendResult:
 
 def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.ndarray,
                 mirror_map: np.ndarray, *, mixed: bool = False,
-                layout_mask: np.ndarray | None = None, adapt: bool = True) -> BlendResult:
+                layout_mask: np.ndarray | None = None, adapt: bool = True,
+                fade_width: float | None = 1 / 16) -> BlendResult:
     """Two-pass Poisson blend of N maps.
 
     Args:
@@ -40,6 +41,8 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
             photo where pass 1 joins them: the visible texels then keep the photo's values
             (pass 1's membrane correction is the prior/photo mismatch at the boundary, now
             near 0) instead of being pulled towards a prior that differs locally.
+        fade_width: with ``adapt``, the adaptation fades out over this fraction of S away
+            from the photo-derived texels (:func:`fade_to_prior`); None keeps it everywhere.
     """
     from facecorpus.meshops.poisson import two_pass_blend
 
@@ -47,12 +50,15 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
     n = len(uv_visible)
     if prior.ndim == 3:
         prior = np.repeat(prior[None], n, 0)
+    base = prior
     if adapt:
         prior = adapt_prior(uv_visible, uv_visible_mask, prior, layout_mask)
     if layout_mask is not None:
         prior = extend_outside(prior, layout_mask)
     out, src = two_pass_blend(np.asarray(uv_visible, np.float32),
                               np.asarray(uv_visible_mask, bool), prior, mirror_map, mixed=mixed)
+    if adapt and fade_width:
+        out = fade_to_prior(out, base, src == 0, fade_width * out.shape[1])
     out = np.clip(out, 0.0, 1.0)
     if layout_mask is not None:
         out = np.where(layout_mask[None, ..., None], out, 0.0).astype(np.float32)
@@ -88,5 +94,28 @@ def adapt_prior(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
     target = np.where(vis[..., None], uv_visible, prior).astype(np.float32)
     src_ok = np.ones_like(vis) if layout_mask is None else np.broadcast_to(layout_mask,
                                                                             vis.shape)
-    return poisson_blend(target, np.asarray(prior, np.float32), inside,
-                         source_mask=src_ok, tol=1e-5)
+    return poisson_blend(target, np.asarray(prior, np.float32), inside, source_mask=src_ok,
+                         tol=1e-5)
+
+
+def fade_to_prior(blended: np.ndarray, prior: np.ndarray, from_prior: np.ndarray,
+                  width: float) -> np.ndarray:
+    """On texels that came from the (adapted) prior, fade the adaptation out with the
+    distance d (texels) from the photo-derived texels: ``w = exp(-((d - 1) / width)^2)``
+    (1 next to them: no seam; ~0 a few widths away), so a dark border texel (hair, shadow)
+    tints its surroundings, not every unseen texel.
+
+    Args:
+        blended, prior: (N, S, S, 3); from_prior: (N, S, S) bool (``uv_source == 0``).
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    out = blended.copy()
+    for i in range(len(out)):
+        fp = from_prior[i]
+        if not fp.any() or fp.all():
+            continue
+        d = distance_transform_edt(fp)
+        w = np.exp(-((np.maximum(d - 1.0, 0.0) / width) ** 2))[..., None]
+        out[i] = np.where(fp[..., None], prior[i] + w * (blended[i] - prior[i]), blended[i])
+    return out
