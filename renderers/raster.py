@@ -66,13 +66,13 @@ class Fragments:
         return Fragments(self.pix_to_face[idx], self.bary[idx], self.zbuf[idx])
 
 
-@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _snap(sv, persp, XY, ZW, ok):
     """Per vertex: fixed-point position (1/256 px), the depth term interpolated linearly on
     screen (1/depth for perspective, depth otherwise) and whether it can be drawn at all."""
     N, V, _ = sv.shape
-    for n in range(N):
-        for v in prange(V):
+    for n in range(N):  # O(V): serial (a parallel launch costs more than it saves)
+        for v in range(V):
             x = sv[n, v, 0]
             y = sv[n, v, 1]
             z = sv[n, v, 2]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 A0, A1, A2 = math.pi, 2 * math.pi / math.sqrt(3.0), 2 * math.pi / math.sqrt(8.0)
 C0 = 1 / math.sqrt(4 * math.pi)
@@ -82,7 +82,7 @@ def sh_irradiance(normals, coeffs) -> np.ndarray:
     return np.einsum("nvk,nck->nvc", flat, c).reshape(Y.shape[:-1] + (3,))
 
 
-@njit(cache=True, parallel=True, nogil=True, error_model="numpy")
+@njit(cache=True, nogil=True, error_model="numpy")
 def _shade_kernel(normals, rot, albedo, coeffs, colour, cam_normals):  # pragma: no cover
     N = rot.shape[0]
     V = normals.shape[1]
@@ -94,7 +94,7 @@ def _shade_kernel(normals, rot, albedo, coeffs, colour, cam_normals):  # pragma:
         nn = n if normals.shape[0] > 1 else 0
         na = n if albedo.shape[0] > 1 else 0
         nc = n if coeffs.shape[0] > 1 else 0
-        for v in prange(V):
+        for v in range(V):  # O(V) per view: serial, cheap next to the raster pass
             x0 = normals[nn, v, 0]
             y0 = normals[nn, v, 1]
             z0 = normals[nn, v, 2]
