@@ -164,12 +164,16 @@ def _prolong_add(x, unkf, offf, hf, wf, offc, wc):
 
 @nb.njit(cache=True, nogil=True)
 def _vcycle(b, x, r, unkf, d, invd, offs, hs, ws, nu, coarse_sweeps):
-    """x = M^-1 b with one symmetric V(nu, nu) cycle (level-0 rhs in b; x, r are work)."""
+    """x = M^-1 b with one symmetric V-cycle (level-0 rhs in b; x, r are work).
+
+    nu red-black half-sweeps before and the same colours in reverse order after the
+    coarse correction, so the cycle is a symmetric preconditioner for any nu.
+    """
     L = offs.shape[0]
     x[:] = 0.0
     for lv in range(L - 1):
         o, h, w = offs[lv], hs[lv], ws[lv]
-        _smooth(x, b, invd, o, h, w, 0, 2 * nu)
+        _smooth(x, b, invd, o, h, w, 0, nu)
         _residual(x, b, r, unkf, d, o, h, w)
         _restrict(r, b, unkf, o, w, offs[lv + 1], hs[lv + 1], ws[lv + 1])
     lv = L - 1
@@ -177,7 +181,7 @@ def _vcycle(b, x, r, unkf, d, invd, offs, hs, ws, nu, coarse_sweeps):
     for lv in range(L - 2, -1, -1):
         o, h, w = offs[lv], hs[lv], ws[lv]
         _prolong_add(x, unkf, o, h, w, offs[lv + 1], ws[lv + 1])
-        _smooth(x, b, invd, o, h, w, 1, 2 * nu)
+        _smooth(x, b, invd, o, h, w, (nu - 1) % 2, nu)
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
@@ -613,7 +617,7 @@ def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
         ncoarse = int(unkf[offs[-1]:].sum())
         ntot = unkf.shape[0]
         n0 = b.shape[1]
-        it, rel = _pcg(b, x, unkf, d, invd, offs, hs, ws, tol, max_iter, 1,
+        it, rel = _pcg(b, x, unkf, d, invd, offs, hs, ws, tol, max_iter, 2,
                        61 if ncoarse <= 256 else 3,
                        _work("r", (C, n0), np.float64), _work("q", (C, n0), np.float64),
                        _work("p", (C, n0), np.float64), _work("bh", (C, ntot), np.float32),
