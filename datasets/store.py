@@ -815,6 +815,13 @@ class StoredDataset:
             self._arrays[name] = a
         return a
 
+    def _fast_reader(self, name: str) -> _FastShardReader | bool:
+        fast = self._fast.get(name) if self._pid == os.getpid() else None
+        if fast is None:
+            self.array(name)  # resets per-process state after a fork
+            fast = self._fast[name] = _FastShardReader.for_array(self, name)
+        return fast
+
     def read_rows(self, name: str, shard: int, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` of one shard of a field: ``(stop - start, *shape)``.
 
@@ -822,10 +829,7 @@ class StoredDataset:
         array uses the codec layout this module writes, which is several times faster than
         zarr's generic pipeline; otherwise falls back to zarr. Both give identical bytes.
         """
-        fast = self._fast.get(name) if self._pid == os.getpid() else None
-        if fast is None:
-            self.array(name)  # resets per-process state after a fork
-            fast = self._fast[name] = _FastShardReader.for_array(self, name)
+        fast = self._fast_reader(name)
         if fast is not False:
             return fast.read(shard, start, stop)
         base = shard * self.schema.samples_per_shard
@@ -861,6 +865,10 @@ class StoredDataset:
             rows = row[grp]
             if info is None or rows.max() >= info.n_samples or rows.min() < 0:
                 raise StoreError(f"{self.url}: index {int(idx[grp[0]])} (shard {s}) is not a committed sample")
+            fast = self._fast_reader(name)
+            if fast is not False:
+                out[grp] = fast.read_at(s, rows)
+                continue
             # rows are ascending; read runs of chunks, skipping gaps of more than one chunk
             chunk = rows // self.schema.samples_per_chunk
             for sub in np.split(np.arange(rows.size), np.flatnonzero(np.diff(chunk) > 1) + 1):
@@ -972,6 +980,63 @@ class _FastShardReader:
             raise StoreError(f"{self.ds.url}: field {self.name!r} shard {shard}: {what} "
                              f"checksum mismatch (corrupted file {self._path(shard)})")
         return body
+
+    def _decode(self, buf: np.ndarray, c: int, shard: int, out: np.ndarray) -> None:
+        if self.has_crc:
+            buf = self._check(buf, f"chunk {c}", shard)
+        try:
+            self.codec.decode(buf, out=out)
+        except (RuntimeError, ValueError) as e:
+            raise StoreError(f"{self.ds.url}: field {self.name!r} shard {shard} chunk {c}: "
+                             f"cannot decode ({e}) in {self._path(shard)}") from e
+
+    def read_at(self, shard: int, rows: np.ndarray) -> np.ndarray:
+        """Rows ``rows`` (ascending, repeats allowed) of one shard: ``(len(rows), *shape)``.
+
+        One open of the shard file; only the chunks holding ``rows`` are read and decoded
+        (the whole file in one read when they are at least half of it)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.zeros((rows.size, *self.shape), self.dtype)
+        if rows.size == 0:
+            return out
+        chunks = rows // self.spc
+        starts = np.flatnonzero(np.r_[True, np.diff(chunks) != 0])
+        needed = chunks[starts]
+        whole = needed.size * 2 >= self.n_chunks
+        row_bytes = self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+        flat = out.reshape(rows.size, -1).view(np.uint8)
+        tmp = np.empty((self.spc, row_bytes), np.uint8)
+        path = self._path(shard)
+        try:
+            f = self.ds.root.fs.open(path, "rb")
+        except FileNotFoundError:
+            return out
+        with f:
+            if whole:
+                blob = np.frombuffer(f.read(), np.uint8)
+                tail = blob[-self.index_nbytes:]
+            else:
+                f.seek(-self.index_nbytes, 2)
+                tail = np.frombuffer(f.read(), np.uint8)
+            if tail.size != self.index_nbytes:
+                raise StoreError(f"{self.ds.url}: truncated shard file {path}")
+            index = self._check(tail, "shard index", shard).view("<u8").reshape(self.n_chunks, 2)
+            for k, c in enumerate(needed.tolist()):
+                off, nb = (int(x) for x in index[c])
+                if off == int(self.EMPTY):
+                    continue  # all fill value: out is already zero there
+                if whole:
+                    buf = blob[off:off + nb]
+                else:
+                    f.seek(off)
+                    buf = np.frombuffer(f.read(nb), np.uint8)
+                if buf.size != nb:
+                    raise StoreError(f"{self.ds.url}: truncated shard file {path}")
+                self._decode(buf, c, shard, tmp.reshape(-1))
+                lo = starts[k]
+                hi = starts[k + 1] if k + 1 < starts.size else rows.size
+                flat[lo:hi] = tmp[rows[lo:hi] - c * self.spc]
+        return out.astype(self.dtype.newbyteorder("="), copy=False)
 
     def read(self, shard: int, start: int, stop: int) -> np.ndarray:
         n = stop - start
