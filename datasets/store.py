@@ -42,7 +42,8 @@ Manifest columns always present: ``sample_id`` (str, unique), ``source_uri`` (st
 any URI), ``subject_id`` (str), ``group`` (str), ``yaw``/``pitch``/``roll`` (float32, degrees),
 ``shard`` (int32), ``row`` (int32), ``split`` (str); producers add more (metrics ...). The loaded
 manifest also has ``index`` (int64, the global sample index). Columns listed in
-``DatasetSchema.path_columns`` hold root-relative paths and are checked on write and on open:
+``DatasetSchema.path_columns``, and every column whose name ends in ``_path``, hold
+root-relative paths and are checked on write, on open and by verify:
 absolute paths, ``..`` components and URLs are refused (:class:`PathEscapeError`).
 """
 
@@ -139,7 +140,8 @@ class DatasetSchema:
         producer: name of the producing flow (``"pseudo_gt"``, ``"synthesis"``, ...).
         config_hash: hash of the producing run config; reopening with another hash fails.
         attrs: free JSON metadata (not compared on reopen).
-        path_columns: manifest columns holding root-relative paths (checked, never escape).
+        path_columns: manifest columns holding root-relative paths (checked, never escape);
+            columns named ``*_path`` are treated the same without being listed.
         compression: ``"zstd"`` or ``"blosc-lz4"``; ``compression_level`` its level.
         max_shards: capacity of the arrays in shards.
     """
@@ -705,9 +707,16 @@ def _shard_key(name: str, shard: int, ndim: int) -> tuple[str, ...]:
     return (name, "c", str(shard), *["0"] * ndim)
 
 
+def path_columns_of(table, declared: Sequence[str]) -> list[str]:
+    """The columns of ``table`` that hold root-relative paths: declared ones + ``*_path``."""
+    return [c for c in table.column_names if c in declared or c.endswith("_path")]
+
+
 def check_path_columns(table, columns: Sequence[str], where: str = "") -> None:
-    """Raise :class:`PathEscapeError` naming the first row/column whose path escapes the root."""
-    for col in columns:
+    """Raise :class:`PathEscapeError` naming the first row/column whose path escapes the root.
+
+    ``columns`` are the declared path columns; ``*_path`` columns are checked too."""
+    for col in path_columns_of(table, columns):
         if col not in table.column_names:
             continue
         rows = table.column("sample_id").to_pylist() if "sample_id" in table.column_names else None

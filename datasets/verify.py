@@ -36,6 +36,7 @@ from facecorpus.datasets.store import (
     check_relative_path,
     field_checksum,
     part_name,
+    path_columns_of,
     read_schema,
 )
 
@@ -137,9 +138,7 @@ def verify_dataset(root: str | os.PathLike, storage_options: dict | None = None,
                     P(f"{where}: sample_id {sid!r} duplicated (also in shard {seen_ids[sid]})")
                 else:
                     seen_ids[sid] = s
-        for col in schema.path_columns:
-            if col not in t.column_names:
-                continue
+        for col in path_columns_of(t, schema.path_columns):
             for i, v in enumerate(t.column(col).to_pylist()):
                 try:
                     check_relative_path(v, column=col, row=i, where=f"{where}: ")

@@ -197,6 +197,10 @@ def test_path_columns_never_escape_root(tmp_path):
         with pytest.raises(PathEscapeError):
             ds.resolve(bad)
     assert sorted(w.committed_shards()) == [0]
+    # an undeclared *_path column is checked too
+    with pytest.raises(PathEscapeError, match=r"row 1 .*column 'mesh_path'"):
+        w.write_shard(1, make_shard(1, 4)[0], [{**r, "mesh_path": ["a.obj", "/abs.obj"][i % 2]}
+                                               for i, r in enumerate(make_shard(1, 4)[1])])
     # a tampered manifest part is refused on open and reported by verify
     import pyarrow.parquet as pq
 
