@@ -16,17 +16,19 @@ the target's mean over it (documented choice; the equation above holds exactly).
 
 Solver. A direct sparse factorisation per mask (scipy ``splu``) costs 110-260 ms for a 256²
 UV mask, 7-17x slower than ``cv2.seamlessClone``, and cannot be reused because every image
-has its own visible mask. So the system is solved with conjugate
-gradients preconditioned by one symmetric geometric multigrid V-cycle (red-black
+has its own visible mask. Each connected part of Ω is an independent problem and is
+solved on its own bounding box: parts of at most 64 texels by a dense solve, larger ones with
+conjugate gradients preconditioned by one symmetric geometric multigrid V-cycle (red-black
 Gauss-Seidel, cell-centred bilinear prolongation and its transpose as restriction,
 re-discretised coarse operators on "all four children inside" coarse masks, so coarse
 problems never become singular; a coarse Dirichlet neighbour with no unknown inside gets
-the flux coefficient of the fine boundary node's true distance, 1 / (0.5 + 0.5 / 2^level)). Everything runs on the bounding box of Ω in numba, all
-channels at once, to a relative residual ``||b - A f|| / ||b|| <= tol`` (default 1e-6,
-checked on the true residual in float64 at exit; 9-18 iterations on 256² UV masks).
+the flux coefficient of the fine boundary node's true distance, 1 / (0.5 + 0.5 / 2^level)).
+Kernels are numba, all channels at once, to a relative residual ``||b - A f|| / ||b|| <= tol`` (default 1e-6,
+checked per part on the true residual in float64 at exit; 9-12 iterations on 256² UV masks).
 Maps in a batch run on a thread pool (the kernels release the GIL). Measured cost: about
-the same as ``cv2.seamlessClone`` on the same maps (0.9x), which solves an inexact uint8
-problem; 6x faster than the per-map ``splu`` (benchmarks/bench_blend.py, docs/benchmarks.md).
+the same as ``cv2.seamlessClone`` on the same maps (0.9-1.15x its speed), which solves an
+inexact uint8 problem; 3-6x faster than per-map ``splu`` (benchmarks/bench_blend.py,
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -661,7 +663,7 @@ def poisson_blend(target, source, mask, *, mixed: bool = False, source_mask=None
             with an end outside it gets zero source guidance (default: defined everywhere).
         tol: relative residual target (float64 residual of the float64 iterate; the float32
             output adds rounding of ~1e-7 relative).
-        max_iter: PCG iteration cap (a V-cycle each; typical 256² UV masks need 6-10).
+        max_iter: PCG iteration cap (a V-cycle each; 256² UV-like masks need 9-12).
         workers: threads over the batch (default: ``os.cpu_count()``).
         return_info: also return a list of :class:`PoissonInfo` per map.
 
