@@ -63,6 +63,7 @@ class TrainConfig(_Strict):
     warmup_steps: int = Field(0, ge=0)
     cosine: bool = Field(True, description="cosine decay of lr to 0.05*lr after warmup")
     grad_clip: float = Field(0.0, ge=0, description="0: off")
+    cpu_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: torch's default")
     num_workers: int = Field(2, ge=0)
     prefetch_factor: int = Field(4, ge=1)
     model: ModelConfig = ModelConfig()

@@ -184,6 +184,8 @@ class Trainer:
         self.dist = init_distributed(self.device)
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        if cfg.cpu_threads:
+            torch.set_num_threads(cfg.cpu_threads)
         seed_everything(cfg.seed)
 
         fields = (*self.spec.inputs, self.spec.target)
