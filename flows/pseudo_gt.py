@@ -794,6 +794,9 @@ def prefect_api(cfg: PseudoGTConfig):
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield
     finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler().flush()  # send queued run logs while the server still listens
         os.environ.pop("PREFECT_API_URL", None)
         server.stop()
 
