@@ -200,7 +200,8 @@ def run_processes(cfg, out: Path, workers: int) -> dict:
         load1 = os.getloadavg()
     summary = finish(cfg, out, results, skipped=0)
     pairs = summary["pairs"]
-    size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for sub in ("views", "faces") for p in (out / sub).rglob("*")
+               if p.is_file())  # the datasets only (not the run's prepared-sources cache)
     cpu = summary["cpu_seconds_in_shards"]
     return {"workers": workers, "pairs": pairs, "faces": summary["faces"], "wall_s": wall,
             "pairs_per_s": pairs / wall, "cpu_ms_per_pair": 1e3 * cpu / max(pairs, 1), "bytes_per_pair": size / max(pairs, 1),
