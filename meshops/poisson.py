@@ -25,9 +25,9 @@ problems never become singular; the coarse diagonal takes, through each face tow
 non-unknown neighbour, the flux coefficient of the true distance to the first fine Dirichlet
 node along every fine row crossing it: a cut-cell view of the real boundary).
 Kernels are numba, all channels at once, to a relative residual ``||b - A f|| / ||b|| <= tol`` (default 1e-6,
-checked per part on the true residual in float64 at exit; 9-12 iterations on 256² UV masks).
+checked per part on the true residual in float64 at exit; 8-12 iterations on 256² UV masks).
 Maps in a batch run on a thread pool (the kernels release the GIL). Measured cost: about
-the same as ``cv2.seamlessClone`` on the same maps (0.9-1.15x its speed), which solves an
+the same as ``cv2.seamlessClone`` on the same maps (0.9-1.3x its speed), which solves an
 inexact uint8 problem; 3-6x faster than per-map ``splu`` (benchmarks/bench_blend.py,
 docs/benchmarks.md).
 """
@@ -747,7 +747,7 @@ def poisson_blend(target, source, mask, *, mixed: bool = False, source_mask=None
             with an end outside it gets zero source guidance (default: defined everywhere).
         tol: relative residual target (float64 residual of the float64 iterate; the float32
             output adds rounding of ~1e-7 relative).
-        max_iter: PCG iteration cap (a V-cycle each; 256² UV-like masks need 9-12).
+        max_iter: PCG iteration cap (a V-cycle each; 256² UV-like masks need 8-12).
         workers: threads over the batch (default: ``os.cpu_count()``).
         return_info: also return a list of :class:`PoissonInfo` per map.
 
