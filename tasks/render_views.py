@@ -38,7 +38,7 @@ from facecorpus.meshops.uv import rasterize_uv
 from facecorpus.renderers.cameras import euler_to_rotation
 from facecorpus.renderers.interpolate import interpolate, texture
 from facecorpus.renderers.raster import rasterize
-from facecorpus.renderers.shading import sh_basis
+from facecorpus.renderers.shading import A0, A1, A2, C0, C1, C2
 from facecorpus.renderers.uv_space import to_uv_space
 from numba import njit
 
@@ -193,18 +193,53 @@ def render_screen(screen: np.ndarray, triangles: np.ndarray, corner_uv: np.ndarr
             "depth": frags.zbuf, "pix_to_face": frags.pix_to_face, "attributes": a}
 
 
+@njit(cache=True, nogil=True)
+def _irradiance(n, R, c, out):  # pragma: no cover - jit
+    """Per (pose, vertex): rotate the normal, evaluate the 9 SH basis functions
+    (renderers.shading's constants and signs) and dot them with each channel's coefficients."""
+    k0 = A0 * C0
+    k1 = A1 * C1
+    k2 = A2 * C2
+    k6 = A2 * C2 * 0.5 / np.sqrt(3.0)
+    k8 = A2 * C2 * 0.5
+    P = R.shape[0]
+    V = n.shape[0]
+    Y = np.empty(9, np.float32)
+    for p in range(P):
+        for v in range(V):
+            x = R[p, 0, 0] * n[v, 0] + R[p, 0, 1] * n[v, 1] + R[p, 0, 2] * n[v, 2]
+            y = R[p, 1, 0] * n[v, 0] + R[p, 1, 1] * n[v, 1] + R[p, 1, 2] * n[v, 2]
+            z = R[p, 2, 0] * n[v, 0] + R[p, 2, 1] * n[v, 1] + R[p, 2, 2] * n[v, 2]
+            Y[0] = k0
+            Y[1] = -k1 * y
+            Y[2] = k1 * z
+            Y[3] = -k1 * x
+            Y[4] = k2 * x * y
+            Y[5] = -k2 * y * z
+            Y[6] = k6 * (3.0 * z * z - 1.0)
+            Y[7] = -k2 * x * z
+            Y[8] = k8 * (x * x - y * y)
+            for ch in range(3):
+                acc = 0.0
+                for i in range(9):
+                    acc += c[p, ch, i] * Y[i]
+                out[p, v, ch] = acc
+
+
 def vertex_irradiance(vertices: np.ndarray, triangles: np.ndarray, rotations: np.ndarray,
                       sh: np.ndarray) -> np.ndarray:
-    """SH irradiance (P, V, 3) of the vertex normals rotated into each camera.
+    """SH irradiance (P, V, 3) of the vertex normals rotated into each camera
+    (``renderers.shading.sh_irradiance`` of the rotated normals, fused in one loop).
 
     Args:
         vertices: (V, 3); triangles: (F, 3); rotations: (P, 3, 3); sh: (P, 27).
     """
-    n = vertex_normals(vertices, triangles).astype(np.float32)
-    n_cam = n[None] @ np.swapaxes(rotations, -1, -2).astype(np.float32)  # (P, V, 3)
-    Y = sh_basis(n_cam)  # (P, V, 9)
-    c = np.asarray(sh, np.float32).reshape(-1, 3, 9)
-    return np.matmul(Y, np.swapaxes(c, -1, -2))  # (P, V, 3)
+    n = np.ascontiguousarray(vertex_normals(vertices, triangles), np.float32)
+    R = np.ascontiguousarray(rotations, np.float32)
+    c = np.ascontiguousarray(np.asarray(sh, np.float32).reshape(-1, 3, 9))
+    out = np.empty((R.shape[0], n.shape[0], 3), np.float32)
+    _irradiance(n, R, c, out)
+    return out
 
 
 def _to_u8(x: np.ndarray) -> np.ndarray:
