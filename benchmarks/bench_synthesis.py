@@ -215,7 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--big", type=int, default=0, help="also a measured run of >= this many pairs")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--compression", default="zstd", choices=("zstd", "blosc-lz4"))
-    ap.add_argument("--level", type=int, default=3)
+    ap.add_argument("--level", type=int, default=1)
     ap.add_argument("--out", default=None, help="scratch folder (default: a temp dir, removed)")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--skip", nargs="*", default=[], choices=("dr", "render", "e2e"))

@@ -126,7 +126,8 @@ class OutputConfig(_Strict):
     uv_maps: bool = True
     val_fraction: float = Field(0.05, ge=0, le=1, description="faces whose split is 'val'")
     compression: Literal["zstd", "blosc-lz4"] = "zstd"
-    compression_level: int = Field(3, ge=0, le=22)
+    # zstd 1 vs 3 on rendered pairs: 0.3 CPU-ms less per pair for 5 % more bytes (measured)
+    compression_level: int = Field(1, ge=0, le=22)
 
 
 class SynthesisConfig(_Strict):
