@@ -163,8 +163,8 @@ class _AnchoredSolver:
             L, U = lu.L.tocsc(), lu.U.tocsc()
             L.sort_indices()
             U.sort_indices()
-            self.lu = (L.indptr.astype(np.int64), L.indices.astype(np.int64), L.data,
-                       U.indptr.astype(np.int64), U.indices.astype(np.int64), U.data)
+            self.lu = (L.indptr.astype(np.int64), L.indices.astype(np.int32), L.data,
+                       U.indptr.astype(np.int64), U.indices.astype(np.int32), U.data)
             self.perm_r = lu.perm_r
             self.perm_c = lu.perm_c
 
@@ -187,7 +187,8 @@ class DRTopology:
 
     Built once (``DRTopology(reference, triangles)`` or :meth:`from_mesh`), then shared by
     every :func:`encode` / :func:`decode` call: cotangent weights, one-rings, the factorised
-    decode Laplacian and the factorised exactness-correction system.
+    decode Laplacian and (on the first encode) the factorised exactness-correction system.
+    Pickles without the latter (decode-only workers get ~1/3 of the bytes).
 
     Attributes:
         reference: (V, 3) float64 reference vertices (the mesh whose features are zero).
@@ -260,10 +261,26 @@ class DRTopology:
         M += self._cn[:, None, None] * self._nref[:, :, None] * self._nref[:, None, :]
         M[self.isolated] = np.eye(3)
         self._Minv = np.linalg.inv(M)
-        # factorised once: the decode Laplacian and the exactness system H H^T
+        # factorised once: the decode Laplacian now, the exactness system H H^T (encode
+        # only) on first use
         self._Lsolver = _AnchoredSolver(self.laplacian, self.anchors)
-        K = (self._H @ self._HT).tocsr()
-        self._Ksolver = _AnchoredSolver(K, self.anchors)
+        self._Kcache = None
+
+    @property
+    def _Ksolver(self) -> _AnchoredSolver:
+        if self._Kcache is None:
+            self._Kcache = _AnchoredSolver((self._H @ self._HT).tocsr(), self.anchors)
+        return self._Kcache
+
+    def __getstate__(self):
+        # shipped to decode-only workers without the (larger) encode factorisation; it is
+        # rebuilt there on first encode
+        state = dict(self.__dict__)
+        state["_Kcache"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
 
     @classmethod
     def from_mesh(cls, ref_vertices: np.ndarray, triangles: np.ndarray) -> DRTopology:

@@ -220,3 +220,14 @@ def test_round_trip_on_ict_face(ict_archive):
     Q = dr.decode(topo, F, anchor_position=P[:, topo.anchors])
     assert max(rel_err(Q[k], P[k]) for k in range(2)) < 1e-6
     assert all(dr.check_mesh(Q[k], m.triangles, m.vertices).ok for k in range(2))
+
+
+def test_topology_pickles_for_workers(topo, cap):
+    import pickle
+
+    p = smooth_deform(cap[0], 0.2)
+    F = dr.encode(topo, p)  # builds the encode factorisation
+    t2 = pickle.loads(pickle.dumps(topo))
+    assert t2._Kcache is None  # shipped without it
+    assert np.array_equal(dr.decode(t2, F), dr.decode(topo, F))
+    assert np.array_equal(dr.encode(t2, p), F)  # rebuilt on first use, same result
