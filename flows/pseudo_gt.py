@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from facecorpus.configs.errors import InputError
 from facecorpus.configs.pseudo_gt import PseudoGTConfig
 
 log = logging.getLogger("facecorpus.pseudo_gt")
@@ -81,24 +80,6 @@ def _hash(*parts) -> str:
 
 
 # --------------------------------------------------------------------------- context
-def load_model(spec: str):
-    """``procedural`` | ``ict`` | ``ict:<region>`` | path to a MorphableModel ``.npz``."""
-    from facecorpus.meshops.model import MorphableModel
-
-    if spec == "procedural":
-        from facecorpus.meshops.procedural import procedural_model
-
-        return procedural_model()
-    if spec == "ict" or spec.startswith("ict:"):
-        from facecorpus.meshops.ict import load_ict_facekit
-
-        return load_ict_facekit(region=spec.split(":", 1)[1] if ":" in spec else "face")
-    p = Path(spec)
-    if not p.is_file():
-        raise InputError(f"{p}: model file not found (model: procedural | ict | <path.npz>)")
-    return MorphableModel.load(p)
-
-
 @dataclass(eq=False)
 class Context:
     """What every shard shares (built once per process, cached by config content)."""
@@ -132,6 +113,7 @@ def build_context(cfg: PseudoGTConfig) -> Context:
     with _CONTEXT_LOCK:
         ctx = _CONTEXTS.get(key)
         if ctx is None:
+            from facecorpus.meshops.catalog import load_model
             from facecorpus.meshops.uv import rasterize_uv, uv_mirror_map
             from facecorpus.tasks.landmarks import landmark_template
 
