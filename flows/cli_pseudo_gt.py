@@ -27,6 +27,9 @@ def add_cli(flows) -> None:
                    help="finish at most this many pending shards, then stop (resume later)")
     p.add_argument("--no-prefect", action="store_true",
                    help="run in this process, without Prefect")
+    p.add_argument("--serve-cron", default=None, metavar="CRON",
+                   help="serve the flow as a Prefect deployment on this cron schedule "
+                        "(e.g. '0 3 * * *'; blocks; needs PREFECT_API_URL)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set fit.camera=perspective")
     p.set_defaults(func=_run)
@@ -50,6 +53,9 @@ def _run(args) -> int:
     if args.dask_address:
         overrides["task_runner"] = "dask"
     cfg = pseudo_gt.load_config(args.config, overrides)
+    if args.serve_cron:
+        pseudo_gt.serve_pseudo_gt(cfg, args.input, args.out, args.serve_cron)
+        return 0
     if args.no_prefect:
         summary = pseudo_gt.run_local(cfg, args.input, args.out, max_shards=args.max_shards)
     else:

@@ -783,15 +783,50 @@ def prefect_api(cfg: PseudoGTConfig):
         server.stop()
 
 
+def make_flow(cfg: PseudoGTConfig | None = None):
+    """The Prefect flow object (the configured task runner, or the default Dask one)."""
+    from prefect import flow
+
+    return flow(pseudo_gt_flow_fn, name="pseudo-gt",
+                task_runner=make_task_runner(cfg or PseudoGTConfig()),
+                validate_parameters=False, log_prints=False)
+
+
 def run_pseudo_gt(cfg: PseudoGTConfig, input_spec: str, out: str | os.PathLike, *,
                   max_shards: int | None = None) -> dict:
     """Run the flow through Prefect on the configured task runner."""
     with prefect_api(cfg):
-        from prefect import flow
+        return make_flow(cfg)(cfg.model_dump_json(), str(input_spec), str(out), max_shards)
 
-        fl = flow(pseudo_gt_flow_fn, name="pseudo-gt", task_runner=make_task_runner(cfg),
-                  validate_parameters=False, log_prints=False)
-        return fl(cfg.model_dump_json(), str(input_spec), str(out), max_shards)
+
+def make_deployment(cfg: PseudoGTConfig, input_spec: str, out: str | os.PathLike, cron: str,
+                    name: str = "pseudo-gt"):
+    """A Prefect deployment of this flow on a cron schedule (e.g. ``"0 3 * * *"``): each
+    scheduled run resumes the same OUT, so only new or changed inputs are processed."""
+    from prefect.deployments.runner import EntrypointType
+
+    dep = make_flow(cfg).to_deployment(
+        name=name, cron=cron, entrypoint_type=EntrypointType.MODULE_PATH,
+        parameters={"cfg_json": cfg.model_dump_json(), "input_spec": str(input_spec),
+                    "out": str(out), "max_shards": None})
+    # runs load the flow by import path: this module's lazily built `pseudo_gt_flow`
+    dep.entrypoint = f"{__name__}:pseudo_gt_flow"
+    return dep
+
+
+def __getattr__(name: str):
+    # `pseudo_gt_flow` is built on first access so importing this module stays Prefect-free
+    if name == "pseudo_gt_flow":
+        return make_flow()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def serve_pseudo_gt(cfg: PseudoGTConfig, input_spec: str, out: str | os.PathLike, cron: str
+                    ) -> None:
+    """Serve the deployment (blocks; needs a Prefect server: ``PREFECT_API_URL``)."""
+    from prefect import serve
+
+    serve(make_deployment(cfg, input_spec, out, cron))
 
 
 # --------------------------------------------------------------------------- summary

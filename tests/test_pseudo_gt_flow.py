@@ -175,3 +175,16 @@ def test_config_defaults_validate():
     with pytest.raises(ConfigError, match="camera"):
         P.load_config(None, {"fit.camera": "fisheye"})
     assert os.path.basename(str(default_config_path("pseudo_gt.yaml"))) == "pseudo_gt.yaml"
+
+
+def test_deployment_on_a_cron_schedule(tmp_path):
+    cfg = P.load_config(None, {"model": "procedural"})
+    dep = P.make_deployment(cfg, str(tmp_path / "in"), str(tmp_path / "out"), "0 3 * * *")
+    assert dep.name == "pseudo-gt"
+    assert [s.schedule.cron for s in dep.schedules] == ["0 3 * * *"]
+    assert P.PseudoGTConfig.model_validate_json(dep.parameters["cfg_json"]) == cfg
+    assert dep.parameters["out"] == str(tmp_path / "out")
+    from prefect.flows import load_flow_from_entrypoint
+
+    fl = load_flow_from_entrypoint(dep.entrypoint)  # what a scheduled run imports
+    assert fl.name == "pseudo-gt" and fl.fn is P.pseudo_gt_flow_fn
