@@ -92,6 +92,9 @@ class Context:
     template: np.ndarray  # (68, 2) landmark template (fallback detector)
     _detector: object = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # one detection at a time per process: mediapipe's landmarker is not thread-safe and
+    # shards may run on a thread pool
+    detect_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def detector(self):
         from facecorpus.tasks.landmarks import LandmarkDetector
@@ -227,7 +230,8 @@ def analyse_records(ctx: Context, records: list[dict]) -> dict:
             continue
         try:
             ing = ingest_one(_record(d), opts)
-            lm = det.detect(ing.image, d["source_uri"], given=ing.record.landmarks)
+            with ctx.detect_lock:
+                lm = det.detect(ing.image, d["source_uri"], given=ing.record.landmarks)
             kept.append((d, ing, align_face(ing.image, lm, S, mask=ing.mask)))
         except Rejection as e:
             rejected.append(e.row())

@@ -116,3 +116,20 @@ def test_glob_and_missing(tmp_path, rgb):
     assert [r.source_uri for r in list_inputs(str(tmp_path / "*.png"))] == [str(tmp_path / "x.png")]
     with pytest.raises(InputError, match="no such"):
         list_inputs(tmp_path / "nope")
+
+
+def test_given_mask_is_decoded_and_checked(tmp_path, rgb):
+    (tmp_path / "img.png").write_bytes(_png(rgb))
+    m = np.zeros(rgb.shape[:2], np.uint8)
+    m[10:30, 5:20] = 255
+    (tmp_path / "mask.png").write_bytes(_png(m))
+    (tmp_path / "small.png").write_bytes(_png(m[:10]))
+    pq.write_table(pa.table({"source_uri": ["img.png", "img.png"],
+                             "mask_uri": ["mask.png", "small.png"]}), tmp_path / "l.parquet")
+    recs = list_inputs(tmp_path / "l.parquet")
+    from facecorpus.tasks.ingest import Rejection, ingest_one
+
+    got = ingest_one(recs[0])
+    np.testing.assert_array_equal(got.mask, m > 0)
+    with pytest.raises(Rejection, match="mask shape"):
+        ingest_one(recs[1])

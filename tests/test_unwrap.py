@@ -76,6 +76,10 @@ def test_masks(model):
     oval = sb.landmarks[0, :17]  # the jaw only: a U-shaped region
     fo = face_mask(model, v, cam, oval=oval, erode_px=2)
     assert fo.sum() < fm.sum() and not (fo & ~fm).any()
+    given = np.zeros((128, 128), bool)
+    given[:, :64] = True  # a user mask: only the image-left half is usable face
+    fg = face_mask(model, v, cam, given=given, erode_px=0)
+    assert fg.any() and not fg[:, 64:].any() and (fg == (fm & given)).all()
     square = np.array([[10, 10], [30, 10], [30, 20], [10, 20]], np.float64)
     pm = polygon_mask(square, (40, 40))
     assert pm.sum() == 200 and pm[10, 10] and not pm[20, 10]
