@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80, help="steps per run (first 1/4 is warm-up)")
     ap.add_argument("--width", type=int, default=8)
     ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved repeats; best is reported")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch default)")
     args = ap.parse_args()
 
@@ -66,18 +67,23 @@ def main() -> None:
         print(f"torch {torch.__version__}, {args.threads or torch.get_num_threads()} threads, "
               f"{os.cpu_count()} cpus, load avg {os.getloadavg()[0]:.1f}; batch {args.batch}, "
               f"U-Net width {args.width} depth {args.depth}, {args.steps} steps per run")
-        rows = []
-        for name, data, workers in [("in-memory tensors (reference)", mem, 0),
-                                    ("store, 0 workers", root, 0),
-                                    ("store, 2 workers", root, 2)]:
-            cfg = TrainConfig(**base, num_workers=workers)
-            r = run(cfg, data, os.path.join(tmp, f"out{len(rows)}"))
-            rows.append((name, r))
-            print(f"  {name:32s} {r['samples_per_s']:8.1f} samples/s   data wait "
-                  f"{100 * r['data_wait_frac']:5.1f}% of step time", flush=True)
-        ref = rows[0][1]["samples_per_s"]
-        for name, r in rows[1:]:
-            print(f"  {name:32s} {r['samples_per_s'] / ref:5.2f}x the in-memory reference")
+        runs = [("in-memory tensors (reference)", mem, 0), ("store, 0 workers", root, 0),
+                ("store, 2 workers", root, 2)]
+        best: dict[str, dict] = {}
+        for rep in range(args.repeats):  # interleaved, best of: the machine may be shared
+            for name, data, workers in runs:
+                cfg = TrainConfig(**base, num_workers=workers)
+                r = run(cfg, data, os.path.join(tmp, f"out-{rep}-{workers}-{len(best)}"))
+                print(f"  [{rep}] {name:32s} {r['samples_per_s']:8.1f} samples/s   data wait "
+                      f"{100 * r['data_wait_frac']:5.1f}%", flush=True)
+                if name not in best or r["samples_per_s"] > best[name]["samples_per_s"]:
+                    best[name] = r
+        print(f"best of {args.repeats}:")
+        ref = best[runs[0][0]]["samples_per_s"]
+        for name, _, _ in runs:
+            r = best[name]
+            print(f"  {name:32s} {r['samples_per_s']:8.1f} samples/s ({r['samples_per_s'] / ref:4.2f}x "
+                  f"reference)   data wait {100 * r['data_wait_frac']:5.1f}% of step time")
         # read-only throughput of the store path, for scale
         from facecorpus.training.data import StepBatchSampler, collate_batch, open_split
 

@@ -217,3 +217,19 @@ def test_config_file_errors(tmp_path):
         load_train_config("pncc", str(p))
     cfg = load_train_config("pncc", None, {"steps": 7, "device": "cpu", "seed": None})
     assert cfg.steps == 7 and cfg.device == "cpu" and cfg.seed == 0
+
+
+def test_precision_and_device_resolution():
+    from facecorpus.training.trainer import resolve_device, resolve_precision
+
+    cuda = torch.device("cuda", 0)  # only the mapping is exercised; no CUDA call is made
+    assert resolve_precision("fp16", cuda) is torch.float16
+    assert resolve_precision("bf16", cuda) is torch.bfloat16
+    assert resolve_precision("fp32", cuda) is None
+    cpu = torch.device("cpu")
+    assert all(resolve_precision(p, cpu) is None for p in ("auto", "fp32", "bf16", "fp16"))
+    assert resolve_device("cpu") == cpu
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == cpu
+        with pytest.raises(ConfigError, match="cuda"):
+            resolve_device("cuda")

@@ -192,6 +192,14 @@ if torch.distributed.is_initialized():
 """
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(datasets, tmp_path):
     """torchrun, 2 CPU processes (gloo) x batch 4 == 1 process x batch 8: same samples per
@@ -204,7 +212,7 @@ def test_ddp_two_processes_match_one(datasets, tmp_path):
                        check=False, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--master_port", str(29500 + os.getpid() % 1000), str(script),
+                        "--master_port", str(_free_port()), str(script),
                         datasets["pncc"], str(tmp_path / "two"), "4"],
                        check=False, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
