@@ -176,19 +176,23 @@ def test_bad_inputs(datasets, tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
 
 
-_DDP_SCRIPT = r"""
+def run_small_pncc(root: str, out: str, batch_size: int) -> None:
+    """4 steps of a tiny pncc run; saves this rank's final weights as OUT/model_rank<r>.pt.
+    Run in-process (1 process) and by torchrun (2 processes, see _DDP_SCRIPT)."""
+    cfg = TrainConfig(task="pncc", steps=4, batch_size=batch_size, num_workers=0, device="cpu",
+                      lr=3e-3, warmup_steps=0, val_every=2, checkpoint_every=0, sample_every=0,
+                      log_every=1, model={"width": 4, "depth": 2})
+    t = Trainer(cfg, root, out)
+    t.fit()
+    torch.save(dict(t.model.state_dict()), f"{out}/model_rank{t.dist.rank}.pt")
+
+
+_DDP_SCRIPT = """
 import sys, torch
-from facecorpus.configs.train import TrainConfig
-from facecorpus.training.trainer import Trainer
-root, out, bs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-cfg = TrainConfig(task="pncc", steps=4, batch_size=bs, num_workers=0, device="cpu", lr=3e-3,
-                  warmup_steps=0, val_every=2, checkpoint_every=0, sample_every=0, log_every=1,
-                  model={"width": 4, "depth": 2})
-t = Trainer(cfg, root, out)
-h = t.fit()
-torch.save({k: v for k, v in t.model.state_dict().items()}, f"{out}/model_rank{t.dist.rank}.pt")
-if torch.distributed.is_initialized():
-    torch.distributed.destroy_process_group()
+sys.path.insert(0, {tests!r})
+from test_training_runs import run_small_pncc
+run_small_pncc(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+torch.distributed.destroy_process_group()
 """
 
 
@@ -205,12 +209,10 @@ def test_ddp_two_processes_match_one(datasets, tmp_path):
     """torchrun, 2 CPU processes (gloo) x batch 4 == 1 process x batch 8: same samples per
     step (rank r takes every 2nd sample of the epoch order), averaged gradients."""
     script = tmp_path / "ddp.py"
-    script.write_text(_DDP_SCRIPT)
+    script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
-    r = subprocess.run([sys.executable, str(script), datasets["pncc"], str(tmp_path / "one"), "8"],
-                       check=False, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_small_pncc(datasets["pncc"], str(tmp_path / "one"), 8)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", str(_free_port()), str(script),
                         datasets["pncc"], str(tmp_path / "two"), "4"],
