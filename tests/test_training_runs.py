@@ -261,3 +261,24 @@ def test_predict_inpaint_rgba_images(tmp_path):
     rep = predict_images(pred, imgs, tmp_path / "pred")
     assert [os.path.basename(p) for p in rep.written] == ["face.inpaint.png"]
     assert np.asarray(Image.open(rep.written[0])).shape == (16, 16, 3)
+
+
+def test_position_with_smaller_uint8_uv_map(tmp_path):
+    """uv_position stored as uint8 at a UV size (16²) other than the image size (32²)."""
+    from facecorpus.training.data import TensorSource
+    from facecorpus.training.predict import Predictor
+    from facecorpus.training.synthetic import make_synthetic
+
+    arrays, manifest = make_synthetic("position", n=24, size=32)
+    pos = arrays.pop("uv_position").astype(np.float32)[:, ::2, ::2]
+    arrays["uv_position"] = np.clip((pos + 40) * 2, 0, 255).astype(np.uint8)
+    cfg = TrainConfig(task="position", steps=3, val_every=0, checkpoint_every=0, sample_every=0,
+                      **{**TINY, "model": {"width": 4, "depth": 2}})
+    out = tmp_path / "run"
+    t = Trainer(cfg, TensorSource(arrays, manifest), out)
+    t.fit()
+    assert float(t.norm["uv_position"].scale.flatten()[0]) == 255.0  # uint8: /255, not mean/std
+    p = Predictor(out / "checkpoints" / "last.pt", "cpu")
+    y = p.predict({"image": arrays["image"][:2]})
+    assert y.shape == (2, 16, 16, 3)
+    assert (out / "samples" / "step_0000003.png").is_file()
