@@ -316,21 +316,25 @@ def build_prior_from_analyses(ctx: Context, out: Path, plans: list[ShardPlan]):
     if path.is_file():
         z = _load_npz(path)
         return TexturePrior(z["mean"], z.get("basis"), z.get("std"), str(z["source"])), key
-    vis, msk = [], []
-    budget = pc.max_images
+    # an even subsample of at most max_images over the whole corpus, read shard by shard
+    # (npz members load on access: only the selected maps are ever in memory)
+    counts = []
     for p in plans:
-        a = _load_npz(_analysis_path(out, p))
-        vis.append(a["uv_visible"])
-        msk.append(a["uv_visible_mask"])
-    vis = np.concatenate(vis) if vis else np.zeros((0, 1, 1, 3), np.float32)
-    msk = np.concatenate(msk) if msk else np.zeros((0, 1, 1), bool)
-    if len(vis) > budget:
-        sel = np.linspace(0, len(vis) - 1, budget).round().astype(int)
-        vis, msk = vis[sel], msk[sel]
+        with np.load(_analysis_path(out, p), allow_pickle=False) as z:
+            counts.append(len(z["sample_uri"]))
+    total = sum(counts)
+    sel = np.unique(np.linspace(0, total - 1, min(total, pc.max_images)).round().astype(int))
     T = ctx.cfg.unwrap.uv_size
-    if len(vis) == 0:
-        vis = np.zeros((0, T, T, 3), np.float32)
-        msk = np.zeros((0, T, T), bool)
+    vis, msk = [np.zeros((0, T, T, 3), np.float32)], [np.zeros((0, T, T), bool)]
+    start = 0
+    for p, n in zip(plans, counts, strict=True):
+        local = sel[(sel >= start) & (sel < start + n)] - start
+        start += n
+        if local.size:
+            with np.load(_analysis_path(out, p), allow_pickle=False) as z:
+                vis.append(z["uv_visible"][local])
+                msk.append(z["uv_visible_mask"][local])
+    vis, msk = np.concatenate(vis), np.concatenate(msk)
     prior = build_prior(vis, msk, model=ctx.model, mirror_map=ctx.mirror_map, kind=pc.kind,
                         texture_path=pc.texture, pca_rank=pc.pca_rank,
                         pca_min_images=pc.pca_min_images)
