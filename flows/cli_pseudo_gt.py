@@ -22,7 +22,8 @@ def add_cli(flows) -> None:
     p.add_argument("--runner", choices=("threads", "dask"), default=None,
                    help="override config `task_runner`")
     p.add_argument("--dask-address", default=None,
-                   help="join this Dask scheduler (tcp://host:8786) instead of a LocalCluster")
+                   help="join this Dask scheduler (tcp://host:8786) instead of a LocalCluster; "
+                        "its workers should see PREFECT_API_URL of a running Prefect server")
     p.add_argument("--max-shards", type=int, default=None,
                    help="finish at most this many pending shards, then stop (resume later)")
     p.add_argument("--no-prefect", action="store_true",

@@ -62,7 +62,9 @@ class FitResult:
     ``alpha`` (N, K), ``beta`` (N, E) (shorter than the model's bases if fewer modes were fit);
     ``sh`` (N, 27) after stage 2 else None. Metrics per image: ``landmark_rmse`` (px),
     ``landmark_nme`` (rmse / inter-ocular distance), ``photometric_error`` (mean L1 over the
-    mask, NaN before stage 2), ``iterations``, ``converged``."""
+    mask, NaN before stage 2), ``iterations`` (solver iterations; the batch is solved jointly,
+    so stage 1 gives every image of a batch the same count), ``converged`` (finite, last round
+    changed the energy by < ``settle_rel``, NME < ``max_nme``)."""
 
     camera: CameraKind
     image_size: int
