@@ -122,15 +122,29 @@ def test_round_trip_bit_exact(tmp_path, url):
 def test_zarr_and_direct_codecs_interoperate(tmp_path):
     """Shards written through zarr's own pipeline read back bit-exactly through our decoder
     (and the round-trip test checks the other direction with zarr's reader)."""
-    w = DatasetWriter(tmp_path / "ds", make_schema())
+    root = tmp_path / "ds"
+    w = DatasetWriter(root, make_schema())
     w._encoders = {name: False for name in w.schema.fields}  # force zarr's writer
-    arrays, manifest = make_shard(5, 13)
-    w.write_shard(5, arrays, manifest)
-    ds = open_dataset(tmp_path / "ds")
+    for s in (4, 5, 6):
+        w.write_shard(s, *make_shard(s, 13 if s == 5 else SPS))
+    ds = open_dataset(root)
+    arrays = make_shard(5, 13)[0]
     for name, ref in arrays.items():
         assert ds.read(name, 5 * SPS + np.arange(13)).tobytes() == ref.tobytes()
         assert ds._fast[name] is not False  # the direct decoder did the read
-    assert verify_dataset(tmp_path / "ds").ok
+    assert verify_dataset(root).ok
+    # rewriting one shard (zarr path, then ours) touches only that shard's files
+    files = sorted(p for p in root.rglob("c/*/**/*") if p.is_file())
+    assert len(files) == 3 * len(make_schema().fields)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    w.write_shard(5, *make_shard(5, 9, seed=1), overwrite=True)
+    DatasetWriter(root, make_schema()).write_shard(5, *make_shard(5, 7, seed=2), overwrite=True)
+    for p in files:
+        if p.relative_to(root).parts[2] != "5":
+            assert (p.stat().st_mtime_ns, p.read_bytes()) == before[p], p
+    assert open_dataset(root).read("image", 5 * SPS + np.arange(7)).tobytes() == \
+        make_shard(5, 7, seed=2)[0]["image"].tobytes()
+    assert verify_dataset(root).ok
 
 
 def test_identical_rewrite_is_noop_and_conflict_raises(tmp_path):

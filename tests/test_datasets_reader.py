@@ -153,3 +153,21 @@ def test_map_style_with_workers(root):
     assert Counter(got) == Counter(ds.indices.tolist())
     with pytest.raises(IndexError):
         ds[N]
+
+
+def test_rank_and_world_come_from_torch_distributed(root, monkeypatch):
+    """With a process group initialised, the reader takes its slice from get_rank/world."""
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed unavailable")
+    got = {}
+    for rank in range(2):
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+        ds = ShardIterableDataset(root, shuffle=True, seed=4)
+        got[rank] = [int(it["index"]) for it in ds]
+        explicit = ShardIterableDataset(root, shuffle=True, seed=4, rank=rank, world_size=2)
+        monkeypatch.undo()
+        assert got[rank] == [int(it["index"]) for it in explicit]
+    assert not set(got[0]) & set(got[1]) and len(got[0]) + len(got[1]) == N
