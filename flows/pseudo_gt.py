@@ -620,13 +620,14 @@ def export_uv_regions(ctx: Context, root: Path) -> Path:
     model, T = ctx.model, ctx.cfg.unwrap.uv_size
     v = model.vertices
     seen = {}
-    for name, yaw in (("centre", 0.0), ("left", 60.0), ("right", -60.0)):
+    # positive yaw turns the nose to image right: the head turns to the subject's left and
+    # the camera sees the subject's *right* cheek (renderers.cameras conventions)
+    for name, yaw in (("centre", 0.0), ("right", 60.0), ("left", -60.0)):
         cam = framing_camera(v, 256, 256, yaw=yaw)
         img = np.zeros((256, 256, 3), np.float32)
         u = unwrap_one(img, v, cam, model, T, None, min_cos=0.3)
         seen[name] = u.uv_visible_mask[0]
     regions = {"layout": ctx.layout, "centre": seen["centre"],
-               # positive yaw turns the nose to image right: the subject's left shows
                "side_left": seen["left"] & ~seen["centre"],
                "side_right": seen["right"] & ~seen["centre"]}
     path = root / "uv_regions.npz"

@@ -113,6 +113,9 @@ def test_flow_with_bad_inputs_on_prefect(tmp_path, faces, prefect_harness):
     _verify(tmp_path / "out" / "dataset")
     regions = np.load(tmp_path / "out" / "dataset" / "uv_regions.npz")
     assert regions["centre"].any() and regions["side_left"].any()
+    # procedural layout: the subject's left (x > 0) is the right half of the UV map
+    sl, sr = regions["side_left"], regions["side_right"]
+    assert sl[:, 32:].sum() > 10 * sl[:, :32].sum() and sr[:, :32].sum() > 10 * sr[:, 32:].sum()
     assert (tmp_path / "out" / "sheets" / "shard-00000.png").is_file()
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["histograms"]["landmark_nme"]["counts"]
