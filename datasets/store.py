@@ -767,22 +767,37 @@ class StoredDataset:
         import pyarrow.parquet as pq
 
         parts, rejs, self.shards = [], [], {}
-        for s in _committed_ids(self.root):
-            with self.root.fs.open(self.root.join(MANIFEST_DIR, part_name(s)), "rb") as f:
-                t = pq.read_table(f)
+        ids = _committed_ids(self.root)
+        # one batched fetch: concurrent on object stores (s3fs/gcsfs are async)
+        man_paths = [self.root.join(MANIFEST_DIR, part_name(s)) for s in ids]
+        rej_paths = [self.root.join(REJECTED_DIR, part_name(s)) for s in ids]
+        blobs = self.root.fs.cat(man_paths + rej_paths, on_error="omit") if ids else {}
+        norm = {k.rstrip("/").split("://")[-1]: v for k, v in blobs.items()}
+
+        def blob(path):
+            return norm.get(path.rstrip("/").split("://")[-1])
+
+        for s, mp, rp in zip(ids, man_paths, rej_paths, strict=True):
+            b = blob(mp)
+            if b is None:  # removed between listing and reading (an overwrite in progress)
+                continue
+            try:
+                t = pq.read_table(pa.BufferReader(b))
+            except pa.ArrowException as e:
+                raise StoreError(f"{self.url}: manifest part {part_name(s)} unreadable: {e}") from e
             raw = (t.schema.metadata or {}).get(SHARD_META_KEY)
             if raw is None:
                 raise StoreError(f"{self.url}: manifest part {part_name(s)} has no commit record")
             self.shards[s] = ShardInfo.from_record(json.loads(raw))
             parts.append(t.replace_schema_metadata(None))
-            try:
-                with self.root.fs.open(self.root.join(REJECTED_DIR, part_name(s)), "rb") as f:
-                    r = pq.read_table(f)
-                rejs.append(r.replace_schema_metadata(None))
-            except FileNotFoundError:
-                pass
+            rb = blob(rp)
+            if rb is not None:
+                rejs.append(pq.read_table(pa.BufferReader(rb)).replace_schema_metadata(None))
         if parts:
-            m = pa.concat_tables(parts, promote_options="permissive")
+            try:
+                m = pa.concat_tables(parts, promote_options="permissive")
+            except pa.ArrowException as e:
+                raise StoreError(f"{self.url}: manifest parts have incompatible columns: {e}") from e
         else:
             m = pa.table({c: pa.array([], type=getattr(pa, ty)()) for c, (ty, _) in REQUIRED_COLUMNS.items()})
         idx = pc.add(pc.multiply(m.column("shard").cast(pa.int64()), self.schema.samples_per_shard),
