@@ -125,7 +125,8 @@ class _TensorDataset(Dataset):
 
 
 def collate_batch(items):
-    """Collate a list of sample dicts, or pass through a dict already batched by __getitems__."""
+    """Collate a list of sample dicts, or pass through a dict already batched by __getitems__
+    (values: tensors or numpy arrays; the trainer takes either)."""
     if isinstance(items, dict):
         return items
     return torch.utils.data.default_collate(items)
@@ -135,8 +136,13 @@ def collate_batch(items):
 
 
 class _BatchedShards(Dataset):
-    """A ``ShardDataset`` whose batch fetch returns one array per field (``store.read`` of
-    all the batch's indices at once) instead of per-sample tensors that collate re-stacks."""
+    """A ``ShardDataset`` whose batch fetch returns one numpy array per field (``store.read`` of
+    all the batch's indices at once) instead of per-sample tensors that collate re-stacks.
+
+    numpy, not tensors: a DataLoader worker pickles numpy arrays through its result pipe,
+    while tensors go through shared memory whose file descriptors the training process must
+    fetch from the worker's resource-sharer thread, one round trip per tensor; on a busy
+    CPU those round trips cost ~13 ms per step (measured, 32² batches of 16)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -147,10 +153,10 @@ class _BatchedShards(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return self.inner[i]
 
-    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+    def __getitems__(self, positions: list[int]) -> dict[str, np.ndarray]:
         idx = self.inner.indices[np.asarray(positions, dtype=np.int64)]
-        out = {f: torch.from_numpy(self.inner.store.read(f, idx)) for f in self.inner.fields}
-        out["index"] = torch.from_numpy(idx)
+        out = {f: self.inner.store.read(f, idx) for f in self.inner.fields}
+        out["index"] = idx
         return out
 
 

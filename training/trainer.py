@@ -253,7 +253,7 @@ class Trainer:
         mf = torch.channels_last if self.channels_last else torch.contiguous_format
         out = {}
         for name in (*self.spec.inputs, self.spec.target):
-            x = self.norm[name].to_model(batch[name].to(self.device, non_blocking=nb))
+            x = self.norm[name].to_model(torch.as_tensor(batch[name]).to(self.device, non_blocking=nb))
             out[name] = x.contiguous(memory_format=mf)
         return {k: out[k] for k in self.spec.inputs}, out[self.spec.target]
 
@@ -377,7 +377,7 @@ class Trainer:
         k = min(self.cfg.n_samples, len(split))
         batch = collate_batch([split.dataset[i] for i in range(k)])
         pred = self.predict_batch(batch).numpy()
-        rows = sample_rows(self.cfg.task, {n: batch[n].numpy() for n in batch if n != "index"}, pred,
+        rows = sample_rows(self.cfg.task, {n: np.asarray(batch[n]) for n in batch if n != "index"}, pred,
                            self.train_split.fields[self.spec.target].dtype)
         return contact_sheet(rows, path, cell=96, labels=["input", "prediction", "target", "|error| x4"])
 
