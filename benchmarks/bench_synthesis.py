@@ -80,18 +80,15 @@ def bench_dr(model_spec: str, n: int = 20) -> dict:
 
 # --------------------------------------------------------------------------- rendering
 def bench_render(model_spec: str, faces: int = 4) -> dict:
-    """Ours (crop folded into the camera, rasterise at 128) vs the reference: render at 512
-    with a framing camera, crop the foreground's bounding square, resize to 128."""
+    """Ours (crop folded into the camera, rasterise at 128) vs the reference: the renderers'
+    one-pass ``render`` at 512 with a framing camera, crop the foreground's bounding square,
+    resize each output to 128."""
     import numba
     from facecorpus.flows.synthesis import build_context
-    from facecorpus.renderers.cameras import euler_to_rotation, framing_camera
+    from facecorpus.renderers.cameras import framing_camera
+    from facecorpus.renderers.render import render
     from facecorpus.tasks.augment import face_rng
-    from facecorpus.tasks.render_views import (
-        render_screen,
-        render_views,
-        sample_view_params,
-        vertex_irradiance,
-    )
+    from facecorpus.tasks.render_views import render_views, sample_view_params
     from PIL import Image
 
     numba.set_num_threads(1)
@@ -108,32 +105,31 @@ def bench_render(model_spec: str, faces: int = 4) -> dict:
                             ctx.ncc, p, bg, size=S)
 
     def reference(i):
+        """The published way with the renderers' one-pass render: 512 px, crop, resize."""
         rng = face_rng(0, 2, i)
         p = sample_view_params(rng, ctx.yaws)
         bg = ctx.backgrounds.sample_many(rng, len(ctx.yaws), S)
         v = subj.vertices[i]
-        R = euler_to_rotation(p.yaw, p.pitch, p.roll)
-        irr = vertex_irradiance(v, m.triangles, R, p.sh)
-        screens = np.stack([framing_camera(v, big, big, yaw=p.yaw[k], pitch=p.pitch[k],
-                                           roll=p.roll[k], kind="perspective").project(v)
-                            for k in range(len(p.yaw))])
-        out = render_screen(screens, m.triangles, ctx.corner_uv, subj.textures[i], ctx.ncc, irr,
-                            big)
+        cams = [framing_camera(v, big, big, yaw=p.yaw[k], pitch=p.pitch[k], roll=p.roll[k],
+                               kind="perspective") for k in range(len(p.yaw))]
+        out = render(v, m.triangles, cams, outputs=("image", "mask", "depth", "pncc"),
+                     ncc=ctx.ncc, sh=p.sh, uv=m.uv, uv_triangles=m.uv_triangles,
+                     uv_texture=subj.textures[i])
         res = []
         for k in range(len(p.yaw)):
-            mk = out["mask"][k]
+            mk = out.mask[k]
             rows, cols = np.flatnonzero(mk.any(1)), np.flatnonzero(mk.any(0))
             r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
             side = max(r1 - r0, c1 - c0)
             y0, x0 = (r0 + r1 - side) // 2, (c0 + c1 - side) // 2
-            img = np.clip(out["albedo"][k] * out["irradiance"][k], 0, 1)
-            img = np.where(mk[..., None], img, 0.0)
             crops = []
-            for a in (img, out["pncc"][k], mk[..., None].astype(np.float32)):
+            for a in (out.image[k], out.pncc[k], mk[..., None].astype(np.float32),
+                      out.depth[k][..., None]):
                 pad = np.pad(a, ((side, side), (side, side), (0, 0)))
                 c = pad[y0 + side:y0 + 2 * side, x0 + side:x0 + 2 * side]
-                u8 = (np.clip(c, 0, 1) * 255 + 0.5).astype(np.uint8)
-                im = Image.fromarray(u8[..., 0] if u8.shape[-1] == 1 else u8)
+                if a.dtype == np.float32 and a is not out.depth[k][..., None]:
+                    c = (np.clip(c, 0, 1) * 255 + 0.5).astype(np.uint8)
+                im = Image.fromarray(c[..., 0] if c.shape[-1] == 1 else c)
                 crops.append(np.asarray(im.resize((S, S), Image.BILINEAR)))
             m128 = crops[2] >= 128
             crops[0] = np.where(m128[..., None], crops[0], bg[k])

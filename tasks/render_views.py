@@ -36,7 +36,7 @@ import numpy as np
 from facecorpus.meshops.geometry import vertex_normals
 from facecorpus.meshops.uv import rasterize_uv
 from facecorpus.renderers.cameras import euler_to_rotation
-from facecorpus.renderers.interpolate import interpolate, texture
+from facecorpus.renderers.interpolate import interpolate, sample_bilinear, uv_to_texel_xy
 from facecorpus.renderers.raster import rasterize
 from facecorpus.renderers.shading import A0, A1, A2, C0, C1, C2
 from facecorpus.renderers.uv_space import to_uv_space
@@ -159,38 +159,36 @@ def crop_screen_vertices(vertices: np.ndarray, rotations: np.ndarray, size: int,
 
 # --------------------------------------------------------------------------- render
 def render_screen(screen: np.ndarray, triangles: np.ndarray, corner_uv: np.ndarray,
-                  uv_texture: np.ndarray, ncc: np.ndarray, irradiance: np.ndarray, size: int, *,
+                  uv_texture: np.ndarray, vertex_attributes: np.ndarray, size: int, *,
                   perspective: bool = True) -> dict[str, np.ndarray]:
     """One raster pass per view -> float images (no background, no quantisation).
 
-    Shading is per vertex (Gouraud), as in Deep3DFaceRecon: the SH irradiance of each vertex
-    normal is interpolated with the NCC in the same pass and multiplies the per-pixel texture.
-    With second-order SH (a smooth function of the normal) and triangles about a pixel wide
-    this matches per-pixel shading closely and costs one matrix product per vertex.
+    Shading is per vertex (Gouraud), as in Deep3DFaceRecon: :func:`render_views` passes
+    ``vertex_attributes = [SH irradiance, NCC]`` so both are interpolated in one pass, and the
+    irradiance multiplies the per-pixel texture. With second-order SH (a smooth function of
+    the normal) and triangles about a pixel wide this matches per-pixel shading closely.
+    Texture coordinates are interpolated directly in texel units (interpolation is linear, so
+    this equals converting the interpolated UVs) and looked up bilinearly.
 
     Args:
         screen: (P, V, 3) screen vertices ``[x_px, y_px, depth]``.
         triangles: (F, 3) int.
         corner_uv: (F, 3, 2) per-corner UVs (``uv[uv_triangles]``).
         uv_texture: (S_t, S_t, 3) uint8 or float texture.
-        ncc: (V, 3) NCC code per vertex.
-        irradiance: (P, V, 3) per-vertex SH irradiance (:func:`vertex_irradiance`).
+        vertex_attributes: (P, V, C) float32 per-vertex attributes to interpolate.
 
     Returns:
-        dict of float32 arrays: ``albedo`` (P, S, S, 3) texture samples, ``irradiance``
-        (P, S, S, 3) (lit colour = albedo * irradiance), ``pncc`` (P, S, S, 3), ``mask``
-        (P, S, S) bool, ``depth`` (P, S, S) (+inf background), ``pix_to_face`` (P, S, S) int32,
-        ``attributes`` (P, S, S, 6) = [irradiance, pncc].
+        dict: ``albedo`` (P, S, S, 3) float32 texture samples, ``attributes`` (P, S, S, C)
+        float32, ``mask`` (P, S, S) bool, ``depth`` (P, S, S) float32 (+inf background),
+        ``pix_to_face`` (P, S, S) int32.
     """
-    P = screen.shape[0]
     frags = rasterize(screen, triangles, size, size, perspective_correct=perspective)
     mask = frags.mask
-    attr = np.concatenate([irradiance, np.broadcast_to(ncc, (P,) + ncc.shape)], -1)
-    a = interpolate(attr, frags, triangles)  # (P, S, S, 6)
-    uvp = interpolate(corner_uv, frags)  # (P, S, S, 2)
-    albedo = texture(uv_texture, uvp, mask)
-    return {"albedo": albedo, "irradiance": a[..., :3], "pncc": a[..., 3:6], "mask": mask,
-            "depth": frags.zbuf, "pix_to_face": frags.pix_to_face, "attributes": a}
+    a = interpolate(vertex_attributes, frags, triangles)
+    xy = interpolate(uv_to_texel_xy(corner_uv, uv_texture.shape[0]), frags)
+    albedo = sample_bilinear(uv_texture, xy, mask)
+    return {"albedo": albedo, "attributes": a, "mask": mask, "depth": frags.zbuf,
+            "pix_to_face": frags.pix_to_face}
 
 
 @njit(cache=True, nogil=True)
@@ -227,17 +225,22 @@ def _irradiance(n, R, c, out):  # pragma: no cover - jit
 
 
 def vertex_irradiance(vertices: np.ndarray, triangles: np.ndarray, rotations: np.ndarray,
-                      sh: np.ndarray) -> np.ndarray:
-    """SH irradiance (P, V, 3) of the vertex normals rotated into each camera
+                      sh: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """SH irradiance of the vertex normals rotated into each camera
     (``renderers.shading.sh_irradiance`` of the rotated normals, fused in one loop).
 
     Args:
         vertices: (V, 3); triangles: (F, 3); rotations: (P, 3, 3); sh: (P, 27).
+        out: optional float32 (P, V, C >= 3) array; channels 0-2 receive the result.
+
+    Returns:
+        (P, V, 3) float32 (or ``out``).
     """
     n = np.ascontiguousarray(vertex_normals(vertices, triangles), np.float32)
     R = np.ascontiguousarray(rotations, np.float32)
     c = np.ascontiguousarray(np.asarray(sh, np.float32).reshape(-1, 3, 9))
-    out = np.empty((R.shape[0], n.shape[0], 3), np.float32)
+    if out is None:
+        out = np.empty((R.shape[0], n.shape[0], 3), np.float32)
     _irradiance(n, R, c, out)
     return out
 
@@ -292,10 +295,12 @@ def render_views(vertices: np.ndarray, triangles: np.ndarray, corner_uv: np.ndar
     R = euler_to_rotation(params.yaw, params.pitch, params.roll)  # (P, 3, 3)
     screen, cam = crop_screen_vertices(vertices, R, size, camera=camera, distance=distance,
                                        margin=margin)
-    irr = vertex_irradiance(vertices, triangles, R, params.sh)
-    out = render_screen(screen, triangles, corner_uv, uv_texture, ncc, irr, size,
+    P, V = screen.shape[:2]
+    attr = np.empty((P, V, 6), np.float32)  # [irradiance, NCC]: one interpolation pass
+    attr[..., 3:] = ncc
+    vertex_irradiance(vertices, triangles, R, params.sh, out=attr)
+    out = render_screen(screen, triangles, corner_uv, uv_texture, attr, size,
                         perspective=camera == "perspective")
-    P = screen.shape[0]
     if backgrounds is None:
         bg = np.zeros((P, size, size, 3), np.uint8)
     else:

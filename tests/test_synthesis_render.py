@@ -61,14 +61,16 @@ def test_pncc_at_vertex_pixel_is_vertex_ncc(model):
             targets.append((v, int(np.floor(y)), int(np.floor(x))))
         sv = np.stack(shifted)
         n = len(shifted)
+        attrs = np.concatenate([np.ones((n, model.n_vertices, 3), np.float32),
+                                np.broadcast_to(code, (n,) + code.shape)], -1)
         out = render_screen(sv, model.triangles, model.uv[model.uv_triangles],
-                            np.full((8, 8, 3), 128, np.uint8), code,
-                            np.ones((n, model.n_vertices, 3), np.float32), S)
+                            np.full((8, 8, 3), 128, np.uint8), attrs, S)
+        pncc = out["attributes"][..., 3:6]
         for k, (v, i, j) in enumerate(targets):
             # visible: the pixel's depth is the vertex's depth (else it is occluded)
             if abs(out["depth"][k, i, j] - sv[k, v, 2]) > 1e-3 * sv[k, v, 2]:
                 continue
-            np.testing.assert_allclose(out["pncc"][k, i, j], code[v], atol=2e-4)
+            np.testing.assert_allclose(pncc[k, i, j], code[v], atol=2e-4)
             checked += 1
         assert frags.mask.any()
     assert checked >= 60
