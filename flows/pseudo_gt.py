@@ -182,7 +182,7 @@ def _save_npz(path: Path, arrays: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}-{threading.get_ident()}")
     with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
+        np.savez_compressed(fh, **arrays)
     os.replace(tmp, path)
 
 
@@ -272,7 +272,10 @@ def analyse_records(ctx: Context, records: list[dict]) -> dict:
     shapes = {"image": (S, S, 3), "mask": (S, S), "seg_mask": (S, S), "landmarks": (68, 2),
               "affine": (2, 3), "uv_visible": (T, T, 3), "uv_visible_mask": (T, T),
               "uv_sampling_map": (T, T, 2), "uv_view_weight": (T, T)}
-    dtypes = {"image": np.uint8, "mask": bool, "seg_mask": bool, "uv_visible_mask": bool}
+    # float16 maps halve the work files (outputs are 8-bit / float16 anyway)
+    dtypes = {"image": np.uint8, "mask": bool, "seg_mask": bool, "uv_visible_mask": bool,
+              "uv_visible": np.float16, "uv_sampling_map": np.float16,
+              "uv_view_weight": np.float16}
     for k, parts in cols.items():
         out[k] = (np.stack(parts) if parts else np.zeros((0, *shapes[k]))).astype(
             dtypes.get(k, np.float32))
@@ -332,7 +335,7 @@ def build_prior_from_analyses(ctx: Context, out: Path, plans: list[ShardPlan]):
         start += n
         if local.size:
             with np.load(_analysis_path(out, p), allow_pickle=False) as z:
-                vis.append(z["uv_visible"][local])
+                vis.append(z["uv_visible"][local].astype(np.float32))
                 msk.append(z["uv_visible_mask"][local])
     vis, msk = np.concatenate(vis), np.concatenate(msk)
     prior = build_prior(vis, msk, model=ctx.model, mirror_map=ctx.mirror_map, kind=pc.kind,
@@ -457,8 +460,9 @@ def finish_arrays(ctx: Context, a: dict, prior):
     n = len(a["sample_uri"])
     T = cfg.unwrap.uv_size
     fit = _fit_from_arrays(a, cfg) if n else None
-    uv_vis, uv_mask = a["uv_visible"], a["uv_visible_mask"]
-    uv_map, uv_w = a["uv_sampling_map"], a["uv_view_weight"]
+    uv_vis, uv_mask = a["uv_visible"].astype(np.float32), a["uv_visible_mask"]
+    uv_map, uv_w = a["uv_sampling_map"].astype(np.float32), a["uv_view_weight"].astype(
+        np.float32)
     sh = np.zeros((n, 27), np.float32)
     if n:
         per_image = prior.fit_to_visible(uv_vis, uv_mask)
