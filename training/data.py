@@ -219,6 +219,8 @@ class Normalizer(torch.nn.Module):
         x = x.permute(0, 3, 1, 2)
         if self.is_mask:
             return (x > 0).float()
+        if x.dtype.is_floating_point:  # e.g. NaN outside the UV islands must not poison the loss
+            x = torch.nan_to_num(x.float(), nan=0.0, posinf=0.0, neginf=0.0)
         return (x.float() - self.offset) / self.scale
 
     def to_data(self, y: torch.Tensor) -> torch.Tensor:

@@ -231,13 +231,14 @@ class Trainer:
     def _fit_normalizers(self) -> dict[str, Normalizer]:
         norm = {}
         ds = self.train_split.dataset
-        n = min(len(ds), 256)
+        first: dict | None = None
         for name, info in self.train_split.fields.items():
             if info.dtype in ("uint8", "bool") or name in MASK_FIELDS:
                 norm[name] = Normalizer(info, is_mask=name in MASK_FIELDS)
             else:  # float field: statistics of (at most) the first 256 training samples
-                x = torch.stack([ds[i][name] for i in range(n)])
-                norm[name] = Normalizer.fit(info, x)
+                if first is None:
+                    first = collate_batch(ds.__getitems__(list(range(min(len(ds), 256)))))
+                norm[name] = Normalizer.fit(info, torch.as_tensor(np.asarray(first[name])))
         return {k: v.to(self.device) for k, v in norm.items()}
 
     def normalizer_state(self) -> dict:
