@@ -48,6 +48,19 @@ class LossConfig(_Strict):
     discriminator_lr: float = Field(2e-4, gt=0)
 
 
+class JoinConfig(_Strict):
+    """A second dataset supplying fields the main one lacks, row-matched by manifest keys.
+
+    E.g. the synthesis flow writes ``views`` (image, pncc, mask; one row per pose) and
+    ``faces`` (uv_position, uv_texture; one row per face): train ``position`` with
+    ``--data OUT/views`` and ``join: {data: OUT/faces}`` (views.subject_id == faces.sample_id).
+    """
+
+    data: str = Field(description="root of the joined dataset")
+    left_on: str = Field("subject_id", description="column of the main dataset's manifest")
+    right_on: str = Field("sample_id", description="unique column of the joined manifest")
+
+
 class TrainConfig(_Strict):
     task: Task
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -71,6 +84,7 @@ class TrainConfig(_Strict):
     uv_mirror: str | None = Field(
         None, description="inpaint: .npy (S,S) flat or (S,S,2) (row,col) index of each texel's "
                           "mirror; None: horizontal flip (a symmetric UV layout)")
+    join: JoinConfig | None = None
     train_filter: list[FilterSpec] = [FilterSpec(column="split", value="train")]
     val_filter: list[FilterSpec] = [FilterSpec(column="split", value="val")]
     val_every: int = Field(100, ge=0, description="steps between validations; 0: only at the end")

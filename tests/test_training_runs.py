@@ -282,3 +282,51 @@ def test_position_with_smaller_uint8_uv_map(tmp_path):
     y = p.predict({"image": arrays["image"][:2]})
     assert y.shape == (2, 16, 16, 3)
     assert (out / "samples" / "step_0000003.png").is_file()
+
+
+def test_join_views_with_faces(tmp_path, caplog):
+    """position on the synthesis layout: image per view in one dataset, uv_position per face
+    in another, matched by views.subject_id == faces.sample_id (rows without a face dropped)."""
+    from facecorpus.datasets.store import DatasetSchema, DatasetWriter, FieldSpec
+    from facecorpus.training.data import open_split
+
+    n_faces, poses = 6, 3
+    fw = DatasetWriter(str(tmp_path / "faces"), DatasetSchema(
+        {"uv_position": FieldSpec((8, 8, 3), "float32", "mm")}, samples_per_shard=4, samples_per_chunk=2))
+    vw = DatasetWriter(str(tmp_path / "views"), DatasetSchema(
+        {"image": FieldSpec((16, 16, 3), "uint8", "srgb")}, samples_per_shard=8))
+    pos = np.arange(n_faces, dtype=np.float32)[:, None, None, None] * np.ones((1, 8, 8, 3), np.float32)
+    faces = [{"sample_id": f"f{i}", "split": "train"} for i in range(n_faces)]
+    fw.write_shard(0, {"uv_position": pos[:4]}, faces[:4])
+    fw.write_shard(1, {"uv_position": pos[4:]}, faces[4:])
+    # views of faces 0..6 (face 6 has no uv_position row), face id encoded in the pixels
+    ids = np.repeat(np.arange(n_faces + 1), poses)
+    img = (ids[:, None, None, None] * 10 * np.ones((1, 16, 16, 3))).astype(np.uint8)
+    rows = [{"sample_id": f"f{i}_p{k}", "subject_id": f"f{i}", "split": "train"}
+            for i in range(n_faces + 1) for k in range(poses)]
+    for s in range(0, len(rows), 8):
+        vw.write_shard(s // 8, {"image": img[s:s + 8]}, rows[s:s + 8])
+
+    from facecorpus.configs.train import JoinConfig
+
+    join = JoinConfig(data=str(tmp_path / "faces"))
+    with caplog.at_level("WARNING"):
+        split = open_split(str(tmp_path / "views"), ("image", "uv_position"), [], join)
+    assert "3 of 21 selected rows have no sample_id match" in caplog.text
+    assert len(split) == n_faces * poses
+    assert split.fields["uv_position"].shape == (8, 8, 3)
+    b = split.dataset.__getitems__(list(range(len(split))))
+    np.testing.assert_array_equal(b["image"][:, 0, 0, 0] // 10, b["uv_position"][:, 0, 0, 0])
+    with pytest.raises(InputError, match="join"):
+        open_split(str(tmp_path / "views"), ("image", "uv_position"), [])
+
+    from facecorpus.cli import main
+
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("batch_size: 4\nmodel: {width: 4, depth: 2}\nval_filter: []\nval_every: 0\n"
+                   "checkpoint_every: 0\nsample_every: 0\nwarmup_steps: 0\n")
+    assert main(["train", "position", "--data", str(tmp_path / "views"), "--join",
+                 str(tmp_path / "faces"), "--config", str(cfg), "--steps", "2", "--workers", "0",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["target_shape"] == [8, 8, 3]

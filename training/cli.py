@@ -23,6 +23,9 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, help="per process")
     p.add_argument("--workers", type=int, help="DataLoader workers")
     p.add_argument("--seed", type=int)
+    p.add_argument("--join", metavar="ROOT",
+                   help="second dataset supplying fields --data lacks, rows matched by "
+                        "subject_id == sample_id (e.g. synthesis OUT/views + OUT/faces)")
     p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (OUT/checkpoints/last.pt "
                                     "if present)")
     p.set_defaults(func=_train)
@@ -98,7 +101,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.task, args.config, {
         "device": args.device, "steps": args.steps, "batch_size": args.batch_size,
-        "num_workers": args.workers, "seed": args.seed})
+        "num_workers": args.workers, "seed": args.seed,
+        "join": {"data": args.join} if args.join else None})
     out = Path(args.out or f"runs/{args.task}")
     resume = args.resume
     if resume == "auto":

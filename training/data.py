@@ -7,6 +7,7 @@ loader workers move compact uint8 and the host does no float work.
 
 from __future__ import annotations
 
+import logging
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 from facecorpus.configs.errors import ConfigError, FacecorpusError, InputError
 from torch.utils.data import Dataset, Sampler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -160,31 +163,92 @@ class _BatchedShards(Dataset):
         return out
 
 
-def open_store_split(root: str, fields: Sequence[str], filters: Sequence) -> Split:
-    """A split of a dataset written by ``facecorpus.datasets`` (read only through its reader)."""
+class _JoinedShards(Dataset):
+    """Main-dataset rows plus, per row, the fields of the matching row of a joined dataset.
+
+    ``positions`` maps this dataset's positions to the inner ShardDataset's (rows without a
+    match are left out); ``right_index`` holds the joined dataset's global index per position.
+    """
+
+    def __init__(self, inner, positions: np.ndarray, right_store, right_fields: Sequence[str],
+                 right_index: np.ndarray):
+        self.inner, self.positions = inner, positions
+        self.right_store, self.right_fields, self.right_index = right_store, tuple(right_fields), right_index
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: torch.as_tensor(v[0]) for k, v in self.__getitems__([i]).items()}
+
+    def __getitems__(self, positions: list[int]) -> dict[str, np.ndarray]:
+        pos = np.asarray(positions, dtype=np.int64)
+        idx = self.inner.indices[self.positions[pos]]
+        out = {f: self.inner.store.read(f, idx) for f in self.inner.fields}
+        ridx = self.right_index[pos]
+        out.update({f: self.right_store.read(f, ridx) for f in self.right_fields})
+        out["index"] = idx
+        return out
+
+
+def _field_info(spec) -> FieldInfo:
+    return FieldInfo(tuple(spec.shape), str(np.dtype(spec.dtype)))
+
+
+def open_store_split(root: str, fields: Sequence[str], filters: Sequence, join=None) -> Split:
+    """A split of a dataset written by ``facecorpus.datasets`` (read only through its reader).
+
+    ``join`` (a JoinConfig): fields absent from ``root`` are read from ``join.data``, from the
+    row whose ``join.right_on`` equals this row's ``join.left_on``.
+    """
     from facecorpus.datasets.reader import ShardDataset
     from facecorpus.datasets.store import open_dataset
 
     ds = open_dataset(root)
-    schema_fields = ds.schema.fields
-    missing = [f for f in fields if f not in schema_fields]
-    if missing:
-        raise InputError(f"{root}: dataset has no field(s) {missing}; has {sorted(schema_fields)}")
-    info = {f: FieldInfo(tuple(schema_fields[f].shape), str(np.dtype(schema_fields[f].dtype)))
-            for f in fields}
+    here = [f for f in fields if f in ds.schema.fields]
+    there = [f for f in fields if f not in ds.schema.fields]
+    right = open_dataset(join.data) if (there and join is not None) else None
+    if there and (right is None or any(f not in right.schema.fields for f in there)):
+        where = f"{root}" + (f" or joined {join.data}" if join is not None else "")
+        raise InputError(f"{where}: dataset has no field(s) {there}; has {sorted(ds.schema.fields)}"
+                         + ("" if join is not None else " (a `join:` dataset can supply them)"))
+    info = {f: _field_info(ds.schema.fields[f]) for f in here}
+    if right is not None:
+        info.update({f: _field_info(right.schema.fields[f]) for f in there})
     try:
-        dataset = ShardDataset(root, fields=tuple(fields), filter=filter_expression(filters))
+        dataset = ShardDataset(root, fields=tuple(here), filter=filter_expression(filters))
     except Exception as e:  # e.g. a filter naming a column the manifest lacks
         if isinstance(e, FacecorpusError):
             raise
         raise InputError(f"{root}: cannot select split ({type(e).__name__}: {e})") from e
-    return Split(_BatchedShards(dataset), info, str(root))
+    info = {f: info[f] for f in fields}
+    if right is None:
+        return Split(_BatchedShards(dataset), info, str(root))
+
+    for tbl, col, name in ((ds.manifest, join.left_on, root), (right.manifest, join.right_on, join.data)):
+        if col not in tbl.column_names:
+            raise InputError(f"{name}: manifest has no join column {col!r}")
+    left_key = dict(zip(ds.manifest.column("index").to_pylist(),
+                        ds.manifest.column(join.left_on).to_pylist(), strict=True))
+    rkeys = right.manifest.column(join.right_on).to_pylist()
+    right_of = dict(zip(rkeys, right.manifest.column("index").to_pylist(), strict=True))
+    if len(right_of) != len(rkeys):
+        raise InputError(f"{join.data}: join column {join.right_on!r} is not unique")
+    keys = [left_key[int(i)] for i in dataset.indices]
+    found = np.array([k in right_of for k in keys], dtype=bool)
+    if not found.all():
+        log.warning("%s: %d of %d selected rows have no %s match in %s; left out", root,
+                    int((~found).sum()), len(keys), join.right_on, join.data)
+    positions = np.flatnonzero(found)
+    ridx = np.array([right_of[keys[p]] for p in positions], dtype=np.int64)
+    return Split(_JoinedShards(dataset, positions, right, there, ridx), info,
+                 f"{root} + {join.data}")
 
 
-def open_split(source, fields: Sequence[str], filters: Sequence) -> Split:
+def open_split(source, fields: Sequence[str], filters: Sequence, join=None) -> Split:
     if isinstance(source, TensorSource):
         return source.split(fields, filters)
-    return open_store_split(str(source), fields, filters)
+    return open_store_split(str(source), fields, filters, join)
 
 
 # ---------------------------------------------------------------- normalisation

@@ -189,8 +189,8 @@ class Trainer:
         seed_everything(cfg.seed)
 
         fields = (*self.spec.inputs, self.spec.target)
-        self.train_split: Split = open_split(data, fields, cfg.train_filter)
-        self.val_split: Split = open_split(data, fields, cfg.val_filter)
+        self.train_split: Split = open_split(data, fields, cfg.train_filter, cfg.join)
+        self.val_split: Split = open_split(data, fields, cfg.val_filter, cfg.join)
         if len(self.train_split) == 0:
             raise InputError(f"{self.train_split.source}: train filter selects no samples")
         self._check_fields(self.train_split.fields)
