@@ -57,6 +57,9 @@ SOURCE_PRIOR = 0
 SOURCE_VISIBLE = 1
 SOURCE_MIRRORED = 2
 
+_OMEGA = 1.2  # red-black over-relaxation in the V-cycle smoother
+_OMEGA_COARSE = 1.0  # ... and in the sweeps that solve the coarsest level
+_NU = 4  # red-black half-sweeps before (and after) each coarse correction
 _COARSEST = 6  # stop coarsening when a level's interior is at most this many cells wide
 
 
@@ -68,22 +71,29 @@ _COARSEST = 6  # stop coarsening when a level's interior is at most this many ce
 # numba's negative-index wrap-around check on signed indices blocks SIMD (10x slower).
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
-def _smooth(x, b, invd, off, h, w, first, passes):
-    """Red-black Gauss-Seidel: `passes` half-sweeps starting with colour `first`."""
+def _smooth(x, b, wcol, d, tmp, off, h, w, first, passes):
+    """Red-black SOR: `passes` half-sweeps starting with colour `first`.
+
+    ``wcol[colour]`` is omega / d on that colour's unknown cells and 0 elsewhere. A half-sweep
+    updates one colour from the other only, so each row is done as a contiguous correction
+    into `tmp` then added: both loops vectorise, unlike a stride-2 in-place update (1.6x).
+    Each half-sweep is A-self-adjoint, so reversing the colours keeps the cycle symmetric.
+    """
     W = u64(w + 2)
     one = u64(1)
-    two = u64(2)
     for ps in range(passes):
-        color = (first + ps) % 2
+        wc = wcol[(first + ps) % 2]
         for c in range(x.shape[0]):
             xc = x[c]
             bc = b[c]
             for i in range(1, h + 1):
-                j0 = 1 + ((i + 1 + color) % 2)
-                base = u64(off + i * (w + 2) + j0)
-                for k in range((w - j0) // 2 + 1):
-                    p = base + two * u64(k)
-                    xc[p] = (bc[p] + xc[p - one] + xc[p + one] + xc[p - W] + xc[p + W]) * invd[p]
+                base = u64(off + i * (w + 2))
+                for j in range(1, w + 1):
+                    p = base + u64(j)
+                    tmp[j] = wc[p] * (bc[p] + xc[p - one] + xc[p + one] + xc[p - W] + xc[p + W]
+                                      - d[p] * xc[p])
+                for j in range(1, w + 1):
+                    xc[base + u64(j)] += tmp[j]
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
@@ -166,7 +176,7 @@ def _prolong_add(x, unkf, offf, hf, wf, offc, wc):
 
 
 @nb.njit(cache=True, nogil=True)
-def _vcycle(b, x, r, unkf, d, invd, offs, hs, ws, nu, coarse_sweeps):
+def _vcycle(b, x, r, unkf, d, wcol, tmp, offs, hs, ws, nu, coarse_sweeps):
     """x = M^-1 b with one symmetric V-cycle (level-0 rhs in b; x, r are work).
 
     nu red-black half-sweeps before and the same colours in reverse order after the
@@ -176,15 +186,15 @@ def _vcycle(b, x, r, unkf, d, invd, offs, hs, ws, nu, coarse_sweeps):
     x[:] = 0.0
     for lv in range(L - 1):
         o, h, w = offs[lv], hs[lv], ws[lv]
-        _smooth(x, b, invd, o, h, w, 0, nu)
+        _smooth(x, b, wcol, d, tmp, o, h, w, 0, nu)
         _residual(x, b, r, unkf, d, o, h, w)
         _restrict(r, b, unkf, o, w, offs[lv + 1], hs[lv + 1], ws[lv + 1])
     lv = L - 1
-    _smooth(x, b, invd, offs[lv], hs[lv], ws[lv], 0, coarse_sweeps)
+    _smooth(x, b, wcol, d, tmp, offs[lv], hs[lv], ws[lv], 0, coarse_sweeps)
     for lv in range(L - 2, -1, -1):
         o, h, w = offs[lv], hs[lv], ws[lv]
         _prolong_add(x, unkf, o, h, w, offs[lv + 1], ws[lv + 1])
-        _smooth(x, b, invd, o, h, w, (nu - 1) % 2, nu)
+        _smooth(x, b, wcol, d, tmp, o, h, w, (nu - 1) % 2, nu)
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
@@ -241,7 +251,7 @@ def _step(x, r, pdir, q, bh, alpha):
 
 
 @nb.njit(cache=True, nogil=True)
-def _pcg(b0, x0, unkf, d, invd, offs, hs, ws, tol, max_iter, nu, coarse_sweeps,
+def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, tol, max_iter, nu, coarse_sweeps,
          r, q, pdir, bh, zh, wk):
     """Solve A x = b on level 0 by PCG, one CG per channel, a V-cycle as preconditioner.
 
@@ -258,6 +268,7 @@ def _pcg(b0, x0, unkf, d, invd, offs, hs, ws, tol, max_iter, nu, coarse_sweeps,
     pdir[:] = 0.0
     q[:] = 0.0
     bnorm = np.empty(C)
+    tmp = np.empty(ws.max() + 2, np.float32)
     rz = np.zeros(C)
     rr = np.zeros(C)
     for c in range(C):
@@ -276,7 +287,7 @@ def _pcg(b0, x0, unkf, d, invd, offs, hs, ws, tol, max_iter, nu, coarse_sweeps,
             rel = max(rel, np.sqrt(rr[c]) / bnorm[c])
         if rel <= tol or it >= max_iter:
             break
-        _vcycle(bh, zh, wk, unkf, d, invd, offs, hs, ws, nu, coarse_sweeps)
+        _vcycle(bh, zh, wk, unkf, d, wcol, tmp, offs, hs, ws, nu, coarse_sweeps)
         for c in range(C):
             zc = zh[c, :n0]
             rz_new = _dot32(r[c], zc)
@@ -358,6 +369,57 @@ def _rhs(target, source, guide_ok, lab, k, i0, j0, h, w, mixed, b, x):
                         v += tq
                     b[c, p] += v
     return status
+
+
+@nb.njit(cache=True, nogil=True, inline="always")
+def _guide(sp, tq, sq, guided, outside):
+    v = (float(sp) - float(sq)) if guided else 0.0
+    if outside:
+        v += float(tq)
+    return v
+
+
+@nb.njit(cache=True, nogil=True)
+def _rhs_plain(target, source, guide_ok, lab, k, i0, j0, h, w, b, x):
+    """`_rhs` for mixed=False without per-value checks (5-10x faster): the same sums in the
+    same order. Returns True if some b is not finite (then `_rhs` finds out why)."""
+    W = w + 2
+    S0, S1, C = target.shape
+    bad = False
+    for i in range(1, min(h, S0 - i0) + 1):
+        gi = i0 + i - 1
+        for j in range(1, min(w, S1 - j0) + 1):
+            gj = j0 + j - 1
+            if lab[gi, gj] != k:
+                continue
+            p = i * W + j
+            gp = guide_ok[gi, gj]
+            up, dn, lf, rt = gi > 0, gi < S0 - 1, gj > 0, gj < S1 - 1
+            gu = gp and up and guide_ok[gi - 1, gj]
+            gd = gp and dn and guide_ok[gi + 1, gj]
+            gl = gp and lf and guide_ok[gi, gj - 1]
+            gr = gp and rt and guide_ok[gi, gj + 1]
+            ou = up and lab[gi - 1, gj] != k
+            od = dn and lab[gi + 1, gj] != k
+            ol = lf and lab[gi, gj - 1] != k
+            orr = rt and lab[gi, gj + 1] != k
+            for c in range(C):
+                sp = source[gi, gj, c]
+                acc = 0.0
+                if up:
+                    acc += _guide(sp, target[gi - 1, gj, c], source[gi - 1, gj, c], gu, ou)
+                if dn:
+                    acc += _guide(sp, target[gi + 1, gj, c], source[gi + 1, gj, c], gd, od)
+                if lf:
+                    acc += _guide(sp, target[gi, gj - 1, c], source[gi, gj - 1, c], gl, ol)
+                if rt:
+                    acc += _guide(sp, target[gi, gj + 1, c], source[gi, gj + 1, c], gr, orr)
+                b[c, p] = acc
+                if not np.isfinite(acc):
+                    bad = True
+                v0 = sp if gp else target[gi, gj, c]
+                x[c, p] = v0 if np.isfinite(v0) else 0.0
+    return bad
 
 
 @nb.njit(cache=True, nogil=True)
@@ -613,9 +675,18 @@ def _hierarchy(lab: np.ndarray, k: int, i0: int, j0: int, h: int, w: int):
         o += unk_l.size
     unkf = np.concatenate(us).astype(np.float32)
     d_all = np.concatenate(ds)
-    invd = np.zeros_like(d_all)
-    np.divide(1.0, d_all, out=invd, where=d_all > 0)
-    return (unkf, d_all, invd, np.array(offs, np.int64), np.array(hs, np.int64),
+    wcol = np.zeros((2, d_all.shape[0]), np.float32)
+    for lv in range(len(levels)):
+        h_l, w_l = hs[lv], ws[lv]
+        n_l = (h_l + 2) * (w_l + 2)
+        dl = d_all[offs[lv]:offs[lv] + n_l].reshape(h_l + 2, w_l + 2)
+        om = _OMEGA if lv < len(levels) - 1 else _OMEGA_COARSE
+        inv = np.zeros_like(dl)
+        np.divide(om, dl, out=inv, where=dl > 0)
+        par = (np.arange(h_l + 2)[:, None] + np.arange(w_l + 2)[None, :]) % 2
+        wcol[0, offs[lv]:offs[lv] + n_l] = np.where(par == 0, inv, 0).ravel()
+        wcol[1, offs[lv]:offs[lv] + n_l] = np.where(par == 1, inv, 0).ravel()
+    return (unkf, d_all, wcol, np.array(offs, np.int64), np.array(hs, np.int64),
             np.array(ws, np.int64))
 
 
@@ -689,21 +760,22 @@ def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
             continue
         h0, w0 = r1 + 1 - r0, c1 + 1 - c0
         h, w = _grid_size(h0), _grid_size(w0)
-        unkf, d, invd, offs, hs, ws = _hierarchy(lab, k, r0, c0, h, w)
+        unkf, d, wcol, offs, hs, ws = _hierarchy(lab, k, r0, c0, h, w)
         b = _work("b", (C, (h + 2) * (w + 2)), np.float64)
         x = _work("x", (C, (h + 2) * (w + 2)), np.float64)
         b[:] = 0.0
         x[:] = 0.0
         # only values the equations read must be finite (the target next to Ω, everywhere
         # in it with mixed gradients; the source where it guides): NaN elsewhere is fine
-        _raise_status(_rhs(target, source, guide_ok, lab, k, r0, c0, h, w, mixed, b, x))
+        if mixed or _rhs_plain(target, source, guide_ok, lab, k, r0, c0, h, w, b, x):
+            _raise_status(_rhs(target, source, guide_ok, lab, k, r0, c0, h, w, mixed, b, x))
         # a small coarsest level is solved by many sweeps; a large one (coarsening stopped
         # because the part is thin) only smoothed: thin parts are well conditioned. An odd
         # number of red-black half-sweeps (R B ... R) keeps the preconditioner symmetric.
         ncoarse = int(unkf[offs[-1]:].sum())
         ntot = unkf.shape[0]
         n0 = b.shape[1]
-        it, rel = _pcg(b, x, unkf, d, invd, offs, hs, ws, tol, max_iter, 2,
+        it, rel = _pcg(b, x, unkf, d, wcol, offs, hs, ws, tol, max_iter, _NU,
                        61 if ncoarse <= 256 else 3,
                        _work("r", (C, n0), np.float64), _work("q", (C, n0), np.float64),
                        _work("p", (C, n0), np.float64), _work("bh", (C, ntot), np.float32),
@@ -734,7 +806,7 @@ def _as_batch(a, name, ndim_single):
 
 
 def poisson_blend(target, source, mask, *, mixed: bool = False, source_mask=None,
-                  tol: float = 1e-6, max_iter: int = 200, workers: int | None = None,
+                  tol: float = 5e-6, max_iter: int = 200, workers: int | None = None,
                   return_info: bool = False):
     """Masked Poisson image editing, solved to ``||b - A f|| / ||b|| <= tol``.
 
@@ -852,7 +924,7 @@ def poisson_residual(f, target, source, mask, *, mixed: bool = False, source_mas
 
 
 def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: bool = False,
-                   tol: float = 1e-6, workers: int | None = None):
+                   tol: float = 5e-6, workers: int | None = None):
     """The pseudo-GT UV blend: visible texels into the prior, then the mirror into the rest.
 
     Pass 1 solves the Poisson problem over Ω1 = ``uv_visible_mask`` with ``uv_visible`` as
