@@ -622,6 +622,22 @@ def _coarse_diag(unkc, valid0, rE, rW, rS, rN, lev, hc, wc):
     return d
 
 
+@nb.njit(cache=True, nogil=True)
+def _colour_weights(d, offs, hs, ws):
+    """(2, n) float32: omega / d on the cells of colour (i + j) % 2 == 0 / 1, else 0."""
+    wcol = np.zeros((2, d.shape[0]), np.float32)
+    L = offs.shape[0]
+    for lv in range(L):
+        om = _OMEGA if lv < L - 1 else _OMEGA_COARSE
+        W = ws[lv] + 2
+        for i in range(hs[lv] + 2):
+            for j in range(W):
+                p = offs[lv] + i * W + j
+                if d[p] > 0:
+                    wcol[(i + j) % 2, p] = om / d[p]
+    return wcol
+
+
 # ------------------------------------------------------------------------ hierarchy
 def _hierarchy(lab: np.ndarray, k: int, i0: int, j0: int, h: int, w: int):
     """Flat multigrid hierarchy for the part ``lab == k`` of Ω on the grid of rows i0..,
@@ -675,19 +691,8 @@ def _hierarchy(lab: np.ndarray, k: int, i0: int, j0: int, h: int, w: int):
         o += unk_l.size
     unkf = np.concatenate(us).astype(np.float32)
     d_all = np.concatenate(ds)
-    wcol = np.zeros((2, d_all.shape[0]), np.float32)
-    for lv in range(len(levels)):
-        h_l, w_l = hs[lv], ws[lv]
-        n_l = (h_l + 2) * (w_l + 2)
-        dl = d_all[offs[lv]:offs[lv] + n_l].reshape(h_l + 2, w_l + 2)
-        om = _OMEGA if lv < len(levels) - 1 else _OMEGA_COARSE
-        inv = np.zeros_like(dl)
-        np.divide(om, dl, out=inv, where=dl > 0)
-        par = (np.arange(h_l + 2)[:, None] + np.arange(w_l + 2)[None, :]) % 2
-        wcol[0, offs[lv]:offs[lv] + n_l] = np.where(par == 0, inv, 0).ravel()
-        wcol[1, offs[lv]:offs[lv] + n_l] = np.where(par == 1, inv, 0).ravel()
-    return (unkf, d_all, wcol, np.array(offs, np.int64), np.array(hs, np.int64),
-            np.array(ws, np.int64))
+    offs, hs, ws = np.array(offs, np.int64), np.array(hs, np.int64), np.array(ws, np.int64)
+    return unkf, d_all, _colour_weights(d_all, offs, hs, ws), offs, hs, ws
 
 
 def _grid_size(n: int) -> int:
