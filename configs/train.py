@@ -83,7 +83,8 @@ class TrainConfig(_Strict):
     loss: LossConfig = LossConfig()
     uv_mirror: str | None = Field(
         None, description="inpaint: .npy (S,S) flat or (S,S,2) (row,col) index of each texel's "
-                          "mirror; None: horizontal flip (a symmetric UV layout)")
+                          "mirror (-1: none), or an .npz holding it as `mirror_map` (the "
+                          "pseudo-GT flow's OUT/dataset/uv_regions.npz); None: horizontal flip")
     join: JoinConfig | None = None
     train_filter: list[FilterSpec] = [FilterSpec(column="split", value="train")]
     val_filter: list[FilterSpec] = [FilterSpec(column="split", value="val")]

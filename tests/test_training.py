@@ -56,6 +56,11 @@ def test_uv_mirror_custom_layout():
         m(torch.zeros(1, 2, 5, 5))
     with pytest.raises(ValueError, match="outside"):
         UVMirror(torch.full((4, 4), 16))
+    # -1 (no mirror / outside the layout, as meshops.uv.uv_mirror_map writes): the texel itself
+    coords = torch.stack([r, 5 - c], -1).int()
+    coords[0, 0] = -1
+    y = UVMirror(coords)(x)
+    assert torch.equal(y[..., 0, 0], x[..., 0, 0]) and torch.equal(y[..., 1:, :], x.flip(-1)[..., 1:, :])
     with pytest.raises(ValueError, match="integer"):
         UVMirror(torch.zeros(4, 4))
 
@@ -65,6 +70,11 @@ def test_uv_mirror_from_file(tmp_path):
     np.save(p, UVMirror.flip_index(8).numpy().astype(np.int32))
     x = torch.randn(1, 3, 8, 8)
     assert torch.equal(UVMirror.from_file(p)(x), torch.flip(x, dims=(-1,)))
+    np.savez(tmp_path / "regions.npz", mirror_map=np.stack(np.meshgrid(
+        np.arange(8), 7 - np.arange(8), indexing="ij"), -1).astype(np.int32), layout=np.ones((8, 8)))
+    assert torch.equal(UVMirror.from_file(tmp_path / "regions.npz")(x), torch.flip(x, dims=(-1,)))
+    with pytest.raises(InputError, match="no array 'nope'"):
+        UVMirror.from_file(tmp_path / "regions.npz", key="nope")
     bad = tmp_path / "bad.npy"
     bad.write_bytes(b"not numpy")
     with pytest.raises(InputError, match="bad.npy"):

@@ -87,7 +87,9 @@ class UVMirror(nn.Module):
 
     Args:
         index: None for a horizontal flip (a left-right symmetric UV layout), or a LongTensor
-            (S, S) of flat source indices into S*S, or (S, S, 2) of (row, col) source texels.
+            (S, S) of flat source indices into S*S, or (S, S, 2) of (row, col) source texels
+            (as ``meshops.uv.uv_mirror_map`` returns). Negative entries (no mirror, or a texel
+            outside the layout) map the texel to itself.
 
     Shape:
         (B, C, S, S) -> (B, C, S, S)
@@ -100,13 +102,17 @@ class UVMirror(nn.Module):
             if index.dtype.is_floating_point:
                 raise ValueError(f"UV mirror index must be integer, got {index.dtype}")
             if index.ndim == 3 and index.shape[-1] == 2 and index.shape[0] == index.shape[1]:
+                none = (index < 0).any(-1)
                 index = index[..., 0].long() * index.shape[1] + index[..., 1].long()
+                index[none] = -1
             if index.ndim != 2 or index.shape[0] != index.shape[1]:
                 raise ValueError(f"UV mirror index must be (S,S) or (S,S,2), got {tuple(index.shape)}")
-            n = index.numel()
-            if int(index.min()) < 0 or int(index.max()) >= n:
-                raise ValueError(f"UV mirror index has entries outside [0, {n})")
             index = index.long()
+            n = index.numel()
+            if int(index.max()) >= n:
+                raise ValueError(f"UV mirror index has entries outside [0, {n})")
+            own = torch.arange(n).view_as(index)
+            index = torch.where(index < 0, own, index)
         self.register_buffer("index", index, persistent=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,12 +131,19 @@ class UVMirror(nn.Module):
         return r * size + (size - 1 - c)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> UVMirror:
+    def from_file(cls, path: str | Path, key: str = "mirror_map") -> UVMirror:
+        """From an ``.npy`` array, or the ``key`` array of an ``.npz`` (the pseudo-GT flow's
+        ``dataset/uv_regions.npz`` holds ``mirror_map``). No pickle."""
         import numpy as np
         from facecorpus.configs.errors import InputError
 
         try:
             arr = np.load(path, allow_pickle=False)
+            if isinstance(arr, np.lib.npyio.NpzFile):
+                with arr:
+                    if key not in arr.files:
+                        raise InputError(f"{path}: no array {key!r} (has {arr.files})")
+                    arr = arr[key]
         except (OSError, ValueError) as e:
             raise InputError(f"{path}: cannot read UV mirror index ({e})") from e
         try:
