@@ -3,32 +3,43 @@
 Sources, in order of preference (the one used is recorded as ``landmark_source``):
 
 1. ``manifest`` — 68 points given with the input (``InputRecord.landmarks``): no detection.
-2. ``mediapipe`` — the mediapipe Tasks ``FaceLandmarker`` (478 points), largest face,
-   mapped to 68 points with :data:`MP478_TO_68`. The ``.task`` model bundle is looked up by
-   :func:`find_mediapipe_model`. Note: the mediapipe 0.10.35 wheel installed here ships the
-   runtime but **no model files** (no ``.task``/``.tflite`` in site-packages), and there is
-   no network; point ``FACECORPUS_MEDIAPIPE_MODEL`` (or ``landmarks.mediapipe_model``) at
-   ``face_landmarker.task`` to enable it.
-3. ``box_template`` — fallback that needs no learned landmark model: scikit-image's bundled
+2. ``mediapipe_tasks`` — the mediapipe Tasks ``FaceLandmarker`` (478 points), used only when
+   a ``face_landmarker.task`` bundle is supplied (``landmarks.mediapipe_model``,
+   ``FACECORPUS_MEDIAPIPE_MODEL``, ... see :func:`find_mediapipe_model`): no mediapipe wheel
+   ships one.
+3. ``mediapipe`` — mediapipe's legacy FaceMesh solution (478 points with
+   ``refine_landmarks``) behind its full-range face detector (:class:`FaceMeshLandmarker`).
+   Used automatically when ``mediapipe.solutions.face_mesh`` and its bundled ``.tflite``
+   models are installed (:func:`mediapipe_solutions_dir`): mediapipe >=0.10,<0.10.22 (the
+   ``landmarks`` extra pins 0.10.21; later wheels dropped the solutions and their models).
+   Runs offline.
+4. ``box_template`` — fallback that needs no learned landmark model: scikit-image's bundled
    LBP frontal-face cascade finds the face box and the model's own frontal 68-point
    template is placed in it. Coarse (frontal by construction: yaw/pitch come only from the
    photometric refinement), so it is flagged in the manifest and can be disabled
    (``fallback: none``) to reject instead.
 
-"No face" is a rejection reason, never an exception out of a batch.
+Both mediapipe backends keep the largest face and map its 478 points to 68 with
+:data:`MP478_TO_68`. "No face" is a rejection reason, never an exception out of a batch.
 
-The 478 → 68 table (:data:`MP478_TO_68`): jaw 0-16 are face-oval vertices
+The 478 → 68 table (:data:`MP478_TO_68`), checked by drawing it on real photos (frontal and
+smiling) and against the 300-W mean shape: jaw 0-16 are face-oval vertices
 (``FACEMESH_FACE_OVAL``) from the subject's right cheek at eye level (234) through the chin
-(152) to the left cheek (454); brows are the upper brow contours; nose bridge
-168-197-5-4 and base 98-97-2-326-327; eyes the six-point eyelid contours (corners 33/133,
-362/263); mouth the outer (61...291) and inner (78...308) lip contours. Every left/right
-pair in the table is a mirror pair of the mediapipe canonical mesh.
+(152) to the left cheek (454), chosen so that their arc-length spacing matches Multi-PIE's
+(within 2.5 % of the contour); brows are the upper brow contours; nose bridge 168-197-5-4,
+base 60-20-2-250-290 (nostril wings' lower edges, not the alar creases 98/327 which sit
+~1.7x wider than Multi-PIE's 31/35); eyes the six-point eyelid contours (corners 33/133,
+362/263); mouth the outer (61 ... 291, 49/53 = 39/269 between corner and bow peak) and inner
+(78 ... 308) lip contours. Every left/right pair in the table is a mirror pair of the
+mediapipe canonical mesh (the tests check it by detecting on a mirrored photo).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,16 +51,16 @@ log = logging.getLogger(__name__)
 # fmt: off
 MP478_TO_68 = np.array([
     # jaw 0-16 (face oval, subject's right -> chin -> subject's left)
-    234, 93, 132, 58, 172, 136, 150, 176, 152, 400, 379, 365, 397, 288, 361, 323, 454,
+    234, 93, 132, 58, 172, 150, 149, 148, 152, 377, 378, 379, 397, 288, 361, 323, 454,
     # brows 17-21 (subject's right, outer -> inner), 22-26 (left, inner -> outer)
     70, 63, 105, 66, 107, 336, 296, 334, 293, 300,
     # nose bridge 27-30, base 31-35
-    168, 197, 5, 4, 98, 97, 2, 326, 327,
+    168, 197, 5, 4, 60, 20, 2, 250, 290,
     # right eye 36-41 (outer corner, upper x2, inner corner, lower x2), left eye 42-47
     33, 160, 158, 133, 153, 144, 362, 385, 387, 263, 373, 380,
     # outer lips 48-59, inner lips 60-67
-    61, 40, 37, 0, 267, 270, 291, 321, 314, 17, 84, 91,
-    78, 81, 13, 311, 308, 402, 14, 178,
+    61, 39, 37, 0, 267, 269, 291, 405, 314, 17, 84, 181,
+    78, 82, 13, 312, 308, 317, 14, 87,
 ], dtype=np.int32)
 # mediapipe FACEMESH_FACE_OVAL as one ordered loop (forehead centre, clockwise in the image)
 MP_FACE_OVAL = np.array([
@@ -70,7 +81,8 @@ class FaceLandmarks:
     """Landmarks of one face in *original image* pixels.
 
     ``points``: (68, 2) float32 (x, y), Multi-PIE order. ``box``: (4,) x0, y0, x1, y1.
-    ``dense``: (478, 2) mediapipe points or None. ``source``: manifest|mediapipe|box_template.
+    ``dense``: (478, 2) mediapipe points or None. ``source``: manifest|mediapipe_tasks|
+    mediapipe|box_template.
     """
 
     points: np.ndarray
@@ -125,36 +137,208 @@ def find_mediapipe_model(explicit: str | os.PathLike | None = None) -> Path | No
     return None
 
 
-class MediapipeLandmarker:
-    """mediapipe Tasks FaceLandmarker in IMAGE mode; returns the largest face."""
+def mediapipe_solutions_dir() -> Path | None:
+    """The installed mediapipe package folder when it has the legacy FaceMesh / FaceDetection
+    solutions *and* their bundled models (mediapipe >=0.10,<0.10.22), else None.
+
+    Checked on files, without importing mediapipe (cheap, and safe in any process)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("mediapipe")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.origin:
+        return None
+    root = Path(spec.origin).parent
+    need = ("python/solutions/face_mesh.py", "python/solutions/face_detection.py",
+            "modules/face_landmark/face_landmark_front_cpu.binarypb",
+            "modules/face_landmark/face_landmark_with_attention.tflite",
+            "modules/face_detection/face_detection_short_range.tflite",
+            "modules/face_detection/face_detection_full_range_sparse.tflite")
+    return root if all((root / n).is_file() for n in need) else None
+
+
+def _largest(faces: list[np.ndarray]) -> np.ndarray:
+    return max(faces, key=lambda p: float(np.prod(p.max(0) - p.min(0))))
+
+
+def _dense_to_landmarks(dense: np.ndarray, source: str) -> FaceLandmarks:
+    dense = dense.astype(np.float32)
+    box = np.concatenate([dense.min(0), dense.max(0)])
+    return FaceLandmarks(points=dense[MP478_TO_68], box=box, source=source, dense=dense)
+
+
+class _LazyGraphs:
+    """mediapipe graphs are costly to build and cannot be pickled: they are built on first
+    use in the process that detects (a Dask worker, not the client that pickled the
+    detector), dropped when pickled, and released by :meth:`close`. ``detect`` is serialised
+    by a lock (a graph is not thread-safe)."""
+
+    def __init__(self):
+        self._graphs: tuple | None = None
+        self._lock = threading.Lock()
+
+    def _build(self) -> tuple:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def graphs(self) -> tuple:
+        if self._graphs is None:
+            self._graphs = self._build()
+        return self._graphs
+
+    def close(self) -> None:
+        g, self._graphs = self._graphs, None
+        for obj in g or ():
+            obj.close()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_graphs"] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __del__(self):
+        # at interpreter shutdown mediapipe's modules may already be torn down
+        with contextlib.suppress(AttributeError, ImportError, RuntimeError, TypeError,
+                                 ValueError):
+            self.close()
+
+
+class MediapipeLandmarker(_LazyGraphs):
+    """mediapipe Tasks FaceLandmarker (a user-supplied ``.task`` bundle) in IMAGE mode;
+    returns the largest face."""
+
+    source = "mediapipe_tasks"
 
     def __init__(self, model_path: str | os.PathLike, max_faces: int = 4,
                  min_confidence: float = 0.5):
+        super().__init__()
+        self.model_path, self.max_faces, self.min_confidence = (
+            str(model_path), max_faces, min_confidence)
+
+    def _build(self) -> tuple:
         from mediapipe.tasks.python import vision
         from mediapipe.tasks.python.core.base_options import BaseOptions
 
         opts = vision.FaceLandmarkerOptions(
-            base_options=BaseOptions(model_asset_path=str(model_path)),
-            running_mode=vision.RunningMode.IMAGE, num_faces=max_faces,
-            min_face_detection_confidence=min_confidence)
-        self._lm = vision.FaceLandmarker.create_from_options(opts)
+            base_options=BaseOptions(model_asset_path=self.model_path),
+            running_mode=vision.RunningMode.IMAGE, num_faces=self.max_faces,
+            min_face_detection_confidence=self.min_confidence)
+        return (vision.FaceLandmarker.create_from_options(opts),)
 
     def detect(self, image: np.ndarray) -> FaceLandmarks | None:
+        """(H, W, 3) uint8 -> the largest face's landmarks, or None."""
         import mediapipe as mp
 
         h, w = image.shape[:2]
-        res = self._lm.detect(mp.Image(image_format=mp.ImageFormat.SRGB,
-                                       data=np.ascontiguousarray(image)))
-        faces = []
-        for lms in res.face_landmarks:
-            pts = np.array([(p.x * w, p.y * h) for p in lms], dtype=np.float32)
-            faces.append(pts)
+        with self._lock:
+            (lm,) = self.graphs()
+            res = lm.detect(mp.Image(image_format=mp.ImageFormat.SRGB,
+                                     data=np.ascontiguousarray(image)))
+        faces = [np.array([(p.x * w, p.y * h) for p in lms], np.float32)
+                 for lms in res.face_landmarks]
+        return _dense_to_landmarks(_largest(faces), self.source) if faces else None
+
+
+class FaceMeshLandmarker(_LazyGraphs):
+    """mediapipe's legacy FaceMesh solution (bundled models, 478 points) for the largest face.
+
+    FaceMesh's own detector is the short-range one (faces filling much of the frame), so the
+    faces are first found by the full-range ``FaceDetection`` on the whole image; the largest
+    box is cut out as a square ``crop_scale`` times its side (resampled to at most
+    ``work_size`` pixels: the mesh network sees 192 px anyway) and meshed there. If that box
+    holds no mesh the next largest is tried; with no box at all, FaceMesh runs on the whole
+    image (scaled to ``work_size``) as a last try.
+
+    Args:
+        min_confidence: detection score threshold of both graphs.
+        crop_scale: crop side / detector box side.
+        work_size: largest side given to FaceMesh.
+    """
+
+    source = "mediapipe"
+
+    def __init__(self, min_confidence: float = 0.5, crop_scale: float = 2.0,
+                 work_size: int = 512):
+        super().__init__()
+        self.min_confidence, self.crop_scale, self.work_size = (
+            min_confidence, crop_scale, work_size)
+
+    def _build(self) -> tuple:
+        from mediapipe.python.solutions import face_detection, face_mesh
+
+        det = face_detection.FaceDetection(model_selection=1,
+                                           min_detection_confidence=self.min_confidence)
+        mesh = face_mesh.FaceMesh(static_image_mode=True, max_num_faces=2,
+                                  refine_landmarks=True,
+                                  min_detection_confidence=self.min_confidence)
+        return det, mesh
+
+    def face_boxes(self, image: np.ndarray) -> np.ndarray:
+        """Full-range detector boxes (N, 4) x0, y0, x1, y1 pixels, largest first."""
+        h, w = image.shape[:2]
+        with self._lock:
+            det, _ = self.graphs()
+            res = det.process(np.ascontiguousarray(image))
+        boxes = []
+        for d in res.detections or ():
+            b = d.location_data.relative_bounding_box
+            boxes.append([b.xmin * w, b.ymin * h, (b.xmin + b.width) * w,
+                          (b.ymin + b.height) * h])
+        boxes = np.array(boxes, np.float32).reshape(-1, 4)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        return boxes[np.argsort(-area, kind="stable")]
+
+    def _mesh(self, image: np.ndarray, x0: float, y0: float, side: float) -> np.ndarray | None:
+        """FaceMesh on the square [x0, x0+side) x [y0, y0+side) of ``image`` (zero outside);
+        the face nearest the square's centre, (478, 2) in image pixels, or None."""
+        import cv2
+
+        h, w = image.shape[:2]
+        # integer-pixel cut (padded with black where it leaves the image), then resample
+        ix0, iy0, n = int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(side))
+        cut = np.zeros((n, n, 3), np.uint8)
+        sx0, sy0 = max(ix0, 0), max(iy0, 0)
+        sx1, sy1 = min(ix0 + n, w), min(iy0 + n, h)
+        if sx1 <= sx0 or sy1 <= sy0:
+            return None
+        cut[sy0 - iy0:sy1 - iy0, sx0 - ix0:sx1 - ix0] = image[sy0:sy1, sx0:sx1]
+        out = min(n, self.work_size)
+        k = out / n
+        crop = cut if out == n else cv2.resize(cut, (out, out), interpolation=cv2.INTER_AREA)
+        with self._lock:
+            _, mesh = self.graphs()
+            res = mesh.process(crop)
+        faces = [np.array([(p.x * out, p.y * out) for p in f.landmark], np.float64)
+                 for f in res.multi_face_landmarks or ()]
         if not faces:
             return None
-        dense = max(faces, key=lambda p: float(np.prod(p.max(0) - p.min(0))))
-        pts = dense[MP478_TO_68]
-        box = np.concatenate([dense.min(0), dense.max(0)]).astype(np.float32)
-        return FaceLandmarks(points=pts, box=box, source="mediapipe", dense=dense)
+        c = out / 2
+        best = min(faces, key=lambda p: float(np.hypot(*(p.mean(0) - c))))
+        # normalised coordinates are relative to the crop; crop pixel u <-> image u / k + x0
+        return best / k + [ix0, iy0]
+
+    def detect(self, image: np.ndarray) -> FaceLandmarks | None:
+        """(H, W, 3) uint8 -> the largest face's landmarks, or None."""
+        image = np.ascontiguousarray(image[..., :3], dtype=np.uint8)
+        boxes = self.face_boxes(image)
+        for x0, y0, x1, y1 in boxes:
+            side = self.crop_scale * float(max(x1 - x0, y1 - y0))
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            dense = self._mesh(image, cx - side / 2, cy - side / 2, side)
+            if dense is not None:
+                return _dense_to_landmarks(dense, self.source)
+        if len(boxes):
+            return None
+        h, w = image.shape[:2]
+        side = float(max(h, w))
+        dense = self._mesh(image, (w - side) / 2, (h - side) / 2, side)
+        return None if dense is None else _dense_to_landmarks(dense, self.source)
 
 
 # ------------------------------------------------------------ box + template
@@ -224,26 +408,48 @@ def template_in_box(template: np.ndarray, box: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------ detection
 class LandmarkDetector:
-    """Pick the landmark source per image (see the module docstring).
+    """Pick the landmark source per image (see the module docstring for the order).
 
     Args:
         template: (68, 2) unit-box template for the fallback (see :func:`landmark_template`).
-        mediapipe_model: path of a ``.task`` bundle, or None to look it up.
-        fallback: "box_template" or "none".
+        mediapipe_model: path of a Tasks ``.task`` bundle, or None to look one up (none
+            found: the FaceMesh solution when installed).
+        fallback: "box_template" or "none" (used only when no mediapipe backend exists).
+
+    The mediapipe graphs are built lazily by the first ``detect`` in the process that runs
+    it, so a detector can be pickled to Dask workers; :meth:`close` releases them.
     """
 
     def __init__(self, template: np.ndarray | None = None, mediapipe_model=None,
                  fallback: str = "box_template"):
         self.template = template
         self.fallback = fallback
+        if mediapipe_model and not Path(mediapipe_model).is_file():
+            from facecorpus.configs.errors import ConfigError
+
+            raise ConfigError(f"landmarks.mediapipe_model {mediapipe_model}: no such file")
         path = find_mediapipe_model(mediapipe_model)
-        self._mp = None
+        self._mp: MediapipeLandmarker | FaceMeshLandmarker | None = None
         if path is not None:
             self._mp = MediapipeLandmarker(path)
+        elif mediapipe_solutions_dir() is not None:
+            self._mp = FaceMeshLandmarker()
         elif fallback == "box_template":
-            log.warning("no mediapipe face_landmarker.task found: landmarks fall back to a "
-                        "face box + template (coarse); set FACECORPUS_MEDIAPIPE_MODEL")
-        self.backend = "mediapipe" if self._mp else fallback
+            log.warning("no mediapipe landmark model (mediapipe >=0.10,<0.10.22 with its "
+                        "bundled FaceMesh, or a face_landmarker.task): landmarks fall back to "
+                        "a face box + template (coarse)")
+        self.backend = self._mp.source if self._mp else fallback
+
+    def close(self) -> None:
+        """Release the mediapipe graphs (a later ``detect`` rebuilds them)."""
+        if self._mp is not None:
+            self._mp.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def detect(self, image: np.ndarray, source_uri: str = "",
                given: np.ndarray | None = None) -> FaceLandmarks:
@@ -256,11 +462,11 @@ class LandmarkDetector:
         if self._mp is not None:
             found = self._mp.detect(image)
             if found is None:
-                raise Rejection(source_uri, "landmarks", "no face found (mediapipe)")
+                raise Rejection(source_uri, "landmarks", f"no face found ({self._mp.source})")
             return found
         if self.fallback != "box_template" or self.template is None:
             raise Rejection(source_uri, "landmarks",
-                            "no landmark model available (mediapipe .task missing) and "
+                            "no landmark model available (mediapipe missing) and "
                             "fallback disabled")
         box = detect_face_box(image)
         if box is None:

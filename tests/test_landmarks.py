@@ -14,6 +14,7 @@ from facecorpus.tasks.landmarks import (
     align_face,
     find_mediapipe_model,
     landmark_template,
+    mediapipe_solutions_dir,
 )
 
 
@@ -41,7 +42,7 @@ def test_astronaut_face_found_and_aligned(template):
     img = astronaut()
     det = LandmarkDetector(template)
     lm = det.detect(img, "astronaut")
-    assert lm.source in ("mediapipe", "box_template")
+    assert lm.source == det.backend and lm.source in ("mediapipe", "box_template")
     # the face of the astronaut photo is centred near (222, 125) and ~100-140 px wide
     centre = lm.points.mean(0)
     assert np.hypot(*(centre - [222, 125])) < 30, centre
@@ -95,8 +96,8 @@ def test_given_landmarks_bypass_detection_and_align_exactly(template):
 
 
 def test_fallback_none_without_mediapipe_rejects(template):
-    if find_mediapipe_model() is not None:
-        pytest.skip("a mediapipe model is installed: the fallback is not used")
+    if find_mediapipe_model() is not None or mediapipe_solutions_dir() is not None:
+        pytest.skip("a mediapipe landmark model is installed: the fallback is not used")
     from skimage.data import astronaut
 
     with pytest.raises(Rejection, match="no landmark model"):
@@ -106,12 +107,20 @@ def test_fallback_none_without_mediapipe_rejects(template):
 def test_mediapipe_on_astronaut():
     path = find_mediapipe_model()
     if path is None:
-        pytest.skip("mediapipe face_landmarker.task not available (the 0.10.35 wheel ships no "
-                    "models); set FACECORPUS_MEDIAPIPE_MODEL to run this test")
+        pytest.skip("no mediapipe Tasks face_landmarker.task (no wheel ships one); set "
+                    "FACECORPUS_MEDIAPIPE_MODEL to run this test")
     from skimage.data import astronaut
 
     lm = LandmarkDetector(None, mediapipe_model=path).detect(astronaut(), "a")
     assert isinstance(lm, FaceLandmarks) and lm.dense.shape == (478, 2)
+    assert lm.source == "mediapipe_tasks"
     # eyes above the mouth, subject's right eye (36-41) on the image left
     assert lm.points[36:42, 1].mean() < lm.points[48:60, 1].mean()
     assert lm.points[36:42, 0].mean() < lm.points[42:48, 0].mean()
+
+
+def test_missing_explicit_model_is_a_config_error(tmp_path):
+    from facecorpus.configs.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no such file"):
+        LandmarkDetector(None, mediapipe_model=tmp_path / "nope.task")
