@@ -224,7 +224,7 @@ def _apply_dot(x, out, unkf, d, h, w):
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
 def _dir_update(pdir, z, beta):
-    """pdir = z + beta * pdir (z float32 from the V-cycle)."""
+    """pdir = z + beta * pdir."""
     for p in range(pdir.shape[0]):
         pdir[p] = z[p] + beta * pdir[p]
 
@@ -238,27 +238,47 @@ def _dot32(r, z):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
-def _step(x, r, pdir, q, bh, alpha):
-    """x += alpha p; r -= alpha q; bh = r (float32, V-cycle input); return r . r."""
+def _step(x, r, pdir, q, alpha):
+    """x += alpha p (float64); r -= alpha q (float32); return r . r."""
     s = 0.0
     for p in range(x.shape[0]):
         x[p] += alpha * pdir[p]
         rp = r[p] - alpha * q[p]
         r[p] = rp
-        bh[p] = rp
         s += rp * rp
+    return s
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
+def _true_residual(b, x, r, unkf, d, h, w):
+    """r = b - A x from the float64 iterate (stored float32); return ||b - A x||^2 in
+    float64."""
+    W = u64(w + 2)
+    one = u64(1)
+    s = 0.0
+    for i in range(1, h + 1):
+        base = u64(i * (w + 2))
+        for j in range(1, w + 1):
+            p = base + u64(j)
+            v = b[p] - unkf[p] * (d[p] * x[p] - (x[p - one] + x[p + one] + x[p - W] + x[p + W]))
+            r[p] = v
+            s += v * v
     return s
 
 
 @nb.njit(cache=True, nogil=True)
 def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, tol, max_iter, nu, coarse_sweeps,
-         r, q, pdir, bh, zh, wk):
+         q, pdir, bh, zh, wk):
     """Solve A x = b on level 0 by PCG, one CG per channel, a V-cycle as preconditioner.
 
     b0, x0: (C, n0) float64 planar level-0 vectors; x0 is the initial guess, updated in
-    place. r, q, pdir: (C, n0) float64 work; bh, zh, wk: (C, ntot) float32 work (all
-    zeroed here). Work arrays come from the caller because every fresh large allocation
-    costs page faults that, at this size, outweigh a CG iteration.
+    place (float64). The CG residual lives in float32 in bh's level 0 (the V-cycle's input)
+    and q, pdir: (C, n0) are float32: CG's vector traffic is what costs here, and float32
+    directions cost nothing in accuracy because convergence is judged on the true float64
+    residual ``b0 - A x0``: every 8 iterations, and whenever the float32 recursion claims
+    convergence (if the true residual disagrees, the recursion restarts from it).
+    zh, wk: (C, ntot) float32 work. Work arrays come from the caller because every fresh
+    large allocation costs page faults that, at this size, outweigh a CG iteration.
     Returns (iterations, max over channels of the true relative residual).
     """
     C, n0 = b0.shape
@@ -267,53 +287,46 @@ def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, tol, max_iter, nu, coarse_sweeps,
     wk[:] = 0.0
     pdir[:] = 0.0
     q[:] = 0.0
-    bnorm = np.empty(C)
     tmp = np.empty(ws.max() + 2, np.float32)
+    bnorm = np.empty(C)
     rz = np.zeros(C)
     rr = np.zeros(C)
     for c in range(C):
-        _apply_dot(x0[c], q[c], unkf, d, h, w)
-        for p in range(n0):
-            rp = b0[c, p] - q[c, p]
-            r[c, p] = rp
-            bh[c, p] = rp
-        rr[c] = _dot(r[c], r[c])
+        rr[c] = _true_residual(b0[c], x0[c], bh[c, :n0], unkf, d, h, w)
         bn = np.sqrt(_dot(b0[c], b0[c]))
         bnorm[c] = bn if bn > 0 else 1.0
     it = 0
+    fresh = True  # rr is the true residual
     while True:
         rel = 0.0
         for c in range(C):
             rel = max(rel, np.sqrt(rr[c]) / bnorm[c])
+        if (rel <= tol and not fresh) or (it > 0 and it % 8 == 0 and not fresh):
+            for c in range(C):
+                rr[c] = _true_residual(b0[c], x0[c], bh[c, :n0], unkf, d, h, w)
+            fresh = True
+            continue
         if rel <= tol or it >= max_iter:
             break
         _vcycle(bh, zh, wk, unkf, d, wcol, tmp, offs, hs, ws, nu, coarse_sweeps)
         for c in range(C):
             zc = zh[c, :n0]
-            rz_new = _dot32(r[c], zc)
+            rc = bh[c, :n0]
+            rz_new = _dot32(rc, zc)
             beta = rz_new / rz[c] if (it > 0 and rz[c] != 0.0) else 0.0
             rz[c] = rz_new
             _dir_update(pdir[c], zc, beta)
             pq = _apply_dot(pdir[c], q[c], unkf, d, h, w)
             alpha = rz_new / pq if pq != 0.0 else 0.0
-            rr[c] = _step(x0[c], r[c], pdir[c], q[c], bh[c, :n0], alpha)
+            rr[c] = _step(x0[c], rc, pdir[c], q[c], alpha)
         it += 1
-        if it % 8 == 0:  # refresh the recursive residual so the stopping test stays honest
-            for c in range(C):
-                _apply_dot(x0[c], q[c], unkf, d, h, w)
-                for p in range(n0):
-                    rp = b0[c, p] - q[c, p]
-                    r[c, p] = rp
-                    bh[c, p] = rp
-                rr[c] = _dot(r[c], r[c])
+        fresh = False
+    if not fresh:
+        for c in range(C):
+            rr[c] = _true_residual(b0[c], x0[c], bh[c, :n0], unkf, d, h, w)
     rel = 0.0
     for c in range(C):
-        _apply_dot(x0[c], q[c], unkf, d, h, w)
-        s = 0.0
-        for p in range(n0):
-            e = b0[c, p] - q[c, p]
-            s += e * e
-        rel = max(rel, np.sqrt(s) / bnorm[c])
+        rel = max(rel, np.sqrt(rr[c]) / bnorm[c])
     return it, rel
 
 
@@ -782,8 +795,8 @@ def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
         n0 = b.shape[1]
         it, rel = _pcg(b, x, unkf, d, wcol, offs, hs, ws, tol, max_iter, _NU,
                        61 if ncoarse <= 256 else 3,
-                       _work("r", (C, n0), np.float64), _work("q", (C, n0), np.float64),
-                       _work("p", (C, n0), np.float64), _work("bh", (C, ntot), np.float32),
+                       _work("q", (C, n0), np.float32),
+                       _work("p", (C, n0), np.float32), _work("bh", (C, ntot), np.float32),
                        _work("zh", (C, ntot), np.float32), _work("wk", (C, ntot), np.float32))
         _scatter(x, lab, k, r0, c0, h0, w0, w, out)
         iters, worst = max(iters, int(it)), max(worst, float(rel))
