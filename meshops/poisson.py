@@ -59,7 +59,8 @@ SOURCE_MIRRORED = 2
 
 _OMEGA = 1.2  # red-black over-relaxation in the V-cycle smoother
 _OMEGA_COARSE = 1.0  # ... and in the sweeps that solve the coarsest level
-_NU = 4  # red-black half-sweeps before (and after) each coarse correction
+_NU0 = 4  # red-black half-sweeps on level 0 before (and after) the coarse correction
+_NU = 8  # ... on the coarser levels
 _COARSEST = 6  # stop coarsening when a level's interior is at most this many cells wide
 
 
@@ -176,17 +177,19 @@ def _prolong_add(x, unkf, offf, hf, wf, offc, wc):
 
 
 @nb.njit(cache=True, nogil=True)
-def _vcycle(b, x, r, unkf, d, wcol, tmp, offs, hs, ws, nu, coarse_sweeps):
+def _vcycle(b, x, r, unkf, d, wcol, tmp, offs, hs, ws, nu0, nu, coarse_sweeps):
     """x = M^-1 b with one symmetric V-cycle (level-0 rhs in b; x, r are work).
 
-    nu red-black half-sweeps before and the same colours in reverse order after the
-    coarse correction, so the cycle is a symmetric preconditioner for any nu.
+    nu0 (level 0) / nu (coarser levels) red-black half-sweeps before and the same colours
+    in reverse order after the coarse correction: a symmetric preconditioner. Coarse
+    sweeps are cheap and the irregular coarse problems need them more than level 0.
     """
     L = offs.shape[0]
     x[:] = 0.0
     for lv in range(L - 1):
         o, h, w = offs[lv], hs[lv], ws[lv]
-        _smooth(x, b, wcol, d, tmp, o, h, w, 0, nu)
+        n_ = nu0 if lv == 0 else nu
+        _smooth(x, b, wcol, d, tmp, o, h, w, 0, n_)
         _residual(x, b, r, unkf, d, o, h, w)
         _restrict(r, b, unkf, o, w, offs[lv + 1], hs[lv + 1], ws[lv + 1])
     lv = L - 1
@@ -194,7 +197,8 @@ def _vcycle(b, x, r, unkf, d, wcol, tmp, offs, hs, ws, nu, coarse_sweeps):
     for lv in range(L - 2, -1, -1):
         o, h, w = offs[lv], hs[lv], ws[lv]
         _prolong_add(x, unkf, o, h, w, offs[lv + 1], ws[lv + 1])
-        _smooth(x, b, wcol, d, tmp, o, h, w, (nu - 1) % 2, nu)
+        n_ = nu0 if lv == 0 else nu
+        _smooth(x, b, wcol, d, tmp, o, h, w, (n_ - 1) % 2, n_)
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
@@ -267,7 +271,7 @@ def _true_residual(b, x, r, unkf, d, h, w):
 
 
 @nb.njit(cache=True, nogil=True)
-def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, tol, max_iter, nu, coarse_sweeps,
+def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, tol, max_iter, nu0, nu, coarse_sweeps,
          q, pdir, bh, zh, wk):
     """Solve A x = b on level 0 by PCG, one CG per channel, a V-cycle as preconditioner.
 
@@ -308,7 +312,7 @@ def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, tol, max_iter, nu, coarse_sweeps,
             continue
         if rel <= tol or it >= max_iter:
             break
-        _vcycle(bh, zh, wk, unkf, d, wcol, tmp, offs, hs, ws, nu, coarse_sweeps)
+        _vcycle(bh, zh, wk, unkf, d, wcol, tmp, offs, hs, ws, nu0, nu, coarse_sweeps)
         for c in range(C):
             zc = zh[c, :n0]
             rc = bh[c, :n0]
@@ -783,7 +787,7 @@ def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
         ncoarse = int(unkf[offs[-1]:].sum())
         ntot = unkf.shape[0]
         n0 = b.shape[1]
-        it, rel = _pcg(b, x, unkf, d, wcol, offs, hs, ws, tol, max_iter, _NU,
+        it, rel = _pcg(b, x, unkf, d, wcol, offs, hs, ws, tol, max_iter, _NU0, _NU,
                        61 if ncoarse <= 256 else 3,
                        _work("q", (C, n0), np.float32),
                        _work("p", (C, n0), np.float32), _work("bh", (C, ntot), np.float32),
