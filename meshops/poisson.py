@@ -72,7 +72,7 @@ _COARSEST = 6  # stop coarsening when a level's interior is at most this many ce
 # numba's negative-index wrap-around check on signed indices blocks SIMD (10x slower).
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
-def _smooth(x, b, wcol, d, tmp, off, h, w, first, passes):
+def _smooth(x, b, wcol, d, tmp, off, h, w, jl, jh, ro, first, passes):
     """Red-black SOR: `passes` half-sweeps starting with colour `first`.
 
     ``wcol[colour]`` is omega / d on that colour's unknown cells and 0 elsewhere. A half-sweep
@@ -89,17 +89,18 @@ def _smooth(x, b, wcol, d, tmp, off, h, w, first, passes):
             bc = b[c]
             for i in range(1, h + 1):
                 base = u64(off + i * (w + 2))
-                for j in range(1, w + 1):
+                j0, j1 = jl[ro + i], jh[ro + i] + 1
+                for j in range(j0, j1):
                     p = base + u64(j)
-                    tmp[j] = wc[p] * (bc[p] + xc[p - one] + xc[p + one] + xc[p - W] + xc[p + W]
+                    tmp[u64(j)] = wc[p] * (bc[p] + xc[p - one] + xc[p + one] + xc[p - W] + xc[p + W]
                                       - d[p] * xc[p])
-                for j in range(1, w + 1):
-                    xc[base + u64(j)] += tmp[j]
+                for j in range(j0, j1):
+                    xc[base + u64(j)] += tmp[u64(j)]
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
-def _residual(x, b, r, unkf, d, off, h, w):
-    """r = b - A x on one level."""
+def _residual(x, b, r, unkf, d, off, h, w, jl, jh, ro):
+    """r = b - A x on one level (on the rows' unknown spans; r stays 0 elsewhere)."""
     W = u64(w + 2)
     one = u64(1)
     for c in range(x.shape[0]):
@@ -108,14 +109,14 @@ def _residual(x, b, r, unkf, d, off, h, w):
         rc = r[c]
         for i in range(1, h + 1):
             base = u64(off + i * (w + 2))
-            for j in range(1, w + 1):
+            for j in range(jl[ro + i], jh[ro + i] + 1):
                 p = base + u64(j)
                 rc[p] = unkf[p] * (bc[p] - d[p] * xc[p] + xc[p - one] + xc[p + one]
                                    + xc[p - W] + xc[p + W])
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
-def _restrict(r, b, unkf, offf, wf, offc, hc, wc):
+def _restrict(r, b, unkf, offf, wf, offc, hc, wc, jl, jh, roc):
     """b_coarse = P^T r: 4x4 fine stencil [1,3,3,1]^T [1,3,3,1] / 16 per coarse cell.
 
     Fine interiors have even sizes, so the stencil of stored coarse cell (I, J), stored
@@ -134,7 +135,7 @@ def _restrict(r, b, unkf, offf, wf, offc, hc, wc):
             r2 = r1 + Wf
             r3 = r2 + Wf
             pc0 = u64(offc + I * (wc + 2))
-            for J in range(1, wc + 1):
+            for J in range(jl[roc + I], jh[roc + I] + 1):
                 f = u64(2 * J - 2)
                 s0 = rc[r0 + f] + 3.0 * (rc[r0 + f + one] + rc[r0 + f + two]) + rc[r0 + f + three]
                 s1 = rc[r1 + f] + 3.0 * (rc[r1 + f + one] + rc[r1 + f + two]) + rc[r1 + f + three]
@@ -145,10 +146,11 @@ def _restrict(r, b, unkf, offf, wf, offc, hc, wc):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
-def _prolong_row(xf, xa, xb, uf, wc):
-    """One fine row += bilinear from coarse rows xa (parent) and xb (the other neighbour)."""
+def _prolong_row(xf, xa, xb, uf, J0, J1):
+    """One fine row += bilinear from coarse rows xa (parent) and xb (the other neighbour),
+    for the fine cells of coarse columns J0..J1."""
     one = u64(1)
-    for J in range(1, wc + 1):
+    for J in range(J0, J1 + 1):
         Ju = u64(J)
         a1 = 9.0 * xa[Ju] + 3.0 * xb[Ju]
         p = u64(2 * J - 1)
@@ -157,7 +159,7 @@ def _prolong_row(xf, xa, xb, uf, wc):
 
 
 @nb.njit(cache=True, nogil=True)
-def _prolong_add(x, unkf, offf, hf, wf, offc, wc):
+def _prolong_add(x, unkf, offf, hf, wf, offc, wc, jl, jh, ro):
     """x_fine += P x_coarse (cell-centred bilinear: 9/16, 3/16, 3/16, 1/16).
 
     Rows are handed to a kernel as separate views so LLVM can vectorise (coarse and fine
@@ -173,11 +175,12 @@ def _prolong_add(x, unkf, offf, hf, wf, offc, wc):
             # a first child (odd stored row) leans towards the coarse row above
             rb = ra - Wc if (i % 2 == 1) else ra + Wc
             f0 = offf + i * Wf
-            _prolong_row(xc[f0:f0 + Wf], xc[ra:ra + Wc], xc[rb:rb + Wc], unkf[f0:f0 + Wf], wc)
+            _prolong_row(xc[f0:f0 + Wf], xc[ra:ra + Wc], xc[rb:rb + Wc], unkf[f0:f0 + Wf],
+                         (jl[ro + i] + 1) // 2, (jh[ro + i] + 1) // 2)
 
 
 @nb.njit(cache=True, nogil=True)
-def _vcycle(b, x, r, unkf, d, wcol, tmp, offs, hs, ws, nu0, nu, coarse_sweeps):
+def _vcycle(b, x, r, unkf, d, wcol, tmp, offs, hs, ws, jl, jh, roffs, nu0, nu, coarse_sweeps):
     """x = M^-1 b with one symmetric V-cycle (level-0 rhs in b; x, r are work).
 
     nu0 (level 0) / nu (coarser levels) red-black half-sweeps before and the same colours
@@ -189,16 +192,17 @@ def _vcycle(b, x, r, unkf, d, wcol, tmp, offs, hs, ws, nu0, nu, coarse_sweeps):
     for lv in range(L - 1):
         o, h, w = offs[lv], hs[lv], ws[lv]
         n_ = nu0 if lv == 0 else nu
-        _smooth(x, b, wcol, d, tmp, o, h, w, 0, n_)
-        _residual(x, b, r, unkf, d, o, h, w)
-        _restrict(r, b, unkf, o, w, offs[lv + 1], hs[lv + 1], ws[lv + 1])
+        _smooth(x, b, wcol, d, tmp, o, h, w, jl, jh, roffs[lv], 0, n_)
+        _residual(x, b, r, unkf, d, o, h, w, jl, jh, roffs[lv])
+        _restrict(r, b, unkf, o, w, offs[lv + 1], hs[lv + 1], ws[lv + 1], jl, jh,
+                  roffs[lv + 1])
     lv = L - 1
-    _smooth(x, b, wcol, d, tmp, offs[lv], hs[lv], ws[lv], 0, coarse_sweeps)
+    _smooth(x, b, wcol, d, tmp, offs[lv], hs[lv], ws[lv], jl, jh, roffs[lv], 0, coarse_sweeps)
     for lv in range(L - 2, -1, -1):
         o, h, w = offs[lv], hs[lv], ws[lv]
-        _prolong_add(x, unkf, o, h, w, offs[lv + 1], ws[lv + 1])
+        _prolong_add(x, unkf, o, h, w, offs[lv + 1], ws[lv + 1], jl, jh, roffs[lv])
         n_ = nu0 if lv == 0 else nu
-        _smooth(x, b, wcol, d, tmp, o, h, w, (n_ - 1) % 2, n_)
+        _smooth(x, b, wcol, d, tmp, o, h, w, jl, jh, roffs[lv], (n_ - 1) % 2, n_)
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
@@ -211,14 +215,14 @@ def _dot(a, b):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
-def _apply_dot(x, out, unkf, d, h, w):
+def _apply_dot(x, out, unkf, d, h, w, jl, jh):
     """out = A x on level 0 (float64) and return x . out."""
     W = u64(w + 2)
     one = u64(1)
     s = 0.0
     for i in range(1, h + 1):
         base = u64(i * (w + 2))
-        for j in range(1, w + 1):
+        for j in range(jl[i], jh[i] + 1):
             p = base + u64(j)
             v = unkf[p] * (d[p] * x[p] - (x[p - one] + x[p + one] + x[p - W] + x[p + W]))
             out[p] = v
@@ -254,7 +258,7 @@ def _step(x, r, pdir, q, alpha):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
-def _true_residual(b, x, r, unkf, d, h, w):
+def _true_residual(b, x, r, unkf, d, h, w, jl, jh):
     """r = b - A x from the float64 iterate (stored float32); return ||b - A x||^2 in
     float64."""
     W = u64(w + 2)
@@ -262,7 +266,7 @@ def _true_residual(b, x, r, unkf, d, h, w):
     s = 0.0
     for i in range(1, h + 1):
         base = u64(i * (w + 2))
-        for j in range(1, w + 1):
+        for j in range(jl[i], jh[i] + 1):
             p = base + u64(j)
             v = b[p] - unkf[p] * (d[p] * x[p] - (x[p - one] + x[p + one] + x[p - W] + x[p + W]))
             r[p] = v
@@ -271,7 +275,8 @@ def _true_residual(b, x, r, unkf, d, h, w):
 
 
 @nb.njit(cache=True, nogil=True)
-def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, tol, max_iter, nu0, nu, coarse_sweeps,
+def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, jl, jh, roffs, tol, max_iter, nu0, nu,
+         coarse_sweeps,
          q, pdir, bh, zh, wk):
     """Solve A x = b on level 0 by PCG, one CG per channel, a V-cycle as preconditioner.
 
@@ -296,7 +301,7 @@ def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, tol, max_iter, nu0, nu, coarse_swe
     rz = np.zeros(C)
     rr = np.zeros(C)
     for c in range(C):
-        rr[c] = _true_residual(b0[c], x0[c], bh[c, :n0], unkf, d, h, w)
+        rr[c] = _true_residual(b0[c], x0[c], bh[c, :n0], unkf, d, h, w, jl, jh)
         bn = np.sqrt(_dot(b0[c], b0[c]))
         bnorm[c] = bn if bn > 0 else 1.0
     it = 0
@@ -307,12 +312,13 @@ def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, tol, max_iter, nu0, nu, coarse_swe
             rel = max(rel, np.sqrt(rr[c]) / bnorm[c])
         if (rel <= tol and not fresh) or (it > 0 and it % 8 == 0 and not fresh):
             for c in range(C):
-                rr[c] = _true_residual(b0[c], x0[c], bh[c, :n0], unkf, d, h, w)
+                rr[c] = _true_residual(b0[c], x0[c], bh[c, :n0], unkf, d, h, w, jl, jh)
             fresh = True
             continue
         if rel <= tol or it >= max_iter:
             break
-        _vcycle(bh, zh, wk, unkf, d, wcol, tmp, offs, hs, ws, nu0, nu, coarse_sweeps)
+        _vcycle(bh, zh, wk, unkf, d, wcol, tmp, offs, hs, ws, jl, jh, roffs, nu0, nu,
+                coarse_sweeps)
         for c in range(C):
             zc = zh[c, :n0]
             rc = bh[c, :n0]
@@ -320,14 +326,14 @@ def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, tol, max_iter, nu0, nu, coarse_swe
             beta = rz_new / rz[c] if (it > 0 and rz[c] != 0.0) else 0.0
             rz[c] = rz_new
             _dir_update(pdir[c], zc, beta)
-            pq = _apply_dot(pdir[c], q[c], unkf, d, h, w)
+            pq = _apply_dot(pdir[c], q[c], unkf, d, h, w, jl, jh)
             alpha = rz_new / pq if pq != 0.0 else 0.0
             rr[c] = _step(x0[c], rc, pdir[c], q[c], alpha)
         it += 1
         fresh = False
     if not fresh:
         for c in range(C):
-            rr[c] = _true_residual(b0[c], x0[c], bh[c, :n0], unkf, d, h, w)
+            rr[c] = _true_residual(b0[c], x0[c], bh[c, :n0], unkf, d, h, w, jl, jh)
     rel = 0.0
     for c in range(C):
         rel = max(rel, np.sqrt(rr[c]) / bnorm[c])
@@ -654,7 +660,8 @@ def _hierarchy(lab: np.ndarray, k: int, i0: int, j0: int, h: int, w: int):
     cols j0.. (h x w cells).
 
     h and w must be multiples of 2**(levels-1) (see `_grid_size`); cells beyond the image
-    are neither valid nor unknown. Returns float32 (unkf, d, invd) and int64 (offs, hs, ws).
+    are neither valid nor unknown. Returns float32 (unkf, d, wcol) and int64 (offs, hs, ws,
+    jl, jh, roffs: per stored row of every level, its unknown span; a level's first row).
     """
     S0, S1 = lab.shape
     unk = np.zeros((h + 2, w + 2), np.bool_)
@@ -695,7 +702,19 @@ def _hierarchy(lab: np.ndarray, k: int, i0: int, j0: int, h: int, w: int):
     unkf = np.concatenate(us).astype(np.float32)
     d_all = np.concatenate(ds)
     offs, hs, ws = np.array(offs, np.int64), np.array(hs, np.int64), np.array(ws, np.int64)
-    return unkf, d_all, _colour_weights(d_all, offs, hs, ws), offs, hs, ws
+    # per stored row, the first and last unknown column (1, 0 if none): the kernels only
+    # visit these spans (a third of a UV part's bounding box holds no unknowns)
+    jl, jh, roffs = [], [], []
+    ro = 0
+    for unk_l, _, w_l in levels:
+        has = unk_l.any(1)
+        jl.append(np.where(has, unk_l.argmax(1), 1))
+        jh.append(np.where(has, w_l + 1 - unk_l[:, ::-1].argmax(1), 0))
+        roffs.append(ro)
+        ro += unk_l.shape[0]
+    return (unkf, d_all, _colour_weights(d_all, offs, hs, ws), offs, hs, ws,
+            np.concatenate(jl).astype(np.int64), np.concatenate(jh).astype(np.int64),
+            np.array(roffs, np.int64))
 
 
 def _grid_size(n: int) -> int:
@@ -768,7 +787,7 @@ def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
             continue
         h0, w0 = r1 + 1 - r0, c1 + 1 - c0
         h, w = _grid_size(h0), _grid_size(w0)
-        unkf, d, wcol, offs, hs, ws = _hierarchy(lab, k, r0, c0, h, w)
+        unkf, d, wcol, offs, hs, ws, jl, jh, roffs = _hierarchy(lab, k, r0, c0, h, w)
         b = _work("b", (C, (h + 2) * (w + 2)), np.float64)
         x = _work("x", (C, (h + 2) * (w + 2)), np.float64)
         b[:] = 0.0
@@ -783,7 +802,7 @@ def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
         ncoarse = int(unkf[offs[-1]:].sum())
         ntot = unkf.shape[0]
         n0 = b.shape[1]
-        it, rel = _pcg(b, x, unkf, d, wcol, offs, hs, ws, tol, max_iter, _NU0, _NU,
+        it, rel = _pcg(b, x, unkf, d, wcol, offs, hs, ws, jl, jh, roffs, tol, max_iter, _NU0, _NU,
                        61 if ncoarse <= 256 else 3,
                        _work("q", (C, n0), np.float32),
                        _work("p", (C, n0), np.float32), _work("bh", (C, ntot), np.float32),
