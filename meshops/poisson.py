@@ -395,11 +395,34 @@ def _rhs(target, source, guide_ok, lab, k, i0, j0, h, w, mixed, b, x):
 
 
 @nb.njit(cache=True, nogil=True)
+def _rhs_border(target, source, guide_ok, lab, k, gi, gj, p, b, x):
+    """`_rhs_plain` for one texel on the image border (only in-image neighbours)."""
+    S0, S1, C = target.shape
+    gp = guide_ok[gi, gj]
+    bad = False
+    for c in range(C):
+        acc = 0.0
+        for t in range(4):
+            qi, qj = gi + (t == 1) - (t == 0), gj + (t == 3) - (t == 2)
+            if qi < 0 or qj < 0 or qi >= S0 or qj >= S1:
+                continue
+            if gp and guide_ok[qi, qj]:
+                acc += float(source[gi, gj, c]) - float(source[qi, qj, c])
+            if lab[qi, qj] != k:
+                acc += float(target[qi, qj, c])
+        b[c, p] = acc
+        bad |= not np.isfinite(acc)
+        v0 = source[gi, gj, c] if gp else target[gi, gj, c]
+        x[c, p] = v0 if np.isfinite(v0) else 0.0
+    return bad
+
+
+@nb.njit(cache=True, nogil=True)
 def _rhs_plain(target, source, guide_ok, lab, k, i0, j0, h, w, b, x):
     """`_rhs` for mixed=False, branch-free (0/1 weights instead of per-value tests; 5x
     faster). A value that `_rhs` would not read can still poison a sum here (0 * NaN):
     returns True if some b is not finite, and then `_rhs` redoes the part and says why.
-    Texels on the image border are left to `_rhs`'s logic via the same fallback flag."""
+    """
     W = w + 2
     S0, S1, C = target.shape
     bad = False
@@ -410,7 +433,9 @@ def _rhs_plain(target, source, guide_ok, lab, k, i0, j0, h, w, b, x):
             if lab[gi, gj] != k:
                 continue
             if gi == 0 or gj == 0 or gi == S0 - 1 or gj == S1 - 1:
-                return True
+                if _rhs_border(target, source, guide_ok, lab, k, gi, gj, i * W + j, b, x):
+                    bad = True
+                continue
             # unsigned indices: no negative-index wrap-around branches (3x faster here)
             p = u64(i * W + j)
             ui, uj, one = u64(gi), u64(gj), u64(1)
