@@ -14,22 +14,25 @@ texel outside Ω at all (e.g. a mask covering the whole image) has a pure-Neuman
 defined up to a constant: there f = source + c with c chosen so that the part's mean equals
 the target's mean over it (documented choice; the equation above holds exactly).
 
-Solver. A direct sparse factorisation per mask (scipy ``splu``) costs 110-260 ms for a 256²
-UV mask, 7-17x slower than ``cv2.seamlessClone``, and cannot be reused because every image
-has its own visible mask. Each connected part of Ω is an independent problem and is
-solved on its own bounding box: parts of at most 64 texels by a dense solve, larger ones with
-conjugate gradients preconditioned by one symmetric geometric multigrid V-cycle (red-black
-Gauss-Seidel, cell-centred bilinear prolongation and its transpose as restriction,
-re-discretised coarse operators on "all four children inside" coarse masks, so coarse
-problems never become singular; the coarse diagonal takes, through each face towards a
-non-unknown neighbour, the flux coefficient of the true distance to the first fine Dirichlet
-node along every fine row crossing it: a cut-cell view of the real boundary).
-Kernels are numba, all channels at once, to a relative residual ``||b - A f|| / ||b|| <= tol`` (default 1e-6,
-checked per part on the true residual in float64 at exit; 8-12 iterations on 256² UV masks).
-Maps in a batch run on a thread pool (the kernels release the GIL). Measured cost: about
-the same as ``cv2.seamlessClone`` on the same maps (0.9-1.3x its speed), which solves an
-inexact uint8 problem; 3-6x faster than per-map ``splu`` (benchmarks/bench_blend.py,
-docs/benchmarks.md).
+Solver. A direct sparse factorisation per mask (scipy ``splu``) costs 70-260 ms for a 256²
+UV mask and cannot be reused because every image has its own visible mask. Each connected
+part of Ω is an independent problem and is solved on its own bounding box: parts of at most
+64 texels by a dense solve, larger ones with conjugate gradients preconditioned by one
+symmetric geometric multigrid V-cycle (red-black SOR, omega 1.2, 2 sweeps on level 0 and 4
+on the coarser levels before and after the coarse correction; cell-centred bilinear
+prolongation and its transpose as restriction, re-discretised coarse operators on "all four
+children inside" coarse masks, so coarse problems never become singular; the coarse
+diagonal takes, through each face towards a non-unknown neighbour, the flux coefficient of
+the true distance to the first fine Dirichlet node along every fine row crossing it: a
+cut-cell view of the real boundary). The initial guess is the source, so CG solves for the
+harmonic correction of the boundary mismatch. Kernels are numba, float32 except the
+iterate, and visit only each row's span of unknowns. The stopping test is the relative
+residual ``||b - A f|| / ||b|| <= tol`` (default 5e-6: the tests and the pseudo-GT flow need
+< 1e-5, and the float32 output adds ~1e-7), always confirmed on the true float64 residual;
+4-5 iterations on 256² UV masks. Maps in a batch run on a thread pool (the kernels release
+the GIL). Measured cost: about 2x faster than ``cv2.seamlessClone`` on the same maps (which
+solves an inexact uint8 problem), ~10x faster than per-map ``splu``
+(benchmarks/bench_blend.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -216,7 +219,8 @@ def _dot(a, b):
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
 def _apply_dot(x, out, unkf, d, h, w, jl, jh):
-    """out = A x on level 0 (float64) and return x . out."""
+    """out = A x on level 0 and return x . out. Arithmetic in float64 even for a float32
+    x: A of a smooth x is a small difference of large terms."""
     W = u64(w + 2)
     one = u64(1)
     s = 0.0
@@ -224,7 +228,8 @@ def _apply_dot(x, out, unkf, d, h, w, jl, jh):
         base = u64(i * (w + 2))
         for j in range(jl[i], jh[i] + 1):
             p = base + u64(j)
-            v = unkf[p] * (d[p] * x[p] - (x[p - one] + x[p + one] + x[p - W] + x[p + W]))
+            v = float(unkf[p]) * (float(d[p]) * float(x[p]) - (
+                float(x[p - one]) + float(x[p + one]) + float(x[p - W]) + float(x[p + W])))
             out[p] = v
             s += x[p] * v
     return s
@@ -306,6 +311,7 @@ def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, jl, jh, roffs, tol, max_iter, nu0,
         bnorm[c] = bn if bn > 0 else 1.0
     it = 0
     fresh = True  # rr is the true residual
+    restart = True  # next direction: steepest descent (preconditioned)
     while True:
         rel = 0.0
         for c in range(C):
@@ -314,6 +320,7 @@ def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, jl, jh, roffs, tol, max_iter, nu0,
             for c in range(C):
                 rr[c] = _true_residual(b0[c], x0[c], bh[c, :n0], unkf, d, h, w, jl, jh)
             fresh = True
+            restart = True  # float32 directions have lost conjugacy to the new residual
             continue
         if rel <= tol or it >= max_iter:
             break
@@ -323,7 +330,7 @@ def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, jl, jh, roffs, tol, max_iter, nu0,
             zc = zh[c, :n0]
             rc = bh[c, :n0]
             rz_new = _dot32(rc, zc)
-            beta = rz_new / rz[c] if (it > 0 and rz[c] != 0.0) else 0.0
+            beta = rz_new / rz[c] if (not restart and rz[c] != 0.0) else 0.0
             rz[c] = rz_new
             _dir_update(pdir[c], zc, beta)
             pq = _apply_dot(pdir[c], q[c], unkf, d, h, w, jl, jh)
@@ -331,6 +338,7 @@ def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, jl, jh, roffs, tol, max_iter, nu0,
             rr[c] = _step(x0[c], rc, pdir[c], q[c], alpha)
         it += 1
         fresh = False
+        restart = False
     if not fresh:
         for c in range(C):
             rr[c] = _true_residual(b0[c], x0[c], bh[c, :n0], unkf, d, h, w, jl, jh)
@@ -871,7 +879,7 @@ def poisson_blend(target, source, mask, *, mixed: bool = False, source_mask=None
             with an end outside it gets zero source guidance (default: defined everywhere).
         tol: relative residual target (float64 residual of the float64 iterate; the float32
             output adds rounding of ~1e-7 relative).
-        max_iter: PCG iteration cap (a V-cycle each; 256² UV-like masks need 8-12).
+        max_iter: PCG iteration cap (a V-cycle each; 256² UV-like masks need 4-5).
         workers: threads over the batch (default: ``os.cpu_count()``).
         return_info: also return a list of :class:`PoissonInfo` per map.
 
