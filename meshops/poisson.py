@@ -781,7 +781,7 @@ class PoissonInfo(dict):
 _SMALL = 64  # connected parts of Ω up to this many texels are solved densely
 
 
-def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
+def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter, out=None):
     """One map. target/source (S,S,C) float32, omega/guide_ok (S,S) bool.
 
     Connected parts of Ω are independent problems (their texels are never 4-neighbours), so
@@ -790,7 +790,9 @@ def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter):
     """
     from scipy import ndimage
 
-    out = np.array(target, dtype=np.float32, copy=True)
+    if out is None:
+        out = np.empty(target.shape, np.float32)
+    out[...] = target
     info = PoissonInfo(iterations=0, relative_residual=0.0, unknowns=0, converged=True)
     if not omega.any():
         return out, info
@@ -905,9 +907,11 @@ def poisson_blend(target, source, mask, *, mixed: bool = False, source_mask=None
     m = np.ascontiguousarray(m, dtype=bool)
     g = np.ascontiguousarray(g, dtype=bool)
 
+    out = np.empty((n,) + t.shape[1:], np.float32)  # written in place: no stack copy
+
     def one(k):
         return _blend_one(t[k % t.shape[0]], s[k % s.shape[0]], m[k % m.shape[0]],
-                          g[k % g.shape[0]], bool(mixed), float(tol), int(max_iter))
+                          g[k % g.shape[0]], bool(mixed), float(tol), int(max_iter), out[k])
 
     workers = (os.cpu_count() or 1) if workers is None else max(1, int(workers))
     if n == 1 or workers == 1:
@@ -915,7 +919,6 @@ def poisson_blend(target, source, mask, *, mixed: bool = False, source_mask=None
     else:
         with ThreadPoolExecutor(min(workers, n)) as ex:
             res = list(ex.map(one, range(n)))
-    out = np.stack([r[0] for r in res])
     if not (bt or bs or bm or bg):
         out = out[0]
     if return_info:
