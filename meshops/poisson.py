@@ -703,51 +703,72 @@ def _hierarchy(lab: np.ndarray, k: int, i0: int, j0: int, h: int, w: int):
     rr = np.arange(i0 - 1, i0 + h + 1)
     cc = np.arange(j0 - 1, j0 + w + 1)
     valid = ((rr >= 0) & (rr < S0))[:, None] & ((cc >= 0) & (cc < S1))[None, :]
-    levels = [(unk, h, w)]
-    while h % 2 == 0 and w % 2 == 0 and min(h, w) > _COARSEST:
+    return _build(unk, valid, _COARSEST)
+
+
+@nb.njit(cache=True, nogil=True)
+def _build(unk0, valid0, coarsest):
+    """The hierarchy of `_hierarchy` from its level-0 unknown and valid masks."""
+    levels = [unk0]
+    h, w = unk0.shape[0] - 2, unk0.shape[1] - 2
+    while h % 2 == 0 and w % 2 == 0 and min(h, w) > coarsest:
         hc, wc = h // 2, w // 2
+        f = levels[-1]
         # children of stored coarse cell I are stored fine rows 2I-1 and 2I
         uc = np.zeros((hc + 2, wc + 2), np.bool_)
-        uc[1:-1, 1:-1] = (unk[1:-1:2, 1:-1:2] & unk[2::2, 1:-1:2] & unk[1:-1:2, 2::2]
-                          & unk[2::2, 2::2])
-        if not uc.any():
+        some = False
+        for I in range(1, hc + 1):
+            for J in range(1, wc + 1):
+                v = (f[2 * I - 1, 2 * J - 1] and f[2 * I, 2 * J - 1] and f[2 * I - 1, 2 * J]
+                     and f[2 * I, 2 * J])
+                uc[I, J] = v
+                some = some or v
+        if not some:
             break
-        unk, h, w = uc, hc, wc
-        levels.append((unk, h, w))
-    offs, hs, ws, us, ds = [], [], [], [], []
+        levels.append(uc)
+        h, w = hc, wc
+    L = len(levels)
+    offs = np.empty(L, np.int64)
+    hs = np.empty(L, np.int64)
+    ws = np.empty(L, np.int64)
+    roffs = np.empty(L, np.int64)
     o = 0
-    unk0, valid0 = levels[0][0], valid
-    runs = _runs(unk0) if len(levels) > 1 else None
-    for lv, (unk_l, h_l, w_l) in enumerate(levels):
-        if lv == 0:
-            vf = valid0.astype(np.float32)
-            d = np.zeros_like(vf)
-            d[1:-1, 1:-1] = vf[:-2, 1:-1] + vf[2:, 1:-1] + vf[1:-1, :-2] + vf[1:-1, 2:]
-            d[~unk_l] = 0.0
-        else:
-            d = _coarse_diag(unk_l, valid0, *runs, lv, h_l, w_l)
-        offs.append(o)
-        hs.append(h_l)
-        ws.append(w_l)
-        us.append(unk_l.ravel())
-        ds.append(d.ravel())
-        o += unk_l.size
-    unkf = np.concatenate(us).astype(np.float32)
-    d_all = np.concatenate(ds)
-    offs, hs, ws = np.array(offs, np.int64), np.array(hs, np.int64), np.array(ws, np.int64)
+    ro = 0
+    for lv in range(L):
+        H2, W2 = levels[lv].shape
+        hs[lv], ws[lv], offs[lv], roffs[lv] = H2 - 2, W2 - 2, o, ro
+        o += H2 * W2
+        ro += H2
+    unkf = np.zeros(o, np.float32)
+    d = np.zeros(o, np.float32)
     # per stored row, the first and last unknown column (1, 0 if none): the kernels only
     # visit these spans (a third of a UV part's bounding box holds no unknowns)
-    jl, jh, roffs = [], [], []
-    ro = 0
-    for unk_l, _, w_l in levels:
-        has = unk_l.any(1)
-        jl.append(np.where(has, unk_l.argmax(1), 1))
-        jh.append(np.where(has, w_l + 1 - unk_l[:, ::-1].argmax(1), 0))
-        roffs.append(ro)
-        ro += unk_l.shape[0]
-    return (unkf, d_all, _colour_weights(d_all, offs, hs, ws), offs, hs, ws,
-            np.concatenate(jl).astype(np.int64), np.concatenate(jh).astype(np.int64),
-            np.array(roffs, np.int64))
+    jl = np.ones(ro, np.int64)
+    jh = np.zeros(ro, np.int64)
+    if L > 1:
+        rE, rW, rS, rN = _runs(unk0)
+    for lv in range(L):
+        u = levels[lv]
+        H2, W2 = u.shape
+        if lv > 0:
+            dl = _coarse_diag(u, valid0, rE, rW, rS, rN, lv, hs[lv], ws[lv])
+        for i in range(H2):
+            first = True
+            for j in range(W2):
+                if not u[i, j]:
+                    continue
+                p = offs[lv] + i * W2 + j
+                unkf[p] = 1.0
+                if lv == 0:
+                    d[p] = (np.float32(valid0[i - 1, j]) + np.float32(valid0[i + 1, j])
+                            + np.float32(valid0[i, j - 1]) + np.float32(valid0[i, j + 1]))
+                else:
+                    d[p] = dl[i, j]
+                if first:
+                    jl[roffs[lv] + i] = j
+                    first = False
+                jh[roffs[lv] + i] = j
+    return unkf, d, _colour_weights(d, offs, hs, ws), offs, hs, ws, jl, jh, roffs
 
 
 def _grid_size(n: int) -> int:
