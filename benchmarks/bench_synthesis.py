@@ -158,9 +158,16 @@ def _warm(cfg_json: str, sources_dir: str, barrier) -> int:
     import numba
     from facecorpus.configs.synthesis import SynthesisConfig
     from facecorpus.flows.synthesis import build_context
+    from facecorpus.tasks.augment import sample_face
+    from facecorpus.tasks.render_views import render_views, sample_view_params
 
     numba.set_num_threads(1)
-    build_context(SynthesisConfig.model_validate_json(cfg_json), sources_dir)
+    ctx = build_context(SynthesisConfig.model_validate_json(cfg_json), sources_dir)
+    # load every jitted kernel once (numba's disk cache), outside the timed part
+    face = sample_face(0, str(ctx.groups[0]), ctx.prepared, seed=0).face
+    render_views(face.vertices, ctx.model.triangles, ctx.corner_uv,
+                 ctx.prepared.subjects.textures[0], ctx.ncc,
+                 sample_view_params(np.random.default_rng(0), ctx.yaws[:2]), None, size=32)
     barrier.wait()
     return os.getpid()
 
