@@ -25,7 +25,6 @@ model's UV layout, mirror map and centre/side region masks, with PNGs beside it)
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 from facecorpus.configs.pseudo_gt import PseudoGTConfig
+from facecorpus.flows import runtime
 
 log = logging.getLogger("facecorpus.pseudo_gt")
 
@@ -754,46 +754,12 @@ def pseudo_gt_flow_fn(cfg_json: str, input_spec: str, out: str,
 
 
 def make_task_runner(cfg: PseudoGTConfig):
-    if cfg.task_runner == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner(max_workers=cfg.workers)
-    from prefect_dask import DaskTaskRunner
-
-    if cfg.dask_address:
-        return DaskTaskRunner(address=cfg.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None})
+    return runtime.make_task_runner(cfg.task_runner, cfg.workers, cfg.dask_address)
 
 
-@contextlib.contextmanager
 def prefect_api(cfg: PseudoGTConfig):
-    """A Prefect API every process of the run can reach.
-
-    With no ``PREFECT_API_URL``, Prefect starts an ephemeral server per *process*: Dask worker
-    processes would each start their own. So for a process-based Dask runner one server is
-    started here and its URL exported to the workers (inherited environment). The startup
-    timeout is raised from 20 s: on a loaded machine the ephemeral server is slower.
-    """
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if os.environ.get("PREFECT_API_URL") or cfg.task_runner == "threads" or cfg.dask_address:
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    server = SubprocessASGIServer()
-    server.start(timeout=120)
-    os.environ["PREFECT_API_URL"] = server.api_url
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield
-    finally:
-        from prefect.logging.handlers import APILogHandler
-
-        APILogHandler().flush()  # send queued run logs while the server still listens
-        os.environ.pop("PREFECT_API_URL", None)
-        server.stop()
+    """One Prefect API for every process of the run (see :mod:`facecorpus.flows.runtime`)."""
+    return runtime.prefect_api_for_workers(cfg.task_runner == "dask" and not cfg.dask_address)
 
 
 def make_flow(cfg: PseudoGTConfig | None = None):

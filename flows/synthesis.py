@@ -30,13 +30,13 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from facecorpus.configs.errors import ConfigError, InputError
 from facecorpus.configs.synthesis import SynthesisConfig
+from facecorpus.flows import runtime
 
 log = logging.getLogger("facecorpus.synthesis")
 
@@ -438,53 +438,7 @@ def synthesis_flow_fn(cfg_json: str, out: str, max_shards: int | None = None) ->
 
 
 def make_task_runner(cfg: SynthesisConfig):
-    if cfg.task_runner == "threads":
-        from prefect.task_runners import ThreadPoolTaskRunner
-
-        return ThreadPoolTaskRunner(max_workers=cfg.workers)
-    from prefect_dask import DaskTaskRunner
-
-    return DaskTaskRunner(cluster_kwargs={"n_workers": cfg.workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None})
-
-
-@contextmanager
-def _api_for_worker_processes():
-    """Make sure Dask worker processes report to one Prefect API.
-
-    Without an API URL every process would start its own ephemeral server (slow, and it
-    times out on a busy machine). When none is configured, start one server here and export
-    its URL in the environment, which the local cluster's worker processes inherit.
-    """
-    from prefect.settings import (
-        PREFECT_API_URL,
-        PREFECT_LOGGING_TO_API_ENABLED,
-        temporary_settings,
-    )
-
-    if PREFECT_API_URL.value():
-        yield
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()
-    server.start(timeout=180)
-    # The server lives only for this run: logs go to the console, not to its database
-    # (which would also outlive nothing and fail to flush after it stops).
-    env = {"PREFECT_API_URL": server.api_url, "PREFECT_LOGGING_TO_API_ENABLED": "false"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        with temporary_settings({PREFECT_API_URL: server.api_url,
-                                 PREFECT_LOGGING_TO_API_ENABLED: False}):
-            yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
+    return runtime.make_task_runner(cfg.task_runner, cfg.workers)
 
 
 def run_synthesis(cfg: SynthesisConfig, out: str | os.PathLike, *,
@@ -494,10 +448,8 @@ def run_synthesis(cfg: SynthesisConfig, out: str | os.PathLike, *,
 
     fl = flow(synthesis_flow_fn, name="synthesis", task_runner=make_task_runner(cfg),
               validate_parameters=False, log_prints=False)
-    if cfg.task_runner == "dask":
-        with _api_for_worker_processes():
-            return fl(cfg.model_dump_json(), str(out), max_shards)
-    return fl(cfg.model_dump_json(), str(out), max_shards)
+    with runtime.prefect_api_for_workers(cfg.task_runner == "dask"):
+        return fl(cfg.model_dump_json(), str(out), max_shards)
 
 
 # --------------------------------------------------------------------------- demo

@@ -1,0 +1,69 @@
+"""Where flows run: the Prefect task runner and the Prefect API its worker processes reach.
+
+Shared by every flow so that a cluster-wide fix (say, to how Dask workers find Prefect)
+lands once.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+
+def make_task_runner(kind: str, workers: int, dask_address: str | None = None):
+    """``"threads"``: a thread pool in this process; ``"dask"``: an existing scheduler at
+    ``dask_address``, else a LocalCluster of ``workers`` single-threaded processes (the
+    stages are numba/torch code that releases the GIL poorly, and one thread per process
+    keeps BLAS/numba from oversubscribing the cores)."""
+    if kind == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=workers)
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
+@contextmanager
+def prefect_api_for_workers(needed: bool = True):
+    """Make sure every process of a run reports to one Prefect API.
+
+    Without ``PREFECT_API_URL`` Prefect starts an ephemeral server per *process*: each Dask
+    worker process would start its own (slow, and it times out on a busy machine). When
+    ``needed`` (a local process-based cluster) and no API is configured, one server is
+    started here for the run and its URL exported in the environment, which the cluster's
+    worker processes inherit. It lives only for this run, so run logs go to the console,
+    not to its database. A remote cluster (``--dask-address``) must be given a real
+    ``PREFECT_API_URL``: its workers do not inherit this process's environment.
+    """
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_LOGGING_TO_API_ENABLED,
+        temporary_settings,
+    )
+
+    if not needed or PREFECT_API_URL.value():
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=180)
+    env = {"PREFECT_API_URL": server.api_url, "PREFECT_LOGGING_TO_API_ENABLED": "false"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url,
+                                 PREFECT_LOGGING_TO_API_ENABLED: False}):
+            yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
