@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from facecorpus.renderers.cameras import Camera
 from facecorpus.renderers.interpolate import interpolate, texture
-from facecorpus.renderers.raster import Fragments, rasterize
+from facecorpus.renderers.raster import Fragments, rasterize, rasterize_interpolate
 from facecorpus.renderers.shading import DEFAULT_SH, composite, shade_vertices
 
 OUTPUTS = ("image", "mask", "depth", "normals", "pncc", "uv")
@@ -80,12 +80,22 @@ def rasterize_views(vertices, triangles, cameras: Camera | Sequence[Camera], *,
     Returns:
         (fragments (N, H, W), screen_vertices (N, V, 3) float32).
     """
+    frags, sv, _ = _rasterize_views(vertices, triangles, cameras, cull_backfaces, None)
+    return frags, sv
+
+
+def _rasterize_views(vertices, triangles, cameras, cull_backfaces, attributes):
+    """:func:`rasterize_views`, plus per-vertex ``attributes`` interpolated in the same pass
+    when given (None otherwise)."""
     cams = _as_cameras(cameras)
     v = _batch_vertices(vertices, len(cams))
     sv = np.stack([c.project(v[min(k, len(v) - 1)]) for k, c in enumerate(cams)])
-    frags = rasterize(sv, triangles, cams[0].height, cams[0].width,
-                      cull_backfaces=cull_backfaces, perspective_correct=cams[0].is_perspective)
-    return frags, sv
+    kw = {"cull_backfaces": cull_backfaces, "perspective_correct": cams[0].is_perspective}
+    if attributes is None:
+        return rasterize(sv, triangles, cams[0].height, cams[0].width, **kw), sv, None
+    frags, pix = rasterize_interpolate(sv, triangles, cams[0].height, cams[0].width,
+                                       attributes, **kw)
+    return frags, sv, pix
 
 
 def render(vertices, triangles, cameras: Camera | Sequence[Camera], *,
@@ -122,15 +132,17 @@ def render(vertices, triangles, cameras: Camera | Sequence[Camera], *,
     if len(cams) == 1 and len(v) > 1:
         cams = cams * len(v)
     tris = np.asarray(triangles)
-    frags, sv = rasterize_views(v, tris, cams, cull_backfaces=cull_backfaces)
+    if "pncc" in outputs and ncc is None:
+        raise ValueError("render: 'pncc' needs ncc (V, 3)")
+    # PNCC is interpolated inside the raster pass (no second pass over the bary array)
+    frags, sv, pncc = _rasterize_views(v, tris, cams, cull_backfaces,
+                                       ncc if "pncc" in outputs else None)
     mask = frags.mask
     out: dict[str, np.ndarray | None] = {}
     if "depth" in outputs:
         out["depth"] = np.where(mask, frags.zbuf, 0.0).astype(np.float32)
     if "pncc" in outputs:
-        if ncc is None:
-            raise ValueError("render: 'pncc' needs ncc (V, 3)")
-        out["pncc"] = interpolate(ncc, frags, tris)
+        out["pncc"] = pncc
     uv_pix = None
     if "uv" in outputs or uv_texture is not None:
         if uv is None or uv_triangles is None:

@@ -87,3 +87,27 @@ def test_texture_follows_uv_image_convention():
     np.testing.assert_allclose(got, uv, atol=1e-6)  # a linear map is reproduced exactly
     u8 = (uv_map * 255).astype(np.uint8)
     assert texture(np.concatenate([u8, u8[..., :1]], -1), uv).shape == (2, 5, 7, 3)
+
+
+@pytest.mark.parametrize("persp", [False, True])
+def test_rasterize_interpolate_matches_the_two_pass_path(persp):
+    from facecorpus.renderers.raster import rasterize_interpolate
+
+    rng = np.random.default_rng(3)
+    xy, tris = _grid(n=9, size=30.0, off=2.0)
+    xy = xy + rng.uniform(-1.5, 1.5, xy.shape)  # irregular, with overlaps and both windings
+    depth = rng.uniform(1.0, 3.0, (len(xy), 1))
+    sv = np.concatenate([xy, depth], 1).astype(np.float32)
+    sv = np.stack([sv, sv[:, [1, 0, 2]]])  # second view: transposed, so windings flip
+    attr = rng.normal(size=(2, len(xy), 4)).astype(np.float32)
+    for a in (attr[0], attr):  # shared (V, C) and per-image (N, V, C)
+        fr, pix = rasterize_interpolate(sv, tris, 36, 34, a, perspective_correct=persp)
+        ref = rasterize(sv, tris, 36, 34, perspective_correct=persp)
+        np.testing.assert_array_equal(fr.pix_to_face, ref.pix_to_face)
+        np.testing.assert_array_equal(fr.bary, ref.bary)
+        np.testing.assert_array_equal(fr.zbuf, ref.zbuf)
+        assert pix.shape == (2, 36, 34, 4) and pix.dtype == np.float32
+        np.testing.assert_array_equal(pix, interpolate(a, ref, tris))  # bit-identical
+        assert fr.mask.any() and (pix[~fr.mask] == 0).all()
+    with pytest.raises(ValueError, match="per-vertex attributes"):
+        rasterize_interpolate(sv, tris, 8, 8, attr[0, :-1])
