@@ -14,7 +14,6 @@ from facecorpus.tasks.landmarks import (
     align_face,
     find_mediapipe_model,
     landmark_template,
-    mediapipe_solutions_dir,
 )
 
 
@@ -95,9 +94,12 @@ def test_given_landmarks_bypass_detection_and_align_exactly(template):
     np.testing.assert_allclose([cx, cy], a.landmarks[30], atol=0.35)
 
 
-def test_fallback_none_without_mediapipe_rejects(template):
-    if find_mediapipe_model() is not None or mediapipe_solutions_dir() is not None:
-        pytest.skip("a mediapipe landmark model is installed: the fallback is not used")
+def test_fallback_none_without_mediapipe_rejects(template, monkeypatch):
+    # Hide any installed mediapipe model so the "no model" path runs everywhere.
+    import facecorpus.tasks.landmarks as L
+
+    monkeypatch.setattr(L, "find_mediapipe_model", lambda explicit=None: None)
+    monkeypatch.setattr(L, "mediapipe_solutions_dir", lambda: None)
     from skimage.data import astronaut
 
     with pytest.raises(Rejection, match="no landmark model"):
