@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import time
 
 import numba
@@ -85,8 +86,13 @@ def row(v, tris, code, vn, cams, repeats: int) -> tuple:
     def batched(k):
         render(v, tris, batch, outputs=("pncc",), ncc=code)
 
-    b = timed(batched, max(3, repeats // 8))
-    return timed(pncc, repeats), timed(full, repeats), tuple(x / 16 for x in b)
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    n_b = max(3, repeats // 8)
+    b = timed(batched, n_b)
+    # minor page faults per batch call: fresh output memory is first-touched on every call
+    # unless glibc keeps freed memory (see docs/benchmarks.md, Renderers)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n_b
+    return timed(pncc, repeats), timed(full, repeats), tuple(x / 16 for x in b), faults
 
 
 def main(argv=None) -> None:
@@ -99,7 +105,8 @@ def main(argv=None) -> None:
           f"{numba.__version__}, threads: 1 and {all_threads}")
     print("# ms per view: median wall (min wall) [median thread CPU, 1-thread rows only]")
     print(f"{'mesh':17s} {'V':>6s} {'F':>6s} {'size':>4s} {'thr':>3s} {'pncc':>21s} "
-          f"{'rgb+pncc+mask':>21s} {'batch16 pncc':>21s} {'numpy ref':>9s} {'speed-up':>8s}")
+          f"{'rgb+pncc+mask':>21s} {'batch16 pncc':>21s} {'numpy ref':>9s} {'speed-up':>8s} "
+          f"{'b16 faults/call':>8s}")
 
     def cell(t, threads):
         cpu = f"[{t[2]:5.2f}]" if threads == 1 else " " * 7
@@ -118,10 +125,10 @@ def main(argv=None) -> None:
                         args.reference_repeats)[0]
             for threads in sorted({1, all_threads}):
                 numba.set_num_threads(threads)
-                p, f, b = row(v, tris, code, vn, cams, args.repeats)
+                p, f, b, faults = row(v, tris, code, vn, cams, args.repeats)
                 print(f"{name:17s} {len(v):6d} {len(tris):6d} {S:4d} {threads:3d} "
                       f"{cell(p, threads)} {cell(f, threads)} {cell(b, threads)} "
-                      f"{ref:9.1f} {ref / p[0]:7.0f}x", flush=True)
+                      f"{ref:9.1f} {ref / p[0]:7.0f}x {faults:8.0f}", flush=True)
             numba.set_num_threads(all_threads)
 
 
