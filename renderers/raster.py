@@ -105,11 +105,10 @@ def _raster_band(XY, ZW, ok, tris, n, r0, r1, W, cull, persp, p2f, key):
     kn = key[n]
     pn = p2f[n]
     # invalid vertices are rare: skip the three validity loads per triangle when there are none
-    all_ok = True
-    for v in range(okn.size):
-        if not okn[v]:
-            all_ok = False
-            break
+    n_ok = 0
+    for v in range(okn.size):  # no early exit: this loop vectorizes
+        n_ok += okn[v]
+    all_ok = n_ok == okn.size
     F = tris.shape[0]
     for f in range(F):
         a = np.uint32(tris[f, 0])
@@ -278,6 +277,11 @@ def _resolve_row(sv, tris, persp, n, i, p2f, bary, zbuf, attr, out):
         bn[uj, 1] = b1
         bn[uj, 2] = b2
         zn[uj] = z
+        if C == 3:  # PNCC, colours: unrolled
+            out[n, i, uj, 0] = b0 * attr[na, a, 0] + b1 * attr[na, b, 0] + b2 * attr[na, c, 0]
+            out[n, i, uj, 1] = b0 * attr[na, a, 1] + b1 * attr[na, b, 1] + b2 * attr[na, c, 1]
+            out[n, i, uj, 2] = b0 * attr[na, a, 2] + b1 * attr[na, b, 2] + b2 * attr[na, c, 2]
+            continue
         for k in range(C):
             out[n, i, uj, k] = (b0 * attr[na, a, k] + b1 * attr[na, b, k]
                                 + b2 * attr[na, c, k])
