@@ -89,7 +89,10 @@ def _rasterize_views(vertices, triangles, cameras, cull_backfaces, attributes):
     when given (None otherwise)."""
     cams = _as_cameras(cameras)
     v = _batch_vertices(vertices, len(cams))
-    sv = np.stack([c.project(v[min(k, len(v) - 1)]) for k, c in enumerate(cams)])
+    if len(cams) == 1:  # a view, not np.stack's copy of (V, 3)
+        sv = cams[0].project(v[0])[None]
+    else:
+        sv = np.stack([c.project(v[min(k, len(v) - 1)]) for k, c in enumerate(cams)])
     kw = {"cull_backfaces": cull_backfaces, "perspective_correct": cams[0].is_perspective}
     if attributes is None:
         return rasterize(sv, triangles, cams[0].height, cams[0].width, **kw), sv, None
