@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from facecorpus.configs.base import StrictConfig
+from pydantic import Field, model_validator
 
 Task = Literal["pncc", "inpaint", "position"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Strict(StrictConfig):
+    pass
 
 
 class FilterSpec(_Strict):
@@ -86,8 +87,10 @@ class TrainConfig(_Strict):
                           "mirror (-1: none), or an .npz holding it as `mirror_map` (the "
                           "pseudo-GT flow's OUT/dataset/uv_regions.npz); None: horizontal flip")
     join: JoinConfig | None = None
-    train_filter: list[FilterSpec] = [FilterSpec(column="split", value="train")]
-    val_filter: list[FilterSpec] = [FilterSpec(column="split", value="val")]
+    train_filter: list[FilterSpec] = Field(
+        default_factory=lambda: [FilterSpec(column="split", value="train")])
+    val_filter: list[FilterSpec] = Field(
+        default_factory=lambda: [FilterSpec(column="split", value="val")])
     val_every: int = Field(100, ge=0, description="steps between validations; 0: only at the end")
     val_max_batches: int = Field(0, ge=0, description="0: the whole validation split")
     checkpoint_every: int = Field(500, ge=0, description="0: only at the end")
