@@ -103,6 +103,22 @@ def _smooth(x, b, wcol, d, tmp, off, h, w, jl, jh, ro, first, passes):
 
 
 @nb.njit(cache=True, nogil=True, fastmath=True)
+def _smooth_first(x, b, wcol, off, h, w, jl, jh, ro):
+    """The first half-sweep (colour 0) of `_smooth` on x = 0: x = omega / d * b on colour 0
+    and 0 on colour 1 (every level's x is zero when the V-cycle first reaches it, so no
+    neighbour reads and no zero-fill of x are needed)."""
+    wc = wcol[0]
+    for c in range(x.shape[0]):
+        xc = x[c]
+        bc = b[c]
+        for i in range(1, h + 1):
+            base = u64(off + i * (w + 2))
+            for j in range(jl[ro + i], jh[ro + i] + 1):
+                p = base + u64(j)
+                xc[p] = wc[p] * bc[p]
+
+
+@nb.njit(cache=True, nogil=True, fastmath=True)
 def _residual(x, b, r, unkf, d, off, h, w, jl, jh, ro):
     """r = b - A x on one level (on the rows' unknown spans; r stays 0 elsewhere)."""
     W = u64(w + 2)
@@ -185,23 +201,26 @@ def _prolong_add(x, unkf, offf, hf, wf, offc, wc, jl, jh, ro):
 
 @nb.njit(cache=True, nogil=True)
 def _vcycle(b, x, r, unkf, d, wcol, tmp, offs, hs, ws, jl, jh, roffs, nu0, nu, coarse_sweeps):
-    """x = M^-1 b with one symmetric V-cycle (level-0 rhs in b; x, r are work).
+    """x = M^-1 b with one symmetric V-cycle (level-0 rhs in b; x, r are work, zero outside
+    every row's unknown span on entry: kernels never write there).
 
     nu0 (level 0) / nu (coarser levels) red-black half-sweeps before and the same colours
     in reverse order after the coarse correction: a symmetric preconditioner. Coarse
     sweeps are cheap and the irregular coarse problems need them more than level 0.
     """
     L = offs.shape[0]
-    x[:] = 0.0
     for lv in range(L - 1):
         o, h, w = offs[lv], hs[lv], ws[lv]
         n_ = nu0 if lv == 0 else nu
-        _smooth(x, b, wcol, d, tmp, o, h, w, jl, jh, roffs[lv], 0, n_)
+        _smooth_first(x, b, wcol, o, h, w, jl, jh, roffs[lv])
+        _smooth(x, b, wcol, d, tmp, o, h, w, jl, jh, roffs[lv], 1, n_ - 1)
         _residual(x, b, r, unkf, d, o, h, w, jl, jh, roffs[lv])
         _restrict(r, b, unkf, o, w, offs[lv + 1], hs[lv + 1], ws[lv + 1], jl, jh,
                   roffs[lv + 1])
     lv = L - 1
-    _smooth(x, b, wcol, d, tmp, offs[lv], hs[lv], ws[lv], jl, jh, roffs[lv], 0, coarse_sweeps)
+    _smooth_first(x, b, wcol, offs[lv], hs[lv], ws[lv], jl, jh, roffs[lv])
+    _smooth(x, b, wcol, d, tmp, offs[lv], hs[lv], ws[lv], jl, jh, roffs[lv], 1,
+            coarse_sweeps - 1)
     for lv in range(L - 2, -1, -1):
         o, h, w = offs[lv], hs[lv], ws[lv]
         _prolong_add(x, unkf, o, h, w, offs[lv + 1], ws[lv + 1], jl, jh, roffs[lv])
@@ -300,6 +319,7 @@ def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, jl, jh, roffs, tol, max_iter, nu0,
     h, w = hs[0], ws[0]
     bh[:] = 0.0
     wk[:] = 0.0
+    zh[:] = 0.0  # cells outside the unknowns' spans are never written: zero once
     pdir[:] = 0.0
     q[:] = 0.0
     tmp = np.empty(ws.max() + 2, np.float32)
@@ -606,11 +626,13 @@ def _runs(unk):
         for j in range(W):
             if unk[i, j]:
                 rW[i, j] = 1 + (rW[i, j - 1] if j > 0 else 0)
-    for j in range(W):
-        for i in range(H - 1, -1, -1):
+    # columns by whole rows (row-major order: contiguous, unlike a walk down each column)
+    for i in range(H - 1, -1, -1):
+        for j in range(W):
             if unk[i, j]:
                 rS[i, j] = 1 + (rS[i + 1, j] if i + 1 < H else 0)
-        for i in range(H):
+    for i in range(H):
+        for j in range(W):
             if unk[i, j]:
                 rN[i, j] = 1 + (rN[i - 1, j] if i > 0 else 0)
     return rE, rW, rS, rN
@@ -672,22 +694,6 @@ def _coarse_diag(unkc, valid0, rE, rW, rS, rN, lev, hc, wc):
     return d
 
 
-@nb.njit(cache=True, nogil=True)
-def _colour_weights(d, offs, hs, ws):
-    """(2, n) float32: omega / d on the cells of colour (i + j) % 2 == 0 / 1, else 0."""
-    wcol = np.zeros((2, d.shape[0]), np.float32)
-    L = offs.shape[0]
-    for lv in range(L):
-        om = _OMEGA if lv < L - 1 else _OMEGA_COARSE
-        W = ws[lv] + 2
-        for i in range(hs[lv] + 2):
-            for j in range(W):
-                p = offs[lv] + i * W + j
-                if d[p] > 0:
-                    wcol[(i + j) % 2, p] = om / d[p]
-    return wcol
-
-
 # ------------------------------------------------------------------------ hierarchy
 def _hierarchy(lab: np.ndarray, k: int, i0: int, j0: int, h: int, w: int):
     """Flat multigrid hierarchy for the part ``lab == k`` of Ω on the grid of rows i0..,
@@ -746,11 +752,14 @@ def _build(unk0, valid0, coarsest):
     # visit these spans (a third of a UV part's bounding box holds no unknowns)
     jl = np.ones(ro, np.int64)
     jh = np.zeros(ro, np.int64)
+    # smoother weights, (2, n) float32: omega / d on the cells of colour (i + j) % 2 == 0 / 1
+    wcol = np.zeros((2, o), np.float32)
     if L > 1:
         rE, rW, rS, rN = _runs(unk0)
     for lv in range(L):
         u = levels[lv]
         H2, W2 = u.shape
+        om = _OMEGA if lv < L - 1 else _OMEGA_COARSE
         if lv > 0:
             dl = _coarse_diag(u, valid0, rE, rW, rS, rN, lv, hs[lv], ws[lv])
         for i in range(H2):
@@ -765,11 +774,13 @@ def _build(unk0, valid0, coarsest):
                             + np.float32(valid0[i, j - 1]) + np.float32(valid0[i, j + 1]))
                 else:
                     d[p] = dl[i, j]
+                if d[p] > 0:
+                    wcol[(i + j) % 2, p] = om / d[p]
                 if first:
                     jl[roffs[lv] + i] = j
                     first = False
                 jh[roffs[lv] + i] = j
-    return unkf, d, _colour_weights(d, offs, hs, ws), offs, hs, ws, jl, jh, roffs
+    return unkf, d, wcol, offs, hs, ws, jl, jh, roffs
 
 
 def _grid_size(n: int) -> int:
