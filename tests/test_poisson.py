@@ -285,3 +285,22 @@ def test_many_parts_of_every_size_converge():
     assert info[0]["unknowns"] == int(mask.sum())
     assert poisson_residual(f, tgt, src, mask) < 1e-5
     assert np.abs(f - direct_solution(tgt, src, mask)).max() < 1e-4
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.7])
+def test_part_labelling_matches_scipy(density):
+    # the solver's own labelling must give scipy's 4-connected partition (labels may differ)
+    from facecorpus.meshops.poisson import _label
+
+    rng = np.random.default_rng(int(density * 10))
+    mask = rng.random((61, 47)) < density
+    mask[::2, ::2] |= density > 0.6  # plus a checkerboard-ish worst case for provisional labels
+    lab, n = _label(mask)
+    ref, n_ref = ndi.label(mask)
+    assert n == n_ref and lab.dtype == np.int32
+    assert ((lab > 0) == mask).all()
+    pairs = np.unique(np.stack([lab[mask], ref[mask]]), axis=1)
+    assert pairs.shape[1] == n  # a bijection between our parts and scipy's
+    assert set(np.unique(lab[mask])) == set(range(1, n + 1))
+    checker = (np.add.outer(np.arange(9), np.arange(9)) % 2 == 0)
+    assert _label(checker)[1] == int(checker.sum())
