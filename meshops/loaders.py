@@ -72,6 +72,23 @@ class _Fields:
         return arr.astype(np.float64)
 
 
+
+def _pickled_fields(path: Path) -> _Fields:
+    """A pickled dict read through the restricted unpickler, as checked fields."""
+    from facecorpus.meshops.safe_pickle import RefusedPickleError, safe_load
+
+    try:
+        d = safe_load(path)
+    except FileNotFoundError:
+        raise ModelFormatError(path, None, "file not found") from None
+    except RefusedPickleError as e:
+        raise ModelFormatError(path, None, f"refused: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a malformed file
+        raise ModelFormatError(path, None, f"not a readable pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise ModelFormatError(path, None, f"expected a dict, got {type(d).__name__}")
+    return _Fields(d, path)
+
 def _vec_to_vertices(a: np.ndarray, n: int, path, key) -> np.ndarray:
     """(3N,), (3N,1), (1,3N) -> (N, 3) (x, y, z interleaved, the BFM convention)."""
     flat = a.reshape(-1)
@@ -358,20 +375,8 @@ def load_deep3d_bfm_front(path: str | os.PathLike) -> MorphableModel:
 def load_flame(path: str | os.PathLike, landmarks=None, n_shape: int = 300,
                n_exp: int = 100) -> MorphableModel:
     """FLAME ``generic_model.pkl`` / ``flame2020`` pickles, read without chumpy (metres)."""
-    from facecorpus.meshops.safe_pickle import RefusedPickleError, safe_load
-
     path = Path(path)
-    try:
-        d = safe_load(path)
-    except FileNotFoundError:
-        raise ModelFormatError(path, None, "file not found") from None
-    except RefusedPickleError as e:
-        raise ModelFormatError(path, None, f"refused: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a malformed file
-        raise ModelFormatError(path, None, f"not a readable pickle ({type(e).__name__}: {e})") from None
-    if not isinstance(d, dict):
-        raise ModelFormatError(path, None, f"expected a dict, got {type(d).__name__}")
-    f = _Fields(d, path)
+    f = _pickled_fields(path)
     vt = f.get("v_template", ndim=2, shape=(None, 3))
     n = vt.shape[0]
     sd = f.get("shapedirs", ndim=3, shape=(n, 3, None))
@@ -392,20 +397,8 @@ def load_flame(path: str | os.PathLike, landmarks=None, n_shape: int = 300,
 def load_3ddfa_bfm(path: str | os.PathLike, triangles=None, id_std=None, exp_std=None
                    ) -> MorphableModel:
     """3DDFA's ``bfm_noneck_v3.pkl`` (BFM micrometres; keypoints index the 3N array)."""
-    from facecorpus.meshops.safe_pickle import RefusedPickleError, safe_load
-
     path = Path(path)
-    try:
-        d = safe_load(path)
-    except FileNotFoundError:
-        raise ModelFormatError(path, None, "file not found") from None
-    except RefusedPickleError as e:
-        raise ModelFormatError(path, None, f"refused: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a malformed file
-        raise ModelFormatError(path, None, f"not a readable pickle ({type(e).__name__}: {e})") from None
-    if not isinstance(d, dict):
-        raise ModelFormatError(path, None, f"expected a dict, got {type(d).__name__}")
-    f = _Fields(d, path)
+    f = _pickled_fields(path)
     u = f.get("u")
     n = u.size // 3
     if u.size % 3 or n == 0:
