@@ -316,7 +316,11 @@ class Trainer:
     def _loader(self, split: Split, batch_sampler, workers: int, persistent: bool) -> DataLoader:
         kw = {}
         if workers > 0:
-            kw = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": persistent}
+            # forkserver, not fork: the process that trains has often started threads (zarr's
+            # IO loop, Prefect's event loops) and a forked worker inherits their locks but
+            # not the threads; those workers hung and were killed at shutdown.
+            kw = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": persistent,
+                  "multiprocessing_context": "forkserver"}
         return DataLoader(split.dataset, batch_sampler=batch_sampler, num_workers=workers,
                           collate_fn=collate_batch, pin_memory=self.device.type == "cuda",
                           generator=torch.Generator().manual_seed(self.cfg.seed), **kw)
