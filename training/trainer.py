@@ -317,8 +317,8 @@ class Trainer:
         kw = {}
         if workers > 0:
             # forkserver, not fork: the process that trains has often started threads (zarr's
-            # IO loop, Prefect's event loops) and a forked worker inherits their locks but
-            # not the threads; those workers hung and were killed at shutdown.
+            # IO loop, Prefect's event loops), and a forked child inherits their locks but not
+            # the threads. Forked workers of such a process exited with code 1 at shutdown.
             kw = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": persistent,
                   "multiprocessing_context": "forkserver"}
         return DataLoader(split.dataset, batch_sampler=batch_sampler, num_workers=workers,
