@@ -64,6 +64,18 @@ def verify_dataset(root: str | os.PathLike, storage_options: dict | None = None,
     r = _Root(root, storage_options)
     rep = VerifyReport(root=r.url)
     P = rep.problems.append
+
+    def part_files(folder):
+        """(name, shard) of each committed part in ``folder``; anything else is a problem."""
+        for name in r.ls_names(folder):
+            m = _PART_RE.match(name)
+            if name.startswith(_TMP_PREFIX):
+                P(f"{folder}/{name}: leftover temp file of an interrupted commit")
+            elif not m:
+                P(f"{folder}/{name}: unexpected file")
+            else:
+                yield name, int(m.group(1))
+
     try:
         schema = read_schema(r)
     except FacecorpusError as e:
@@ -96,15 +108,7 @@ def verify_dataset(root: str | os.PathLike, storage_options: dict | None = None,
     # ---- manifest parts
     infos: dict[int, ShardInfo] = {}
     seen_ids: dict[str, int] = {}
-    for name in r.ls_names(MANIFEST_DIR):
-        m = _PART_RE.match(name)
-        if name.startswith(_TMP_PREFIX):
-            P(f"{MANIFEST_DIR}/{name}: leftover temp file of an interrupted commit")
-            continue
-        if not m:
-            P(f"{MANIFEST_DIR}/{name}: unexpected file")
-            continue
-        s = int(m.group(1))
+    for name, s in part_files(MANIFEST_DIR):
         where = f"{MANIFEST_DIR}/{name}"
         try:
             with r.fs.open(r.join(MANIFEST_DIR, name), "rb") as f:
@@ -152,15 +156,7 @@ def verify_dataset(root: str | os.PathLike, storage_options: dict | None = None,
     rep.n_shards = len(infos)
 
     # ---- rejected parts
-    for name in r.ls_names(REJECTED_DIR):
-        m = _PART_RE.match(name)
-        if name.startswith(_TMP_PREFIX):
-            P(f"{REJECTED_DIR}/{name}: leftover temp file of an interrupted commit")
-            continue
-        if not m:
-            P(f"{REJECTED_DIR}/{name}: unexpected file")
-            continue
-        s = int(m.group(1))
+    for name, s in part_files(REJECTED_DIR):
         if s not in infos:
             P(f"{REJECTED_DIR}/{name}: rejected rows of shard {s}, which is not committed")
             continue
