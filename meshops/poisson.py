@@ -841,8 +841,12 @@ def _build(unk0, valid0, coarsest):
 
 
 def _grid_size(n: int) -> int:
-    """Round a bbox side up so that it halves evenly down to <= 2 * _COARSEST cells."""
-    k = 1
+    """Round a bbox side up so that it halves evenly down to <= 2 * _COARSEST cells.
+
+    A side of 7..2 * _COARSEST cells is made even too: an odd side stops all coarsening,
+    and such a part (a thin strip, 11 x 36 say) then needed 17-25 iterations instead of 4-5.
+    """
+    k = 2 if n > _COARSEST else 1
     while n > 2 * _COARSEST * k:
         k *= 2
     return -(-n // k) * k

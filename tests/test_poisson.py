@@ -174,6 +174,19 @@ def test_thin_and_tiny_masks():
         assert np.array_equal(f[~mask], tgt[~mask])
 
 
+@pytest.mark.parametrize("width", [7, 9, 11])
+def test_strips_of_odd_width_coarsen(width):
+    # a strip whose bounding box has an odd side of 7..12 cells used to get no coarse level
+    # at all: 20 / 25 / 30 iterations at widths 7 / 9 / 11 (17-25 on such parts of real UV
+    # maps), now 7 / 8 / 10 like the even widths next to them
+    tgt, src, _ = uv_like(256, seed=9)
+    mask = np.zeros((256, 256), bool)
+    mask[10:250, 100:100 + width] = True
+    f, info = poisson_blend(tgt, src, mask, return_info=True)
+    assert poisson_residual(f, tgt, src, mask) < 1e-5
+    assert info[0]["iterations"] <= 10, info
+
+
 def test_bad_shapes_raise():
     tgt, src, mask = uv_like(32)
     with pytest.raises(ValueError, match="shape mismatch"):
