@@ -30,9 +30,9 @@ iterate, and visit only each row's span of unknowns. The stopping test is the re
 residual ``||b - A f|| / ||b|| <= tol`` (default 5e-6: the tests and the pseudo-GT flow need
 < 1e-5, and the float32 output adds ~1e-7), always confirmed on the true float64 residual;
 4-5 iterations on 256² UV masks. Maps in a batch run on a thread pool (the kernels release
-the GIL). Measured cost: about 2.4x faster than ``cv2.seamlessClone`` on the same maps (which
-solves an inexact uint8 problem), ~10x faster than per-map ``splu``
-(benchmarks/bench_blend.py, docs/benchmarks.md).
+the GIL). Measured cost per map at equal CPU: 2.25x faster than ``cv2.seamlessClone`` (which
+solves an inexact uint8 problem) on UV-like blobs and 1.7-2.0x on the pipeline's real ICT UV
+maps, 7-16x faster than per-map ``splu`` (benchmarks/bench_blend.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
