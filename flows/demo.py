@@ -7,13 +7,14 @@ their steps (fit photos, unwrap, pseudo-GT, synthesis, dataset, training) to the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from facecorpus.flows import runtime
 
 log = logging.getLogger("facecorpus.demo")
 
@@ -127,9 +128,7 @@ def run_demo(out: str | os.PathLike = "out/demo", input: str | os.PathLike | Non
         fn(ctx)
         ctx.timings[name] = round(time.perf_counter() - t0, 2)
     summary = {"steps": ctx.timings, "artifacts": ctx.artifacts, "facts": ctx.facts}
-    tmp = ctx.out / f".demo_summary.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, ctx.out / "demo_summary.json")
+    runtime.write_json_atomic(ctx.out / "demo_summary.json", summary, default=str)
     ctx.say(f"done in {sum(ctx.timings.values()):.1f} s: {ctx.out / 'demo_summary.json'}")
     return ctx
 

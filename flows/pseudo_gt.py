@@ -848,9 +848,7 @@ def summarize(ctx: Context, out: Path, plans: list[ShardPlan], results: list[dic
         "sheets": sorted(str(p) for p in (out / "sheets").glob("shard-*.png")),
         "seconds_in_shards": round(sum(r.get("seconds", 0.0) for r in results), 2),
     }
-    tmp = out / f".summary.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    runtime.write_json_atomic(out / "summary.json", summary)
     return summary
 
 

@@ -6,8 +6,11 @@ lands once.
 
 from __future__ import annotations
 
+import json
 import os
+import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 
 def make_task_runner(kind: str, workers: int, dask_address: str | None = None):
@@ -67,3 +70,13 @@ def prefect_api_for_workers(needed: bool = True):
             else:
                 os.environ[k] = v
         server.stop()
+
+
+def write_json_atomic(path: Path, obj, **dumps_kw) -> Path:
+    """Write ``obj`` as indented JSON at ``path`` through a temp file and a rename: a reader
+    (or a killed run) never sees half a summary. The temp name is per process and thread,
+    so concurrent runs into one folder do not share it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
+    tmp.write_text(json.dumps(obj, indent=2, **dumps_kw))
+    os.replace(tmp, path)
+    return path

@@ -526,9 +526,7 @@ def finish(cfg: SynthesisConfig, out: str | os.PathLike, results: list[dict], *,
                               out / "summary_sheet.png", cell=96,
                               labels=[f"{y:+.0f}" for y in cfg.poses.yaws()])
         summary["sheet"] = str(sheet)
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    runtime.write_json_atomic(out / "summary.json", summary)
     return summary
 
 

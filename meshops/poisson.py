@@ -369,6 +369,44 @@ def _pcg(b0, x0, unkf, d, wcol, offs, hs, ws, jl, jh, roffs, tol, max_iter, nu0,
     return it, rel
 
 
+@nb.njit(cache=True, nogil=True, inline="always")
+def _neighbour(i, j, t):
+    """The t-th 4-neighbour of (i, j): up, down, left, right."""
+    if t == 0:
+        return i - 1, j
+    if t == 1:
+        return i + 1, j
+    if t == 2:
+        return i, j - 1
+    return i, j + 1
+
+
+@nb.njit(cache=True, nogil=True)
+def _edge_term(target, source, i, j, qi, qj, c, guided, mixed, outside):
+    """Channel c of edge (i, j) -> (qi, qj)'s share of b_(i,j): the guidance v_pq (source
+    difference, or with `mixed` the larger-magnitude of source and target differences),
+    plus the target at q when q is outside the part (Dirichlet).
+
+    Returns (value, status): status 0, or 1 / 2 if a target / source value read is not finite.
+    """
+    status = 0
+    v = (float(source[i, j, c]) - float(source[qi, qj, c])) if guided else 0.0
+    if not np.isfinite(v):
+        status = 2
+    if mixed:
+        vt = float(target[i, j, c]) - float(target[qi, qj, c])
+        if not np.isfinite(vt):
+            status = 1
+        if abs(vt) > abs(v):
+            v = vt
+    if outside:
+        tq = float(target[qi, qj, c])
+        if not np.isfinite(tq):
+            status = 1
+        v += tq
+    return v, status
+
+
 @nb.njit(cache=True, nogil=True)
 def _rhs(target, source, guide_ok, lab, k, i0, j0, h, w, mixed, b, x):
     """Level-0 right-hand side b and initial guess x (the source), planar (C, n0), for the
@@ -392,33 +430,15 @@ def _rhs(target, source, guide_ok, lab, k, i0, j0, h, w, mixed, b, x):
                 v0 = source[gi, gj, c] if gp else target[gi, gj, c]
                 x[c, p] = v0 if np.isfinite(v0) else 0.0
             for t in range(4):
-                if t == 0:
-                    qi, qj = gi - 1, gj
-                elif t == 1:
-                    qi, qj = gi + 1, gj
-                elif t == 2:
-                    qi, qj = gi, gj - 1
-                else:
-                    qi, qj = gi, gj + 1
+                qi, qj = _neighbour(gi, gj, t)
                 if qi < 0 or qj < 0 or qi >= S0 or qj >= S1:
                     continue
                 guided = gp and guide_ok[qi, qj]
                 outside = lab[qi, qj] != k
                 for c in range(C):
-                    v = (float(source[gi, gj, c]) - float(source[qi, qj, c])) if guided else 0.0
-                    if not np.isfinite(v):
-                        status = 2
-                    if mixed:
-                        vt = float(target[gi, gj, c]) - float(target[qi, qj, c])
-                        if not np.isfinite(vt):
-                            status = 1
-                        if abs(vt) > abs(v):
-                            v = vt
-                    if outside:
-                        tq = float(target[qi, qj, c])
-                        if not np.isfinite(tq):
-                            status = 1
-                        v += tq
+                    v, st = _edge_term(target, source, gi, gj, qi, qj, c, guided, mixed, outside)
+                    if st != 0:
+                        status = st
                     b[c, p] += v
     return status
 
@@ -432,7 +452,7 @@ def _rhs_border(target, source, guide_ok, lab, k, gi, gj, p, b, x):
     for c in range(C):
         acc = 0.0
         for t in range(4):
-            qi, qj = gi + (t == 1) - (t == 0), gj + (t == 3) - (t == 2)
+            qi, qj = _neighbour(gi, gj, t)
             if qi < 0 or qj < 0 or qi >= S0 or qj >= S1:
                 continue
             if gp and guide_ok[qi, qj]:
@@ -619,14 +639,7 @@ def _solve_small(target, source, guide_ok, lab, ks, boxes, mixed, out):
                     continue
                 gp = guide_ok[i, j]
                 for t in range(4):
-                    if t == 0:
-                        qi, qj = i - 1, j
-                    elif t == 1:
-                        qi, qj = i + 1, j
-                    elif t == 2:
-                        qi, qj = i, j - 1
-                    else:
-                        qi, qj = i, j + 1
+                    qi, qj = _neighbour(i, j, t)
                     if qi < 0 or qj < 0 or qi >= S0 or qj >= S1:
                         continue
                     A[p, p] += 1.0
@@ -635,20 +648,10 @@ def _solve_small(target, source, guide_ok, lab, ks, boxes, mixed, out):
                         A[p, loc[qi - r0, qj - c0]] -= 1.0
                     guided = gp and guide_ok[qi, qj]
                     for c in range(C):
-                        v = (float(source[i, j, c]) - float(source[qi, qj, c])) if guided else 0.0
-                        if not np.isfinite(v):
-                            status = 2
-                        if mixed:
-                            vt = float(target[i, j, c]) - float(target[qi, qj, c])
-                            if not np.isfinite(vt):
-                                status = 1
-                            if abs(vt) > abs(v):
-                                v = vt
-                        if not inside:
-                            tq = float(target[qi, qj, c])
-                            if not np.isfinite(tq):
-                                status = 1
-                            v += tq
+                        v, st = _edge_term(target, source, i, j, qi, qj, c, guided, mixed,
+                                           not inside)
+                        if st != 0:
+                            status = st
                         b[p, c] += v
         if status != 0:
             return status, worst

@@ -211,6 +211,11 @@ def project_orthographic_torch(vertices, rotation, translation, scale, cx, cy):
 
 
 # --------------------------------------------------------------------------- camera record
+def _pose_rotation(yaw, pitch, roll, rotation) -> np.ndarray:
+    """An explicit ``rotation`` if given, else the one of (yaw, pitch, roll) degrees."""
+    return euler_to_rotation(yaw, pitch, roll) if rotation is None else np.asarray(rotation)
+
+
 @dataclass(frozen=True, eq=False)
 class Camera:
     """One view: intrinsics plus pose. Build with :meth:`perspective`, :meth:`orthographic`
@@ -239,7 +244,7 @@ class Camera:
                     roll=0.0, rotation=None, translation=(0.0, 0.0, -500.0), cx=None,
                     cy=None) -> Camera:
         """Pinhole camera; pose from (yaw, pitch, roll) degrees or an explicit ``rotation``."""
-        R = euler_to_rotation(yaw, pitch, roll) if rotation is None else np.asarray(rotation)
+        R = _pose_rotation(yaw, pitch, roll, rotation)
         return cls("perspective", int(width), int(height), R.astype(np.float64),
                    np.asarray(translation, dtype=np.float64).reshape(3), focal=float(focal),
                    cx=width / 2.0 if cx is None else float(cx),
@@ -250,7 +255,7 @@ class Camera:
                      roll=0.0, rotation=None, translation=(0.0, 0.0), cx=None,
                      cy=None) -> Camera:
         """Scaled orthographic camera; ``scale`` in pixels per mm, ``translation`` (tx, ty)."""
-        R = euler_to_rotation(yaw, pitch, roll) if rotation is None else np.asarray(rotation)
+        R = _pose_rotation(yaw, pitch, roll, rotation)
         return cls("orthographic", int(width), int(height), R.astype(np.float64),
                    np.asarray(translation, dtype=np.float64).reshape(2), scale=float(scale),
                    cx=width / 2.0 if cx is None else float(cx),
@@ -262,7 +267,7 @@ class Camera:
 
     def with_pose(self, *, yaw=0.0, pitch=0.0, roll=0.0, rotation=None) -> Camera:
         """The same camera with a new rotation."""
-        R = euler_to_rotation(yaw, pitch, roll) if rotation is None else np.asarray(rotation)
+        R = _pose_rotation(yaw, pitch, roll, rotation)
         return replace(self, rotation=R.astype(np.float64))
 
     def project(self, vertices) -> np.ndarray:
