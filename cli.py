@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    from facecorpus.configs.errors import FacecorpusError
+    from facecorpus.core.errors import FacecorpusError
 
     try:
         rc = args.func(args)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from facecorpus.configs.errors import ConfigError
+from facecorpus.core.errors import ConfigError
 
 CONFIG_KINDS: dict[str, str] = {
     "model": "facecorpus.configs.model:ModelConfig",

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from facecorpus.configs.errors import ConfigError
+from facecorpus.core.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 

@@ -61,7 +61,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from facecorpus.configs.errors import FacecorpusError, InputError
+from facecorpus.core.errors import FacecorpusError, InputError
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ def register(sub) -> None:
 def _build(args) -> int:
     import time
 
-    from facecorpus.configs.errors import InputError
+    from facecorpus.core.errors import InputError
 
     t0 = time.perf_counter()
     if args.name == "ict-facekit":

@@ -38,7 +38,7 @@ def add_cli(flows) -> None:
 
 def _run(args) -> int:
     import yaml
-    from facecorpus.configs.errors import ConfigError
+    from facecorpus.core.errors import ConfigError
     from facecorpus.flows import pseudo_gt
 
     overrides = {}

@@ -32,7 +32,7 @@ def add_cli(flows) -> None:
 def _run(args) -> int:
     import logging
 
-    from facecorpus.configs.errors import ConfigError
+    from facecorpus.core.errors import ConfigError
     from facecorpus.flows import synthesis
 
     for noisy in ("httpx", "distributed", "prefect.server"):  # per-request / per-worker chatter

@@ -36,7 +36,7 @@ class DemoContext:
 def step_model(ctx: DemoContext) -> None:
     """The default model: ICT-FaceKit (face) from the mirror/cache/public repository; if no
     source is reachable, say so plainly and use the procedural test model."""
-    from facecorpus.configs.errors import AssetUnavailableError
+    from facecorpus.core.errors import AssetUnavailableError
     from facecorpus.meshops.ict import build_ict_facekit
     from facecorpus.meshops.procedural import procedural_model
 

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from facecorpus.configs.errors import ConfigError, InputError
+from facecorpus.core.errors import ConfigError, InputError
 from facecorpus.configs.synthesis import SynthesisConfig
 from facecorpus.flows import runtime
 

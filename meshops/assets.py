@@ -16,7 +16,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from facecorpus.configs.errors import AssetUnavailableError
+from facecorpus.core.errors import AssetUnavailableError
 
 log = logging.getLogger(__name__)
 

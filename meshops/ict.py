@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from facecorpus.configs.errors import AssetUnavailableError
+from facecorpus.core.errors import AssetUnavailableError
 from facecorpus.meshops.assets import (
     assets_dir,
     cache_dir,

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from facecorpus.configs.errors import FacecorpusError
+from facecorpus.core.errors import FacecorpusError
 
 FORMAT_VERSION = 1
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from facecorpus.configs.errors import InputError
+from facecorpus.core.errors import InputError
 from facecorpus.meshops.model import MorphableModel
 
 # Independent random streams per face: augmentation draws never shift render draws.

@@ -97,7 +97,7 @@ def list_inputs(spec: str | os.PathLike) -> list[InputRecord]:
 
     Raises InputError when the spec names nothing.
     """
-    from facecorpus.configs.errors import InputError
+    from facecorpus.core.errors import InputError
 
     s = os.fspath(spec)
     if s.endswith(".parquet"):
@@ -125,7 +125,7 @@ def list_inputs(spec: str | os.PathLike) -> list[InputRecord]:
 
 def _list_parquet(path: str) -> list[InputRecord]:
     import pyarrow.parquet as pq
-    from facecorpus.configs.errors import InputError
+    from facecorpus.core.errors import InputError
 
     try:
         table = pq.read_table(path)

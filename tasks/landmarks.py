@@ -425,7 +425,7 @@ class LandmarkDetector:
         self.template = template
         self.fallback = fallback
         if mediapipe_model and not Path(mediapipe_model).is_file():
-            from facecorpus.configs.errors import ConfigError
+            from facecorpus.core.errors import ConfigError
 
             raise ConfigError(f"landmarks.mediapipe_model {mediapipe_model}: no such file")
         path = find_mediapipe_model(mediapipe_model)

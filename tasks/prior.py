@@ -105,7 +105,7 @@ def albedo_prior(model: MorphableModel, size: int) -> TexturePrior:
 
 def load_texture(path: str, size: int) -> TexturePrior:
     """A user-supplied UV texture (PNG/JPEG, any size, resized to S x S) as the prior."""
-    from facecorpus.configs.errors import InputError
+    from facecorpus.core.errors import InputError
     from PIL import Image
 
     try:

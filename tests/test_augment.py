@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from facecorpus.configs.errors import InputError
+from facecorpus.core.errors import InputError
 from facecorpus.meshops.procedural import procedural_model
 from facecorpus.tasks import augment
 

@@ -109,7 +109,7 @@ def test_parquet_list_with_landmarks(tmp_path, rgb):
 
 
 def test_glob_and_missing(tmp_path, rgb):
-    from facecorpus.configs.errors import InputError
+    from facecorpus.core.errors import InputError
 
     (tmp_path / "x.png").write_bytes(_png(rgb))
     (tmp_path / "y.txt").write_bytes(b"x")

@@ -122,7 +122,7 @@ def test_mediapipe_on_astronaut():
 
 
 def test_missing_explicit_model_is_a_config_error(tmp_path):
-    from facecorpus.configs.errors import ConfigError
+    from facecorpus.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="no such file"):
         LandmarkDetector(None, mediapipe_model=tmp_path / "nope.task")

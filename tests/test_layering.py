@@ -12,13 +12,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # package -> facecorpus subpackages it may import (besides itself)
 ALLOWED = {
-    "configs": set(),
-    "meshops": {"configs"},
-    "renderers": {"meshops", "configs", "sheets"},
-    "datasets": {"configs", "sheets"},
-    "tasks": {"meshops", "renderers", "datasets", "configs", "sheets"},
-    "training": {"datasets", "configs", "sheets"},
-    "flows": {"tasks", "meshops", "renderers", "datasets", "configs", "sheets", "cli"},
+    "core": set(),
+    "configs": {"core"},
+    "meshops": {"core"},
+    "renderers": {"meshops", "core", "sheets"},
+    "datasets": {"core", "sheets"},
+    "tasks": {"meshops", "renderers", "datasets", "configs", "core", "sheets"},
+    "training": {"datasets", "configs", "core", "sheets"},
+    "flows": {"tasks", "meshops", "renderers", "datasets", "configs", "core", "sheets", "cli"},
 }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from facecorpus.configs.errors import AssetUnavailableError
+from facecorpus.core.errors import AssetUnavailableError
 from facecorpus.meshops import ict
 from facecorpus.meshops.assets import sha256_file
 from facecorpus.meshops.model import ModelFormatError

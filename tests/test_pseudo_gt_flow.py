@@ -171,7 +171,7 @@ def test_config_defaults_validate():
 
     cfg = load_config(default_config_path("pseudo_gt.yaml"))
     assert cfg.kind == "pseudo_gt" and cfg.landmarks.crop_size in (224, 256)
-    from facecorpus.configs.errors import ConfigError
+    from facecorpus.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="prior.texture|texture"):
         P.load_config(None, {"prior.kind": "user"})

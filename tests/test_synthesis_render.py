@@ -196,7 +196,7 @@ def test_view_params_and_backgrounds_are_deterministic(tmp_path, shared):
 
 
 def test_bad_background_folder_names_the_path(tmp_path):
-    from facecorpus.configs.errors import InputError
+    from facecorpus.core.errors import InputError
 
     with pytest.raises(InputError, match=str(tmp_path)):
         BackgroundSource("folder", str(tmp_path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from facecorpus.configs.errors import ConfigError, InputError
+from facecorpus.core.errors import ConfigError, InputError
 from facecorpus.configs.train import FilterSpec, TrainConfig
 from facecorpus.training import losses as L
 from facecorpus.training.data import FieldInfo, Normalizer, StepBatchSampler, TensorSource

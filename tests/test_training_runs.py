@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from facecorpus.configs.errors import InputError
+from facecorpus.core.errors import InputError
 from facecorpus.configs.train import TrainConfig
 from facecorpus.training import losses as L
 from facecorpus.training.synthetic import write_synthetic

@@ -53,7 +53,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def _read_yaml(path: Path) -> dict:
     import yaml
-    from facecorpus.configs.errors import ConfigError
+    from facecorpus.core.errors import ConfigError
 
     try:
         data = yaml.safe_load(path.read_text())
@@ -72,7 +72,7 @@ def load_train_config(task: str, config: str | None = None, overrides: dict | No
     """Defaults of the task, merged with a YAML file and flag overrides, validated."""
     from importlib.resources import files
 
-    from facecorpus.configs.errors import ConfigError
+    from facecorpus.core.errors import ConfigError
     from facecorpus.configs.train import TrainConfig
     from pydantic import ValidationError
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from facecorpus.configs.errors import ConfigError, FacecorpusError, InputError
+from facecorpus.core.errors import ConfigError, FacecorpusError, InputError
 from torch.utils.data import Dataset, Sampler
 
 log = logging.getLogger(__name__)

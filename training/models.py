@@ -135,7 +135,7 @@ class UVMirror(nn.Module):
         """From an ``.npy`` array, or the ``key`` array of an ``.npz`` (the pseudo-GT flow's
         ``dataset/uv_regions.npz`` holds ``mirror_map``). No pickle."""
         import numpy as np
-        from facecorpus.configs.errors import InputError
+        from facecorpus.core.errors import InputError
 
         try:
             arr = np.load(path, allow_pickle=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from facecorpus.configs.errors import InputError
+from facecorpus.core.errors import InputError
 from facecorpus.configs.train import TrainConfig
 from facecorpus.training.data import FieldInfo, Normalizer, filter_expression
 from facecorpus.training.models import TASKS, TaskNet, UVMirror

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from facecorpus.configs.errors import ConfigError, InputError
+from facecorpus.core.errors import ConfigError, InputError
 from facecorpus.configs.train import TrainConfig
 from facecorpus.training import losses as L
 from facecorpus.training.data import (
