@@ -1,16 +1,21 @@
 """Ingest: turn a folder, a glob or a Parquet list of URIs into decoded RGB images.
 
 Every input ends either as an :class:`IngestedImage` or as a rejection row
-``{"source_uri", "stage": "ingest", "reason"}``; a bad file never raises out of
-:func:`ingest_batch`, so ``inputs = accepted + rejected`` always holds.
+``{"source_uri", "stage": "ingest", "reason", "error"}``; a bad file never raises out of
+:func:`ingest_batch` (single-file functions raise
+:class:`facecorpus.core.errors.SampleRejected`), so ``inputs = accepted + rejected`` always
+holds. The options are the run config's section
+(:class:`facecorpus.configs.pseudo_gt.IngestConfig`).
 
 Decisions (documented because the issue lists these as *bad inputs*):
 
 - **grayscale** (``L``, ``1``, ``LA``, ``I``...): rejected by default: a pseudo-GT UV
   texture must carry colour, and a converted gray photo would teach a colour model gray
   skin. ``IngestConfig.grayscale="convert"`` replicates the channel instead.
-- **alpha** (``RGBA``, ``LA``, ``PA``, palette with transparency): rejected by default;
-  transparent pixels have no photographed colour. ``alpha="flatten"`` composites on black.
+- **alpha** (``RGBA``, ``LA``, ``PA``, palette with transparency): an alpha channel that is
+  fully opaque (every value 255: most PNG portraits in the wild) is dropped and the image
+  read as RGB. A partially transparent one is rejected by default (transparent pixels have no
+  photographed colour); ``alpha="flatten"`` composites it on black.
 - **16-bit** (PNG bit depth 16, ``I;16``): rejected: silently truncating to 8 bits hides
   that the source is e.g. a depth or HDR map. Found from the PNG header, since PIL opens
   16-bit RGB PNGs as plain 8-bit ``RGB``.
@@ -31,6 +36,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from facecorpus.configs.pseudo_gt import IngestConfig
+from facecorpus.core.errors import SampleRejected
+from facecorpus.core.hashing import file_sha256
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm")
 
@@ -70,22 +78,17 @@ class IngestBatch:
     rejected: list[dict] = field(default_factory=list)
 
 
-class Rejection(Exception):
-    """A sample cannot be used; ``stage`` and ``reason`` go to the rejected table."""
-
-    def __init__(self, source_uri: str, stage: str, reason: str):
-        self.source_uri, self.stage, self.reason = source_uri, stage, reason
-        super().__init__(f"{source_uri}: [{stage}] {reason}")
-
-    def row(self) -> dict:
-        return {"source_uri": self.source_uri, "stage": self.stage, "reason": self.reason}
-
-
 @dataclass(frozen=True)
 class IngestOptions:
+    """Deprecated duplicate of :class:`IngestConfig` (same fields), still accepted because
+    ``tasks/pseudo_gt.py`` builds one from the config section; pass the section itself."""
+
     max_megapixels: float = 40.0
     grayscale: Literal["reject", "convert"] = "reject"
     alpha: Literal["reject", "flatten"] = "reject"
+
+
+DEFAULT_INGEST = IngestConfig()
 
 
 # ------------------------------------------------------------------ listing
@@ -165,16 +168,6 @@ def read_bytes(uri: str) -> bytes:
         return fh.read()
 
 
-def file_sha256(uri: str) -> str:
-    h = hashlib.sha256()
-    import fsspec
-
-    with fsspec.open(uri, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def deduplicate(records: list[InputRecord]) -> tuple[list[InputRecord], list[dict]]:
     """Hash every input's bytes; keep the first of each content, reject the others.
 
@@ -190,8 +183,9 @@ def deduplicate(records: list[InputRecord]) -> tuple[list[InputRecord], list[dic
             keep.append(r)
             continue
         if digest in seen:
-            rejected.append({"source_uri": r.source_uri, "stage": "ingest",
-                             "reason": f"duplicate of {seen[digest]} (sha256 {digest[:12]})"})
+            rejected.append(SampleRejected(
+                r.source_uri, "ingest",
+                f"duplicate of {seen[digest]} (sha256 {digest[:12]})").row())
             continue
         seen[digest] = r.source_uri
         keep.append(InputRecord(r.source_uri, r.landmarks, r.mask_uri, r.subject_id, digest))
@@ -206,12 +200,14 @@ def _png_bit_depth(data: bytes) -> int | None:
     return None
 
 
-def decode_image(data: bytes, source_uri: str, opts: IngestOptions = IngestOptions()) -> np.ndarray:
-    """Decode bytes into an (H, W, 3) uint8 RGB array or raise :class:`Rejection`."""
+def decode_image(data: bytes, source_uri: str,
+                 opts: IngestConfig | IngestOptions = DEFAULT_INGEST) -> np.ndarray:
+    """Decode bytes into an (H, W, 3) uint8 RGB array or raise
+    :class:`~facecorpus.core.errors.SampleRejected` (stage ``ingest``)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     def reject(reason):
-        return Rejection(source_uri, "ingest", reason)
+        return SampleRejected(source_uri, "ingest", reason)
 
     if not data:
         raise reject("empty file")
@@ -246,6 +242,11 @@ def decode_image(data: bytes, source_uri: str, opts: IngestOptions = IngestOptio
         pass
     has_alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         im.mode == "P" and "transparency" in im.info)
+    if has_alpha and _alpha_is_opaque(im):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # PIL: "convert P to RGBA" - done
+            im = im.convert("RGB") if im.mode not in ("LA", "La") else im.convert("L")
+        has_alpha = False
     if has_alpha:
         if opts.alpha == "reject":
             raise reject(f"has an alpha channel (mode {im.mode}); transparent pixels have no colour")
@@ -260,6 +261,20 @@ def decode_image(data: bytes, source_uri: str, opts: IngestOptions = IngestOptio
     return np.asarray(im, dtype=np.uint8).copy()
 
 
+def _alpha_is_opaque(im) -> bool:
+    """True when every pixel's alpha is 255 (the channel carries nothing)."""
+    if im.mode == "P":
+        with warnings.catch_warnings():
+            # PIL's advice to convert to RGBA is what happens here
+            warnings.simplefilter("ignore", UserWarning)
+            alpha = im.convert("RGBA").getchannel("A")
+    else:
+        alpha = im.getchannel(im.getbands()[-1])
+    lo, _ = alpha.getextrema()
+    # premultiplied modes (RGBa, La) are opaque on the same test
+    return lo == 255
+
+
 def _palette_is_gray(im) -> bool:
     pal = im.getpalette()
     if not pal:
@@ -269,45 +284,47 @@ def _palette_is_gray(im) -> bool:
 
 
 def decode_mask(uri: str, shape: tuple[int, int]) -> np.ndarray:
-    """A mask image as (H, W) bool (non-zero = face); raises Rejection on mismatch."""
+    """A mask image as (H, W) bool (non-zero = face); raises SampleRejected on mismatch."""
     from PIL import Image
 
     try:
         m = np.asarray(Image.open(io.BytesIO(read_bytes(uri))).convert("L")) > 0
     except Exception as e:  # noqa: BLE001 - any decoder failure is a rejection
-        raise Rejection(uri, "ingest", f"unreadable mask ({e})") from None
+        raise SampleRejected(uri, "ingest", f"unreadable mask ({e})") from None
     if m.shape != tuple(shape):
-        raise Rejection(uri, "ingest", f"mask shape {m.shape} != image shape {tuple(shape)}")
+        raise SampleRejected(uri, "ingest", f"mask shape {m.shape} != image shape {tuple(shape)}")
     return m
 
 
-def ingest_one(record: InputRecord, opts: IngestOptions = IngestOptions()) -> IngestedImage:
-    """Read and decode one input; raises :class:`Rejection` with the reason."""
+def ingest_one(record: InputRecord,
+               opts: IngestConfig | IngestOptions = DEFAULT_INGEST) -> IngestedImage:
+    """Read and decode one input; raises :class:`SampleRejected` with the reason."""
     try:
         data = read_bytes(record.source_uri)
     except FileNotFoundError:
-        raise Rejection(record.source_uri, "ingest", "file not found") from None
+        raise SampleRejected(record.source_uri, "ingest", "file not found") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a rejection
-        raise Rejection(record.source_uri, "ingest", f"unreadable ({e})") from None
+        raise SampleRejected(record.source_uri, "ingest", f"unreadable ({e})") from None
     image = decode_image(data, record.source_uri, opts)
     digest = record.sha256 or hashlib.sha256(data).hexdigest()
     mask = decode_mask(record.mask_uri, image.shape[:2]) if record.mask_uri else None
     return IngestedImage(record=record, image=image, sha256=digest, mask=mask)
 
 
-def ingest_batch(records: list[InputRecord], opts: IngestOptions = IngestOptions()) -> IngestBatch:
+def ingest_batch(records: list[InputRecord],
+                 opts: IngestConfig | IngestOptions = DEFAULT_INGEST) -> IngestBatch:
     """Decode a batch; bad inputs become rejection rows, duplicates (by content) too."""
     out = IngestBatch()
     seen: dict[str, str] = {}
     for r in records:
         try:
             img = ingest_one(r, opts)
-        except Rejection as e:
+        except SampleRejected as e:
             out.rejected.append(e.row())
             continue
         if img.sha256 in seen:
-            out.rejected.append({"source_uri": r.source_uri, "stage": "ingest",
-                                 "reason": f"duplicate of {seen[img.sha256]}"})
+            out.rejected.append(SampleRejected(r.source_uri, "ingest",
+                                               f"duplicate of {seen[img.sha256]}").row())
             continue
         seen[img.sha256] = r.source_uri
         out.images.append(img)

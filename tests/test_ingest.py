@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from facecorpus.configs.pseudo_gt import IngestConfig
+from facecorpus.core.errors import SampleRejected
 from facecorpus.tasks.ingest import (
     IngestOptions,
     decode_image,
@@ -95,6 +97,48 @@ def test_grayscale_and_alpha_options(rgb):
     assert flat.max() == 0  # fully transparent over black
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_opaque_alpha_is_read_as_colour(rgb, mode):
+    # most PNG portraits carry an alpha channel that is 255 everywhere: it says nothing
+    if mode == "RGBA":
+        im = Image.fromarray(np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)],
+                                            -1))
+        want = rgb
+    elif mode == "LA":
+        im = Image.fromarray(np.stack([rgb[..., 0], np.full(rgb.shape[:2], 255, np.uint8)], -1),
+                             "LA")
+        want = np.repeat(rgb[..., :1], 3, -1)
+    else:  # palette with a transparent index that no pixel uses
+        im = Image.fromarray(rgb).quantize(64)
+        im.info["transparency"] = 200
+        want = np.asarray(im.convert("RGB"))
+    data = _png(im)
+    assert Image.open(io.BytesIO(data)).mode in ("RGBA", "LA", "P")
+    cfg = IngestConfig(grayscale="convert" if mode == "LA" else "reject")
+    np.testing.assert_array_equal(decode_image(data, f"o.{mode}.png", cfg), want)
+
+
+def test_partial_alpha_keeps_the_configured_rule(rgb):
+    a = np.full(rgb.shape[:2] + (1,), 255, np.uint8)
+    a[0, 0] = 254  # one pixel not opaque is enough
+    data = _png(np.concatenate([rgb, a], -1))
+    with pytest.raises(SampleRejected, match="alpha") as ei:
+        decode_image(data, "p.png", IngestConfig())
+    assert ei.value.stage == "ingest" and ei.value.source_uri == "p.png"
+    flat = decode_image(data, "p.png", IngestConfig(alpha="flatten"))
+    np.testing.assert_array_equal(flat[1:], rgb[1:])
+    assert (np.abs(flat[0, 0].astype(int) - rgb[0, 0].astype(int) * 254 // 255) <= 1).all()
+
+
+def test_config_section_is_the_options(tmp_path, rgb):
+    (tmp_path / "g.png").write_bytes(_png(rgb[..., 1]))
+    batch = ingest_batch(list_inputs(tmp_path), IngestConfig(grayscale="convert"))
+    assert len(batch.images) == 1 and not batch.rejected
+    batch = ingest_batch(list_inputs(tmp_path), IngestConfig())
+    row = batch.rejected[0]
+    assert row["stage"] == "ingest" and "grayscale" in row["reason"] and row["error"] == "check"
+
+
 def test_parquet_list_with_landmarks(tmp_path, rgb):
     (tmp_path / "img.png").write_bytes(_png(rgb))
     lm = np.arange(136, dtype=np.float32)
@@ -127,9 +171,9 @@ def test_given_mask_is_decoded_and_checked(tmp_path, rgb):
     pq.write_table(pa.table({"source_uri": ["img.png", "img.png"],
                              "mask_uri": ["mask.png", "small.png"]}), tmp_path / "l.parquet")
     recs = list_inputs(tmp_path / "l.parquet")
-    from facecorpus.tasks.ingest import Rejection, ingest_one
+    from facecorpus.tasks.ingest import ingest_one
 
     got = ingest_one(recs[0])
     np.testing.assert_array_equal(got.mask, m > 0)
-    with pytest.raises(Rejection, match="mask shape"):
+    with pytest.raises(SampleRejected, match="mask shape"):
         ingest_one(recs[1])
