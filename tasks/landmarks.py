@@ -19,8 +19,12 @@ Sources, in order of preference (the one used is recorded as ``landmark_source``
    photometric refinement), so it is flagged in the manifest and can be disabled
    (``fallback: none``) to reject instead.
 
-Both mediapipe backends keep the largest face and map its 478 points to 68 with
-:data:`MP478_TO_68`. "No face" is a rejection reason, never an exception out of a batch.
+``LandmarkDetector.detect`` keeps the largest face; ``LandmarkDetector.detect_all`` returns
+every face of at least ``min_face_px`` (largest first), for photos of several people. Both
+mediapipe backends map 478 points to 68 with :data:`MP478_TO_68`. "No face" and degenerate
+landmarks (not 68 finite points, or a landmark box narrower than a few pixels) raise
+:class:`facecorpus.core.errors.SampleRejected` (stage ``landmarks``): a rejection reason,
+never an exception out of a batch.
 
 The 478 → 68 table (:data:`MP478_TO_68`), checked by drawing it on real photos (frontal and
 smiling) and against the 300-W mean shape: jaw 0-16 are face-oval vertices
@@ -44,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from facecorpus.tasks.ingest import Rejection
+from facecorpus.core.errors import SampleRejected
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +163,64 @@ def mediapipe_solutions_dir() -> Path | None:
     return root if all((root / n).is_file() for n in need) else None
 
 
+def _box_area(p: np.ndarray) -> float:
+    return float(np.prod(p.max(0) - p.min(0)))
+
+
 def _largest(faces: list[np.ndarray]) -> np.ndarray:
-    return max(faces, key=lambda p: float(np.prod(p.max(0) - p.min(0))))
+    return max(faces, key=_box_area)
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """IoU of two (4,) x0, y0, x1, y1 boxes."""
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(w, 0.0) * max(h, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def distinct_faces(faces: list[FaceLandmarks], min_face_px: float = 0.0,
+                   max_iou: float = 0.4) -> list[FaceLandmarks]:
+    """Largest first, faces whose landmark box's longer side is below ``min_face_px`` dropped,
+    and a face overlapping an already kept (larger) one by IoU > ``max_iou`` dropped (two
+    detector boxes of one face can both yield a mesh of it)."""
+    out: list[FaceLandmarks] = []
+    for f in sorted(faces, key=lambda f: -_box_area(f.points)):
+        if float(np.max(f.box[2:] - f.box[:2])) < min_face_px:
+            continue
+        if all(_box_iou(f.box, k.box) <= max_iou for k in out):
+            out.append(f)
+    return out
+
+
+MIN_LANDMARK_EXTENT_PX = 4.0
+
+
+def check_landmarks(points, source_uri: str = "",
+                    min_extent_px: float = MIN_LANDMARK_EXTENT_PX) -> np.ndarray:
+    """``points`` as (68, 2) float32, or SampleRejected(stage "landmarks") naming why not:
+    wrong count, non-finite values, or a landmark box narrower than ``min_extent_px`` on
+    either axis (all points equal, or collinear: no crop scale, no fit)."""
+    try:
+        g = np.asarray(points, np.float32)
+    except (TypeError, ValueError) as e:
+        raise SampleRejected(source_uri, "landmarks", f"landmarks are not numbers ({e})") \
+            from None
+    if g.size != 136:
+        raise SampleRejected(source_uri, "landmarks",
+                             f"landmarks have {g.size} values (shape {g.shape}), need 68 x 2")
+    g = g.reshape(68, 2)
+    if not np.isfinite(g).all():
+        raise SampleRejected(source_uri, "landmarks",
+                             f"landmarks are not finite ({int((~np.isfinite(g)).sum())} "
+                             "NaN/inf values)")
+    ext = g.max(0) - g.min(0)
+    if not (ext >= min_extent_px).all():
+        raise SampleRejected(source_uri, "landmarks",
+                             f"degenerate landmarks: their box is {ext[0]:.3g} x {ext[1]:.3g} "
+                             f"px (< {min_extent_px:g} px on an axis)")
+    return g
 
 
 def _dense_to_landmarks(dense: np.ndarray, source: str) -> FaceLandmarks:
@@ -231,8 +291,7 @@ class MediapipeLandmarker(_LazyGraphs):
             min_face_detection_confidence=self.min_confidence)
         return (vision.FaceLandmarker.create_from_options(opts),)
 
-    def detect(self, image: np.ndarray) -> FaceLandmarks | None:
-        """(H, W, 3) uint8 -> the largest face's landmarks, or None."""
+    def _faces(self, image: np.ndarray) -> list[np.ndarray]:
         import mediapipe as mp
 
         h, w = image.shape[:2]
@@ -240,9 +299,17 @@ class MediapipeLandmarker(_LazyGraphs):
             (lm,) = self.graphs()
             res = lm.detect(mp.Image(image_format=mp.ImageFormat.SRGB,
                                      data=np.ascontiguousarray(image)))
-        faces = [np.array([(p.x * w, p.y * h) for p in lms], np.float32)
-                 for lms in res.face_landmarks]
+        return [np.array([(p.x * w, p.y * h) for p in lms], np.float32)
+                for lms in res.face_landmarks]
+
+    def detect(self, image: np.ndarray) -> FaceLandmarks | None:
+        """(H, W, 3) uint8 -> the largest face's landmarks, or None."""
+        faces = self._faces(image)
         return _dense_to_landmarks(_largest(faces), self.source) if faces else None
+
+    def detect_all(self, image: np.ndarray) -> list[FaceLandmarks]:
+        """(H, W, 3) uint8 -> every face found (at most ``max_faces``), unordered."""
+        return [_dense_to_landmarks(f, self.source) for f in self._faces(image)]
 
 
 class FaceMeshLandmarker(_LazyGraphs):
@@ -323,6 +390,27 @@ class FaceMeshLandmarker(_LazyGraphs):
         # normalised coordinates are relative to the crop; crop pixel u <-> image u / k + x0
         return best / k + [ix0, iy0]
 
+    def detect_all(self, image: np.ndarray, max_faces: int = 8) -> list[FaceLandmarks]:
+        """(H, W, 3) uint8 -> a mesh for each of the (at most ``max_faces`` largest) detector
+        boxes that holds one; unordered, possibly the same face twice (see
+        :func:`distinct_faces`). With no box at all, FaceMesh on the whole image."""
+        image = np.ascontiguousarray(image[..., :3], dtype=np.uint8)
+        boxes = self.face_boxes(image)
+        out = []
+        for x0, y0, x1, y1 in boxes[:max_faces]:
+            side = self.crop_scale * float(max(x1 - x0, y1 - y0))
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            dense = self._mesh(image, cx - side / 2, cy - side / 2, side)
+            if dense is not None:
+                out.append(_dense_to_landmarks(dense, self.source))
+        if len(boxes) == 0:
+            h, w = image.shape[:2]
+            side = float(max(h, w))
+            dense = self._mesh(image, (w - side) / 2, (h - side) / 2, side)
+            if dense is not None:
+                out.append(_dense_to_landmarks(dense, self.source))
+        return out
+
     def detect(self, image: np.ndarray) -> FaceLandmarks | None:
         """(H, W, 3) uint8 -> the largest face's landmarks, or None."""
         image = np.ascontiguousarray(image[..., :3], dtype=np.uint8)
@@ -351,6 +439,17 @@ def detect_face_box(image: np.ndarray, work_size: int = 400) -> np.ndarray | Non
     scikit-image's LBP cascade on a copy scaled to ``work_size`` on its long side;
     overlapping hits are merged and the box with the most support wins (ties: larger).
     """
+    boxes = detect_face_boxes(image, work_size, max_faces=1)
+    return boxes[0] if len(boxes) else None
+
+
+def detect_face_boxes(image: np.ndarray, work_size: int = 400, max_faces: int = 8,
+                      min_support: int = 1) -> np.ndarray:
+    """Frontal face boxes (F, 4) x0, y0, x1, y1 pixels, most supported first.
+
+    Like :func:`detect_face_box`, repeated: the best-supported group of overlapping cascade
+    hits is merged into one box, its hits removed, and the next group taken, up to
+    ``max_faces`` groups of at least ``min_support`` hits."""
     global _CASCADE
     import skimage.data
     import skimage.feature
@@ -367,7 +466,7 @@ def detect_face_box(image: np.ndarray, work_size: int = 400) -> np.ndarray | Non
     dets = _CASCADE.detect_multi_scale(g, scale_factor=1.1, step_ratio=1, min_size=(lo, lo),
                                        max_size=(min(g.shape), min(g.shape)))
     if not dets:
-        return None
+        return np.zeros((0, 4), np.float32)
     boxes = np.array([[d["c"], d["r"], d["c"] + d["width"], d["r"] + d["height"]]
                       for d in dets], np.float32) / s
     # support = number of boxes overlapping (IoU > 0.3); the face collects many hits
@@ -378,10 +477,17 @@ def detect_face_box(image: np.ndarray, work_size: int = 400) -> np.ndarray | Non
     inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     iou = inter / (area[:, None] + area[None, :] - inter)
-    support = (iou > 0.3).sum(1)
-    best = int(np.lexsort((area, support))[-1])
-    group = boxes[iou[best] > 0.3]
-    return group.mean(0)
+    left = np.ones(len(boxes), bool)
+    out = []
+    while left.any() and len(out) < max_faces:
+        near = (iou > 0.3) & left[None, :] & left[:, None]
+        support = near.sum(1)
+        best = int(np.lexsort((area, support))[-1])
+        if support[best] < min_support:
+            break
+        out.append(boxes[near[best]].mean(0))
+        left &= ~near[best]
+    return np.array(out, np.float32).reshape(-1, 4)
 
 
 def landmark_template(model) -> np.ndarray:
@@ -453,25 +559,58 @@ class LandmarkDetector:
 
     def detect(self, image: np.ndarray, source_uri: str = "",
                given: np.ndarray | None = None) -> FaceLandmarks:
-        """68 landmarks for one (H, W, 3) uint8 image; raises Rejection("no face ...")."""
+        """68 landmarks for one (H, W, 3) uint8 image (the largest face); raises
+        SampleRejected("no face ...") or, for unusable ``given`` points, SampleRejected
+        naming the defect (:func:`check_landmarks`)."""
         if given is not None:
-            g = np.asarray(given, np.float32).reshape(68, 2)
-            if not np.isfinite(g).all():
-                raise Rejection(source_uri, "landmarks", "given landmarks are not finite")
+            g = check_landmarks(given, source_uri)
             return FaceLandmarks(g, np.concatenate([g.min(0), g.max(0)]), "manifest")
         if self._mp is not None:
             found = self._mp.detect(image)
             if found is None:
-                raise Rejection(source_uri, "landmarks", f"no face found ({self._mp.source})")
+                raise SampleRejected(source_uri, "landmarks",
+                                     f"no face found ({self._mp.source})")
             return found
-        if self.fallback != "box_template" or self.template is None:
-            raise Rejection(source_uri, "landmarks",
-                            "no landmark model available (mediapipe missing) and "
-                            "fallback disabled")
+        self._check_fallback(source_uri)
         box = detect_face_box(image)
         if box is None:
-            raise Rejection(source_uri, "landmarks", "no face found (LBP cascade)")
+            raise SampleRejected(source_uri, "landmarks", "no face found (LBP cascade)")
         return FaceLandmarks(template_in_box(self.template, box), box, "box_template")
+
+    def _check_fallback(self, source_uri: str) -> None:
+        if self.fallback != "box_template" or self.template is None:
+            raise SampleRejected(source_uri, "landmarks",
+                                 "no landmark model available (mediapipe missing) and "
+                                 "fallback disabled")
+
+    def detect_all(self, image: np.ndarray, source_uri: str = "",
+                   given: np.ndarray | None = None, *, min_face_px: float = 40.0,
+                   max_faces: int = 8) -> list[FaceLandmarks]:
+        """Every usable face of one (H, W, 3) uint8 image, largest first (by landmark-box
+        area): faces whose landmark box's longer side is under ``min_face_px`` pixels are
+        dropped (too few pixels for a UV texture), duplicates of one face merged, at most
+        ``max_faces`` kept. ``given`` landmarks are the one face, and so is the
+        ``box_template`` fallback's best face (see the comment below). Raises SampleRejected
+        when no usable face remains (the reason says whether faces were found but too
+        small)."""
+        if given is not None:
+            return [self.detect(image, source_uri, given)]
+        if self._mp is not None:
+            if isinstance(self._mp, FaceMeshLandmarker):
+                found = self._mp.detect_all(image, max_faces=max_faces)
+            else:
+                found = self._mp.detect_all(image)
+        else:
+            # The LBP cascade cannot vouch for a second face: measured on two portraits side
+            # by side, the second face and a false hit (on the seam, by the flag) each had one
+            # supporting detection. The fallback reports the best-supported face only.
+            return [self.detect(image, source_uri)]
+        faces = distinct_faces(found, min_face_px)[:max_faces]
+        if not faces:
+            small = f", {len(found)} smaller than {min_face_px:g} px" if found else ""
+            raise SampleRejected(source_uri, "landmarks",
+                                 f"no face found ({self._mp.source}{small})")
+        return faces
 
 
 # ------------------------------------------------------------------ alignment
@@ -479,7 +618,11 @@ def crop_affine(landmarks: np.ndarray, size: int, scale: float = 1.55,
                 shift_up: float = 0.08) -> np.ndarray:
     """Similarity (2, 3) mapping image pixels to a ``size`` square crop around the
     landmarks: side = ``scale`` * the larger landmark-box side, centre raised by
-    ``shift_up`` * box height to keep the forehead. No rotation (roll stays in the data)."""
+    ``shift_up`` * box height to keep the forehead. No rotation (roll stays in the data).
+
+    Degenerate landmarks raise SampleRejected (see :func:`check_landmarks`), not a
+    ZeroDivisionError."""
+    check_landmarks(landmarks)
     lo, hi = landmarks.min(0), landmarks.max(0)
     side = scale * float(max(hi - lo))
     cx, cy = (lo + hi) / 2
@@ -521,8 +664,10 @@ def face_oval(points: np.ndarray) -> np.ndarray:
 
 
 def align_face(image: np.ndarray, lm: FaceLandmarks, size: int,
-               mask: np.ndarray | None = None) -> AlignedFace:
-    """Crop (H, W, 3) around ``lm`` into (size, size, 3); landmarks, mask and oval follow."""
+               mask: np.ndarray | None = None, source_uri: str = "") -> AlignedFace:
+    """Crop (H, W, 3) around ``lm`` into (size, size, 3); landmarks, mask and oval follow.
+    Degenerate ``lm.points`` raise SampleRejected(``source_uri``, "landmarks", reason)."""
+    check_landmarks(lm.points, source_uri)
     A = crop_affine(lm.points, size)
     crop = warp_image(image, A, size)
     pts = lm.points @ A[:, :2].T + A[:, 2]

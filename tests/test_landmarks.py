@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from facecorpus.tasks.ingest import Rejection
+from facecorpus.core.errors import SampleRejected
 from facecorpus.tasks.landmarks import (
     MP478_TO_68,
     MP_FACE_OVAL,
@@ -69,7 +69,7 @@ def test_no_face_is_a_rejection(template):
     yy, xx = np.mgrid[0:200, 0:300]
     img = np.stack([xx / 300, yy / 200, 0.5 + 0 * xx], -1) * 255
     img = (img + rng.normal(0, 3, img.shape)).clip(0, 255).astype(np.uint8)
-    with pytest.raises(Rejection, match="no face") as ei:
+    with pytest.raises(SampleRejected, match="no face") as ei:
         LandmarkDetector(template).detect(img, "gradient.png")
     assert ei.value.stage == "landmarks" and ei.value.source_uri == "gradient.png"
 
@@ -102,7 +102,7 @@ def test_fallback_none_without_mediapipe_rejects(template, monkeypatch):
     monkeypatch.setattr(L, "mediapipe_solutions_dir", lambda: None)
     from skimage.data import astronaut
 
-    with pytest.raises(Rejection, match="no landmark model"):
+    with pytest.raises(SampleRejected, match="no landmark model"):
         LandmarkDetector(template, fallback="none").detect(astronaut(), "a")
 
 
@@ -126,3 +126,77 @@ def test_missing_explicit_model_is_a_config_error(tmp_path):
 
     with pytest.raises(ConfigError, match="no such file"):
         LandmarkDetector(None, mediapipe_model=tmp_path / "nope.task")
+
+
+@pytest.mark.parametrize("bad, word", [
+    ("equal", "degenerate"), ("nan", "not finite"), ("short", "values"),
+    ("collinear", "degenerate"), ("text", "not numbers")])
+def test_degenerate_given_landmarks_are_rejections(template, bad, word):
+    from facecorpus.tasks.landmarks import crop_affine
+
+    pts = {"equal": np.full((68, 2), 50.0, np.float32),
+           "nan": np.where(np.arange(136).reshape(68, 2) == 7, np.nan, template * 100 + 20),
+           "short": (template * 100)[:67],
+           "collinear": np.c_[np.linspace(10, 90, 68), np.full(68, 40.0)],
+           "text": [["a", "b"]] * 68}[bad]
+    img = np.zeros((128, 128, 3), np.uint8)
+    det = LandmarkDetector(template, fallback="none")
+    with pytest.raises(SampleRejected, match=word) as ei:
+        det.detect(img, "bad.png", given=pts)
+    assert (ei.value.stage, ei.value.source_uri) == ("landmarks", "bad.png")
+    if bad in ("equal", "collinear"):
+        # detection is bypassed by a caller holding FaceLandmarks: the crop refuses too
+        lm = FaceLandmarks(np.asarray(pts, np.float32), np.zeros(4, np.float32), "manifest")
+        with pytest.raises(SampleRejected, match="degenerate") as ei:
+            align_face(img, lm, 64, source_uri="bad.png")
+        assert ei.value.source_uri == "bad.png"
+        with pytest.raises(SampleRejected, match="degenerate"):
+            crop_affine(lm.points, 64)
+
+
+@pytest.mark.parametrize("backend", ["installed", "box_template"])
+def test_detect_all_on_two_photos_side_by_side(shared, template, backend, monkeypatch):
+    from PIL import Image
+
+    if backend == "box_template":
+        import facecorpus.tasks.landmarks as L
+
+        monkeypatch.setattr(L, "find_mediapipe_model", lambda explicit=None: None)
+        monkeypatch.setattr(L, "mediapipe_solutions_dir", lambda: None)
+
+    imgs = []
+    for name in ("official_portrait.jpg", "oval_office_portrait.jpg"):
+        im = Image.open(shared / "images" / name).convert("RGB")
+        im.thumbnail((600, 600))
+        imgs.append(np.asarray(im))
+    h = max(i.shape[0] for i in imgs)
+    canvas = np.full((h, sum(i.shape[1] for i in imgs), 3), 255, np.uint8)
+    x = 0
+    for i in imgs:
+        canvas[:i.shape[0], x:x + i.shape[1]] = i
+        x += i.shape[1]
+    det = LandmarkDetector(template)
+    if backend == "box_template":
+        # the cascade cannot vouch for a second face: the fallback gives its best one only
+        assert det.backend == "box_template"
+        (face,) = det.detect_all(canvas, "pair.png")
+        np.testing.assert_array_equal(face.points, det.detect(canvas).points)
+        return
+    faces = det.detect_all(canvas, "pair.png")
+    assert len(faces) == 2, [f.box for f in faces]
+    w0 = imgs[0].shape[1]
+    # largest first: the close-up portrait's face is larger and lies in the left half
+    areas = [float(np.prod(f.box[2:] - f.box[:2])) for f in faces]
+    assert areas[0] >= areas[1]
+    assert faces[0].points[:, 0].max() < w0 < faces[1].points[:, 0].min()
+    # each agrees with detecting on that photo alone
+    for f, img, dx in ((faces[0], imgs[0], 0), (faces[1], imgs[1], w0)):
+        alone = det.detect(img).points + [dx, 0]
+        iod = float(np.hypot(*(alone[36:42].mean(0) - alone[42:48].mean(0))))
+        assert np.linalg.norm(f.points - alone, axis=1).max() < 0.15 * iod
+    # detect keeps the largest; a minimum size above the smaller face keeps only one
+    np.testing.assert_allclose(det.detect(canvas).points, faces[0].points, atol=1e-3)
+    small = float(np.max(faces[1].box[2:] - faces[1].box[:2]))
+    assert len(det.detect_all(canvas, min_face_px=small + 1)) == 1
+    with pytest.raises(SampleRejected, match="smaller than"):
+        det.detect_all(canvas, "pair.png", min_face_px=1e4)

@@ -12,7 +12,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
-from facecorpus.tasks.ingest import Rejection
+from facecorpus.core.errors import SampleRejected
 from facecorpus.tasks.landmarks import (
     MULTIPIE_MIRROR,
     FaceMeshLandmarker,
@@ -99,7 +99,7 @@ def test_no_face_is_rejected(detector, kind):
         img = coffee()
     else:
         img = np.full((240, 320, 3), 128, np.uint8)
-    with pytest.raises(Rejection, match="no face") as ei:
+    with pytest.raises(SampleRejected, match="no face") as ei:
         detector.detect(img, f"{kind}.png")
     assert ei.value.stage == "landmarks" and ei.value.source_uri == f"{kind}.png"
 
@@ -120,6 +120,12 @@ def test_largest_of_two_faces(detector, astronaut, big_first):
     ref = detector.detect(astronaut).points + [bx - 100, 0]
     iod = float(np.hypot(*np.subtract(*eye_centres(ref))))
     assert np.linalg.norm(lm.points - ref, axis=1).max() < 0.1 * iod
+    # detect_all: both faces, largest first, the small one where it was pasted
+    faces = detector.detect_all(canvas)
+    assert len(faces) == 2
+    np.testing.assert_allclose(faces[0].points, lm.points, atol=1e-3)
+    cx = faces[1].points[:, 0].mean()
+    assert sx < cx < sx + small.shape[1], (cx, sx)
 
 
 def _detect_in_child(blob: bytes) -> np.ndarray:
