@@ -229,7 +229,7 @@ def _dense_to_landmarks(dense: np.ndarray, source: str) -> FaceLandmarks:
     return FaceLandmarks(points=dense[MP478_TO_68], box=box, source=source, dense=dense)
 
 
-class _LazyGraphs:
+class LazyGraphs:
     """mediapipe graphs are costly to build and cannot be pickled: they are built on first
     use in the process that detects (a Dask worker, not the client that pickled the
     detector), dropped when pickled, and released by :meth:`close`. ``detect`` is serialised
@@ -269,7 +269,7 @@ class _LazyGraphs:
             self.close()
 
 
-class MediapipeLandmarker(_LazyGraphs):
+class MediapipeLandmarker(LazyGraphs):
     """mediapipe Tasks FaceLandmarker (a user-supplied ``.task`` bundle) in IMAGE mode;
     returns the largest face."""
 
@@ -312,7 +312,7 @@ class MediapipeLandmarker(_LazyGraphs):
         return [_dense_to_landmarks(f, self.source) for f in self._faces(image)]
 
 
-class FaceMeshLandmarker(_LazyGraphs):
+class FaceMeshLandmarker(LazyGraphs):
     """mediapipe's legacy FaceMesh solution (bundled models, 478 points) for the largest face.
 
     FaceMesh's own detector is the short-range one (faces filling much of the frame), so the

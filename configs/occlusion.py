@@ -1,0 +1,54 @@
+"""Config of the occlusion segmentation (``tasks/occlusion.py``): image-space cues (hands,
+non-person, constant padding, saturation) and the UV-space outlier segmentation against the
+texture prior. Hung under the pseudo-GT config as ``occlusion``."""
+
+from __future__ import annotations
+
+from facecorpus.configs.base import StrictConfig
+from pydantic import Field
+
+
+class OcclusionConfig(StrictConfig):
+    enabled: bool = Field(True, description="off: no occlusion mask (every cue skipped)")
+    # --- image space
+    hands: bool = Field(True, description="mediapipe hand landmarks -> hand regions")
+    hand_min_confidence: float = Field(0.5, gt=0, lt=1)
+    hand_dilate: float = Field(0.12, ge=0, description="hand hull grown by this fraction of "
+                               "the hand's size (landmarks sit on the bones, not the skin edge)")
+    person: bool = Field(True, description="selfie segmentation: face-region pixels it calls "
+                                           "background are occluded (face cut off, mesh "
+                                           "overhanging the silhouette)")
+    person_threshold: float = Field(0.5, gt=0, lt=1, description="person probability below "
+                                                                  "which a pixel is background")
+    padding: bool = Field(True, description="constant-colour areas touching the image border "
+                                            "(black padding, letterboxing)")
+    padding_tol: int = Field(2, ge=0, le=32, description="max colour range (0-255) within a "
+                                                         "3 x 3 window of a padding pixel")
+    padding_min_px: int = Field(64, ge=1, description="smaller flat border areas are kept")
+    padding_dilate_px: int = Field(2, ge=0, description="grown by this (resampling blurs the "
+                                                        "padding edge into the photo)")
+    saturation: bool = Field(True, description="clipped highlights and crushed blacks")
+    saturated_high: int = Field(250, ge=128, le=255, description="every channel >= this")
+    saturated_low: int = Field(4, ge=0, le=64, description="every channel <= this")
+    # --- UV space
+    outliers: bool = Field(True, description="EM outlier segmentation against the prior")
+    em_iters: int = Field(6, ge=1, le=50)
+    occluder_prior: float = Field(0.1, gt=0, lt=1, description="initial share of occluded "
+                                                               "texels")
+    occluder_density: float = Field(1.0, gt=0, description="uniform occluder likelihood over "
+                                                           "the unit RGB cube")
+    sigma_floor: float = Field(0.02, gt=0, description="lowest face-class residual std "
+                                                       "(colour units, 0-1)")
+    smooth_px: int = Field(2, ge=0, description="radius of the spatial smoothing of the "
+                                                "posterior's log-odds (MRF-like prior)")
+    mirror: bool = Field(True, description="left-right consistency through the mirror map")
+    mirror_threshold: float = Field(0.15, gt=0, description="a texel and its mirror differing "
+                                    "by more than this (mean abs, after the per-image "
+                                    "side-to-side ratio) flag the side the prior fits worse")
+    folds: int = Field(2, ge=2, description="cross-fitting: the images are split into this "
+                                            "many folds; each fold is judged by a prior built "
+                                            "from the others")
+    pca_rank: int = Field(4, ge=0, description="PCA modes of each fold's prior (0: mean only)")
+    pca_min_images: int = Field(8, ge=2, description="fewer images per prior: mean only")
+    min_images: int = Field(3, ge=2, description="fewer images in the batch: no UV outliers "
+                                                 "(no unbiased prior can be built)")
