@@ -55,6 +55,7 @@ from facecorpus.tasks.landmarks import LazyGraphs
 
 DEFAULT = OcclusionConfig()
 BAND2_RIDGE = 1.0
+OCCLUDER_KINDS = ("glasses", "hand", "hair", "padding")
 #: files of the mediapipe wheel the hand and selfie cues need (relative to the package)
 MEDIAPIPE_FILES = (
     "python/solutions/hands.py", "python/solutions/selfie_segmentation.py",
@@ -635,3 +636,47 @@ def occluded_fraction(uv_occlusion_mask: np.ndarray, uv_visible_mask: np.ndarray
                                                               divide="ignore"):
         f = occ.reshape(len(occ), -1).sum(1) / n
     return np.where(n > 0, f, 0.0).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- synthetic truth
+def paste_occluder(kind: str, image: np.ndarray, landmarks: np.ndarray, rng) -> np.ndarray:
+    """Paste a synthetic occluder into a face image, in place (the tests' and benchmark's
+    ground truth: faces rendered with a known texture, occluders where the truth is known).
+
+    Args:
+        kind: one of :data:`OCCLUDER_KINDS`: ``glasses`` (a dark rectangle over both eyes),
+            ``hand`` (a brighter skin-coloured ellipse over the right cheek), ``hair`` (dark
+            wavy 3-px strands down the forehead), ``padding`` (black left of the nose tip:
+            a face half outside the frame).
+        image: (H, W, 3) float in [0, 1], modified in place; landmarks: (68, 2) pixels.
+        rng: numpy Generator (the hand's texture).
+
+    Returns:
+        (H, W) bool the pasted pixels.
+    """
+    img, lm = image, landmarks
+    H, W = img.shape[:2]
+    yy, xx = np.mgrid[0:H, 0:W]
+    m = np.zeros((H, W), bool)
+    if kind == "glasses":  # dark sunglasses: one rectangle over both eyes
+        (x0, y0), (x1, y1) = lm[36:48].min(0) - [8, 6], lm[36:48].max(0) + [8, 6]
+        m[int(y0):int(y1), int(x0):int(x1)] = True
+        img[m] = [0.05, 0.05, 0.07]
+    elif kind == "hand":  # a skin-coloured, brighter blob over the right cheek
+        c = lm[[3, 4, 5]].mean(0)
+        m = ((xx - c[0]) / 18) ** 2 + ((yy - c[1]) / 26) ** 2 < 1
+        img[m] = np.array([0.85, 0.62, 0.5]) * (0.9 + 0.1 * rng.random((m.sum(), 1)))
+    elif kind == "hair":  # dark wavy strands down the forehead
+        top, x0, x1 = lm[17:27, 1].min(), lm[17, 0], lm[26, 0]
+        for s in range(8):
+            xs = x0 + (x1 - x0) * (s + 0.5) / 8
+            for y in range(int(top - 25), int(top + 5)):
+                xc = int(xs + 4 * np.sin(y / 5 + s))
+                m[y, max(xc - 1, 0):xc + 2] = True
+        img[m] = [0.12, 0.08, 0.05]
+    elif kind == "padding":  # a photo whose face is half outside the frame: black padding
+        m[:, : int(lm[30, 0])] = True
+        img[m] = 0.0
+    else:
+        raise ValueError(f"paste_occluder: unknown kind {kind!r}")
+    return m

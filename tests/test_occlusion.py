@@ -12,39 +12,13 @@ from facecorpus.configs.occlusion import OcclusionConfig
 from facecorpus.tasks import occlusion as O
 
 S, T = 160, 96
-KINDS = ("glasses", "hand", "hair", "clean", "padding")
+KINDS = ("glasses", "hand", "hair", "clean", "padding")  # O.OCCLUDER_KINDS + a clean face
 # image-only cues for rendered faces: mediapipe's person/hand networks are for photos
 NO_MP = OcclusionConfig(hands=False, person=False)
 
 
 def iou(a, b) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
-
-
-def paste(kind: str, img: np.ndarray, lm: np.ndarray, rng) -> np.ndarray:
-    """Paste one occluder into (S, S, 3) float ``img`` in place; returns its (S, S) mask."""
-    yy, xx = np.mgrid[0:S, 0:S]
-    m = np.zeros((S, S), bool)
-    if kind == "glasses":  # dark sunglasses: one rectangle over both eyes
-        (x0, y0), (x1, y1) = lm[36:48].min(0) - [8, 6], lm[36:48].max(0) + [8, 6]
-        m[int(y0):int(y1), int(x0):int(x1)] = True
-        img[m] = [0.05, 0.05, 0.07]
-    elif kind == "hand":  # a skin-coloured, brighter blob over the right cheek
-        c = lm[[3, 4, 5]].mean(0)
-        m = ((xx - c[0]) / 18) ** 2 + ((yy - c[1]) / 26) ** 2 < 1
-        img[m] = np.array([0.85, 0.62, 0.5]) * (0.9 + 0.1 * rng.random((m.sum(), 1)))
-    elif kind == "hair":  # dark wavy strands down the forehead
-        top, x0, x1 = lm[17:27, 1].min(), lm[17, 0], lm[26, 0]
-        for s in range(8):
-            xs = x0 + (x1 - x0) * (s + 0.5) / 8
-            for y in range(int(top - 25), int(top + 5)):
-                xc = int(xs + 4 * np.sin(y / 5 + s))
-                m[y, max(xc - 1, 0):xc + 2] = True
-        img[m] = [0.12, 0.08, 0.05]
-    elif kind == "padding":  # a photo whose face is half outside the frame: black padding
-        m[:, : int(lm[30, 0])] = True
-        img[m] = 0.0
-    return m
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +50,9 @@ def scene():
         bg = rng.uniform(0.2, 0.8, (S, S, 3))
         img = np.where(r.mask[0][..., None], r.image[0], bg)
         kind = KINDS[i % len(KINDS)]
-        truth.append(paste(kind, img, b.landmarks[i], rng) & b.mask[i])
+        pasted = (np.zeros((S, S), bool) if kind == "clean"
+                  else O.paste_occluder(kind, img, b.landmarks[i], rng))
+        truth.append(pasted & b.mask[i])
         imgs.append(img)
         kinds.append(kind)
     imgs = np.stack(imgs).astype(np.float32)
