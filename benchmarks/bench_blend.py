@@ -70,7 +70,7 @@ def cv2_args(tgt, src, mask):
 def ict_maps(n_faces: int, size: int):
     """The pipeline blend stage's solver inputs on ICT-FaceKit UV maps (see the docstring):
     {kind: (target, source, mask, source_mask, tol)}, batched per kind."""
-    import facecorpus.meshops.poisson as poisson
+    from facecorpus.meshops import poisson
     from facecorpus.meshops.catalog import load_model
     from facecorpus.meshops.uv import rasterize_uv, uv_mirror_map
     from facecorpus.tasks.blend import blend_batch

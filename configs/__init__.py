@@ -38,19 +38,54 @@ def config_class(kind: str):
     return getattr(mod, cls_name)
 
 
-def load_config(path_or_dict: str | os.PathLike | dict[str, Any], kind: str | None = None):
-    """Read (YAML file) or take (dict) a config and validate it as its kind.
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set dotted keys (``{"fit.camera": "perspective"}``) in a config mapping, in place."""
+    for key, value in (overrides or {}).items():
+        node = data
+        *head, last = key.split(".")
+        for k in head:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {key}: '{k}' is not a section")
+            node = nxt
+        node[last] = value
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` arguments -> overrides (values parsed as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def load_config(path_or_dict: str | os.PathLike | dict[str, Any] | None, kind: str | None = None,
+                overrides: dict[str, Any] | None = None):
+    """Read (YAML file) or take (dict) a config, apply dotted ``overrides``, validate it as
+    its kind. The one config loader of the project (flows and CLI commands call it).
 
     Args:
-        path_or_dict: a YAML file path or an already-parsed mapping.
+        path_or_dict: a YAML file path, an already-parsed mapping, or None for the shipped
+            default of ``kind`` (``configs/<kind>.yaml``).
         kind: the expected kind; None: the mapping's top-level ``kind:`` key. If both are
             given they must agree.
+        overrides: dotted keys set after reading, before validation.
 
     Raises:
         ConfigError: listing every error with its key path.
     """
     from facecorpus.configs.base import read_yaml, validate
 
+    if path_or_dict is None:
+        if kind is None:
+            raise ConfigError("load_config(None) needs a kind")
+        path_or_dict = default_config_path(f"{kind}.yaml")
     if isinstance(path_or_dict, dict):
         data, source = dict(path_or_dict), "<config>"
     else:
@@ -63,6 +98,7 @@ def load_config(path_or_dict: str | os.PathLike | dict[str, Any], kind: str | No
         kind = str(declared)
     elif declared is not None and declared != kind:
         raise ConfigError(f"{source}: kind: '{declared}' but a '{kind}' config was expected")
+    apply_overrides(data, overrides)
     cls = config_class(kind)
     if "kind" not in cls.model_fields:
         data.pop("kind", None)
@@ -77,5 +113,5 @@ def default_config_path(name: str) -> Path:
     return p
 
 
-__all__ = ["CONFIG_DIR", "CONFIG_KINDS", "ConfigError", "config_class", "default_config_path",
-           "load_config"]
+__all__ = ["CONFIG_DIR", "CONFIG_KINDS", "ConfigError", "apply_overrides", "config_class",
+           "default_config_path", "load_config", "parse_set"]

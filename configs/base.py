@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from facecorpus.core.errors import ConfigError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class StrictConfig(BaseModel):
@@ -70,3 +70,25 @@ def validate(cls: type[BaseModel], data: dict[str, Any], source: str = "<config>
         return cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(format_errors(e, source)) from None
+
+
+class RunnerFields(StrictConfig):
+    """Where a flow runs (never part of any content key: the same inputs and config give the
+    same bytes whatever runs them). Shared by every flow config."""
+
+    workers: int = Field(2, ge=1)
+    task_runner: Literal["threads", "dask"] = Field(
+        "dask", description="threads: one process; dask: a LocalCluster of single-threaded "
+                            "processes, or the scheduler at dask_address")
+    dask_address: str | None = Field(None, description="join this Dask scheduler (tcp://...) "
+                                                       "instead of starting a LocalCluster")
+    retries: int = Field(2, ge=0, description="retries of a shard task (transient failures: "
+                                              "I/O, a lost worker)")
+
+
+RUNNER_FIELDS = frozenset(RunnerFields.model_fields)
+
+
+def content_config(cfg: BaseModel) -> dict:
+    """The part of a run config that determines the output bytes (not how it is scheduled)."""
+    return cfg.model_dump(mode="json", exclude=set(RUNNER_FIELDS))

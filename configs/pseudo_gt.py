@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from facecorpus.configs.base import StrictConfig
+from facecorpus.configs.base import RunnerFields, StrictConfig
 from pydantic import Field, model_validator
 
 
@@ -58,6 +58,10 @@ class PriorConfig(StrictConfig):
     pca_rank: int = Field(8, ge=0)
     pca_min_images: int = Field(32, ge=2)
     max_images: int = Field(256, ge=1, description="images used for the corpus prior")
+    rebuild_growth: float | None = Field(
+        None, gt=1, description="rebuild the stored corpus prior when the corpus has grown "
+                                "past this many times the images it was built from (None: "
+                                "only on --rebuild-prior or a changed recipe)")
 
     @model_validator(mode="after")
     def _check(self) -> PriorConfig:
@@ -76,7 +80,7 @@ class OutputConfig(StrictConfig):
     sheets: bool = Field(True, description="PNG contact sheet per shard")
 
 
-class PseudoGTConfig(StrictConfig):
+class PseudoGTConfig(RunnerFields):
     kind: Literal["pseudo_gt"] = "pseudo_gt"
     model: str = Field("ict", description="procedural | ict | ict:<region> | path to .npz")
     ingest: IngestConfig = IngestConfig()
@@ -86,9 +90,3 @@ class PseudoGTConfig(StrictConfig):
     prior: PriorConfig = PriorConfig()
     blend: BlendConfig = BlendConfig()
     output: OutputConfig = OutputConfig()
-    workers: int = Field(2, ge=1)
-    task_runner: Literal["threads", "dask"] = "dask"
-    dask_address: str | None = Field(None, description="join this Dask scheduler instead of "
-                                                       "starting a LocalCluster")
-    retries: int = Field(2, ge=0, description="Prefect retries of a shard task (transient "
-                                              "failures: I/O, a lost worker)")

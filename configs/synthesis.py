@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from facecorpus.configs.base import RunnerFields
 from facecorpus.configs.base import StrictConfig as _Strict
 from pydantic import Field, model_validator
 
@@ -130,7 +131,7 @@ class OutputConfig(_Strict):
     compression_level: int = Field(1, ge=0, le=22)
 
 
-class SynthesisConfig(_Strict):
+class SynthesisConfig(RunnerFields):
     """The whole synthesis run. ``model``: ``procedural``, ``ict`` (built or cached under
     FACECORPUS_CACHE) or a path to a MorphableModel ``.npz``."""
 
@@ -139,7 +140,9 @@ class SynthesisConfig(_Strict):
     seed: int = 0
     workers: int = Field(1, ge=1)
     task_runner: Literal["threads", "dask"] = Field(
-        "threads", description="threads: one process; dask: a local Dask cluster of processes")
+        "threads", description="threads: one process; dask: a LocalCluster of processes, or "
+                               "the scheduler at dask_address")
+    retries: int = Field(0, ge=0)
     subjects: SubjectsConfig = SubjectsConfig()
     augment: AugmentConfig = AugmentConfig()
     poses: PosesConfig = PosesConfig()

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from facecorpus.flows import runtime
+from facecorpus.core import atomic
 
 log = logging.getLogger("facecorpus.demo")
 
@@ -65,17 +65,69 @@ def step_preview(ctx: DemoContext) -> None:
 
 
 def step_pseudo_gt(ctx: DemoContext) -> None:
-    """Photos -> pseudo-GT UV maps (flows/pseudo_gt.py) on the astronaut or ``--input``."""
-    from facecorpus.flows.pseudo_gt import demo_step
+    """Photos -> pseudo-GT UV maps (flows/pseudo_gt.py, Prefect on threads) with the demo's
+    model on scikit-image's astronaut, or on every photo of ``--input``."""
+    from facecorpus.flows import pseudo_gt, summary
 
-    demo_step(ctx)
+    out = ctx.out / "pseudo_gt"
+    if ctx.input is not None:
+        inputs = str(ctx.input)
+    else:
+        from PIL import Image
+        from skimage.data import astronaut
+
+        folder = ctx.out / "inputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        p = folder / "astronaut.png"
+        if not p.is_file():
+            Image.fromarray(astronaut()).save(p)
+        inputs = str(folder)
+    # the demo's model step falls back to the procedural fixture when ICT is unreachable
+    model = "ict" if ctx.model is not None and ctx.model.name.startswith("ict") else "procedural"
+    cfg = pseudo_gt.load_config(None, {"model": model, "task_runner": "threads"})
+    ctx.say(f"pseudo-GT flow on {inputs} with the {model} model ...")
+    s = pseudo_gt.run_pseudo_gt(cfg, inputs, out)
+    ctx.artifacts["pseudo_gt_dataset"] = str(out / pseudo_gt.DATASET)
+    ctx.artifacts["pseudo_gt_summary"] = str(out / "summary.json")
+    if s["sheets"]:
+        ctx.artifacts["pseudo_gt_sheet"] = s["sheets"][0]
+    ctx.facts["pseudo_gt"] = {k: s[k] for k in ("inputs", "accepted", "rejected",
+                                                "counts_add_up", "landmark_sources",
+                                                "converged_fraction", "medians",
+                                                "rejected_by_reason")}
+    for line in summary.format_pseudo_gt(s).splitlines():
+        ctx.say(line)
 
 
 def step_synthesis(ctx: DemoContext) -> None:
-    """A small synthesis run (flows/synthesis.py) on what earlier steps produced."""
-    from facecorpus.flows.synthesis import demo_step
+    """``configs/synthesis_demo.yaml`` on the demo's model, with the demo's pseudo-GT dataset
+    as sources when an earlier step made one (else random model samples). Shards run in this
+    process (no Prefect server start for 8 faces)."""
+    from facecorpus.configs import default_config_path
+    from facecorpus.flows import synthesis
 
-    demo_step(ctx)
+    out = Path(ctx.out) / "synthesis"
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = out / "model.npz"
+    if not model_path.is_file():
+        ctx.model.save(model_path)
+    overrides: dict = {"model": str(model_path)}
+    pgt = next((p for k, p in sorted(ctx.artifacts.items())
+                if "pseudo_gt" in k and (Path(p) / "schema.json").is_file()), None)
+    if pgt:
+        overrides.update({"subjects.source": "pseudo_gt", "subjects.dataset": str(pgt),
+                          "augment.group_ratios": None})
+    cfg = synthesis.load_config(default_config_path("synthesis_demo.yaml"), overrides)
+    s = synthesis.run_shards(cfg, out)
+    ctx.artifacts["synthesis_views"] = str(out / synthesis.VIEWS)
+    ctx.artifacts["synthesis_faces"] = str(out / synthesis.FACES)
+    if s.get("sheet"):
+        ctx.artifacts["synthesis_sheet"] = s["sheet"]
+    ctx.facts["synthesis"] = {k: s[k] for k in ("faces", "pairs", "poses_per_face",
+                                                "rejected_draws", "faces_by_group")}
+    ctx.facts["synthesis"]["sources"] = f"pseudo-GT dataset {pgt}" if pgt else "random samples"
+    ctx.say(f"synthesis: {s['faces']} faces x {s['poses_per_face']} poses = {s['pairs']} "
+            f"image/PNCC pairs from {ctx.facts['synthesis']['sources']}; sheet {s.get('sheet')}")
 
 
 STEPS: list[tuple[str, Callable[[DemoContext], None]]] = [
@@ -128,7 +180,7 @@ def run_demo(out: str | os.PathLike = "out/demo", input: str | os.PathLike | Non
         fn(ctx)
         ctx.timings[name] = round(time.perf_counter() - t0, 2)
     summary = {"steps": ctx.timings, "artifacts": ctx.artifacts, "facts": ctx.facts}
-    runtime.write_json_atomic(ctx.out / "demo_summary.json", summary, default=str)
+    atomic.write_json(ctx.out / "demo_summary.json", summary, default=str)
     ctx.say(f"done in {sum(ctx.timings.values()):.1f} s: {ctx.out / 'demo_summary.json'}")
     return ctx
 

@@ -6,11 +6,8 @@ lands once.
 
 from __future__ import annotations
 
-import json
 import os
-import threading
 from contextlib import contextmanager
-from pathlib import Path
 
 
 def make_task_runner(kind: str, workers: int, dask_address: str | None = None):
@@ -72,11 +69,12 @@ def prefect_api_for_workers(needed: bool = True):
         server.stop()
 
 
-def write_json_atomic(path: Path, obj, **dumps_kw) -> Path:
-    """Write ``obj`` as indented JSON at ``path`` through a temp file and a rename: a reader
-    (or a killed run) never sees half a summary. The temp name is per process and thread,
-    so concurrent runs into one folder do not share it."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(obj, indent=2, **dumps_kw))
-    os.replace(tmp, path)
-    return path
+def deployment(flow, entrypoint: str, name: str, cron: str, parameters: dict):
+    """A Prefect deployment of ``flow`` on a cron schedule whose runs import the flow by
+    ``entrypoint`` (``module:attribute``) and get every setting from ``parameters``."""
+    from prefect.deployments.runner import EntrypointType
+
+    dep = flow.to_deployment(name=name, cron=cron, entrypoint_type=EntrypointType.MODULE_PATH,
+                             parameters=parameters)
+    dep.entrypoint = entrypoint
+    return dep

@@ -284,12 +284,19 @@ class MorphableModel:
         return model.validate(path)
 
     def content_hash(self) -> str:
-        """sha256 over the geometry and bases: identifies a model in dataset schemas."""
+        """sha256 over every array and name that can change a fitted or rendered output
+        (geometry, bases and their priors, landmarks, contours, symmetry, regions, albedo):
+        identifies a model in dataset schemas and shard keys. Provenance text is left out."""
         h = hashlib.sha256()
-        for f in ("vertices", "triangles", "uv", "uv_triangles", "id_basis", "exp_basis",
-                  "landmarks", "albedo_mean", "albedo_basis"):
-            arr = getattr(self, f)
+        arrays = {f: getattr(self, f) for f in (
+            "vertices", "triangles", "uv", "uv_triangles", "id_basis", "id_std", "exp_basis",
+            "exp_std", "landmarks", "contour_right", "contour_left", "symmetry", "albedo_mean",
+            "albedo_basis", "albedo_std")}
+        arrays.update({f"region:{k}": v for k, v in sorted(self.regions.items())})
+        for name, arr in arrays.items():
             if arr is not None:
-                h.update(f.encode())
-                h.update(np.ascontiguousarray(arr).tobytes())
+                a = np.ascontiguousarray(arr)
+                h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+                h.update(a.tobytes())
+        h.update(("exp_names:" + ",".join(self.exp_names) + ";units:" + self.units).encode())
         return h.hexdigest()

@@ -8,8 +8,8 @@ import pytest
 from facecorpus.cli import main
 from facecorpus.configs import CONFIG_DIR, CONFIG_KINDS, load_config
 from facecorpus.configs.base import StrictConfig, validate
-from facecorpus.core.errors import ConfigError
 from facecorpus.configs.model import ModelConfig
+from facecorpus.core.errors import ConfigError
 from pydantic import Field
 
 

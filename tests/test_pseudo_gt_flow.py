@@ -130,17 +130,17 @@ def test_killed_run_resumes_without_recomputing(tmp_path, faces, monkeypatch):
     pq.write_table(pa.Table.from_pylist(t), listing)
     cfg = P.load_config(None, SMALL)
     out = tmp_path / "out"
-    real = P.finish_shard
+    real = P.PseudoGTJob.commit
 
-    def crash_on_second(cfg_, writer, plan, out_, prior_key):
-        if plan.shard == 1:
+    def crash_on_second(job, spec, output):
+        if spec.id == 1:
             raise RuntimeError("killed")
-        return real(cfg_, writer, plan, out_, prior_key)
+        return real(job, spec, output)
 
-    monkeypatch.setattr(P, "finish_shard", crash_on_second)
+    monkeypatch.setattr(P.PseudoGTJob, "commit", crash_on_second)
     with pytest.raises(RuntimeError, match="killed"):
         P.run_local(cfg, str(listing), out)
-    monkeypatch.setattr(P, "finish_shard", real)
+    monkeypatch.setattr(P.PseudoGTJob, "commit", real)
     part = out / "dataset" / "manifest"
     first = {p.name: p.stat().st_mtime_ns for p in part.iterdir()}
     analyses = {p.name: p.stat().st_mtime_ns for p in (out / "_work").glob("analysis-*")}

@@ -120,10 +120,7 @@ def test_resume_after_kill(reference, tmp_path, prefect_harness):
     proc = subprocess.run([sys.executable, "-c", _KILL_SCRIPT, cfg.model_dump_json(), str(out)],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 137, proc.stderr[-2000:]
-    from facecorpus.datasets.store import DatasetWriter
-
-    committed = DatasetWriter(str(out / "views"), synthesis.schemas(
-        synthesis.build_context(cfg))[0]).committed_shards()
+    committed = synthesis.SynthesisJob(cfg, out).writers()[0].committed_shards()
     assert sorted(committed) == [0]  # shard 1 died before its manifest: invisible
     s = synthesis.run_synthesis(cfg, out)
     assert s["shards_skipped"] == 1 and s["shards_run"] == 2 and s["shards_committed"] == 3

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from facecorpus.core.errors import ConfigError, InputError
 from facecorpus.configs.train import FilterSpec, TrainConfig
+from facecorpus.core.errors import ConfigError, InputError
 from facecorpus.training import losses as L
 from facecorpus.training.data import FieldInfo, Normalizer, StepBatchSampler, TensorSource
 from facecorpus.training.models import TaskNet, UNet, UVMirror

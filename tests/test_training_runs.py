@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from facecorpus.core.errors import InputError
 from facecorpus.configs.train import TrainConfig
+from facecorpus.core.errors import InputError
 from facecorpus.training import losses as L
 from facecorpus.training.synthetic import write_synthetic
 from facecorpus.training.trainer import Trainer, load_checkpoint

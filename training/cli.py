@@ -72,8 +72,8 @@ def load_train_config(task: str, config: str | None = None, overrides: dict | No
     """Defaults of the task, merged with a YAML file and flag overrides, validated."""
     from importlib.resources import files
 
-    from facecorpus.core.errors import ConfigError
     from facecorpus.configs.train import TrainConfig
+    from facecorpus.core.errors import ConfigError
     from pydantic import ValidationError
 
     defaults = files("facecorpus.configs").joinpath(f"train_{task}.yaml")

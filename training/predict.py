@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from facecorpus.core.errors import InputError
 from facecorpus.configs.train import TrainConfig
+from facecorpus.core.errors import InputError
 from facecorpus.training.data import FieldInfo, Normalizer, filter_expression
 from facecorpus.training.models import TASKS, TaskNet, UVMirror
 from facecorpus.training.trainer import load_checkpoint, resolve_device

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from facecorpus.core.errors import ConfigError, InputError
 from facecorpus.configs.train import TrainConfig
+from facecorpus.core.errors import ConfigError, InputError
 from facecorpus.training import losses as L
 from facecorpus.training.data import (
     FieldInfo,

@@ -1,0 +1,579 @@
+"""The pseudo-GT stages of one shard, composed from the tested batch functions.
+
+:class:`Stages` is the table of stage functions the composition calls (the public seam: a
+caller passes ``dataclasses.replace(STAGES, blend=...)`` to swap one). Two steps:
+
+- :func:`analyse` — ingest → landmarks → crop → stage-1 fit → face masks → unwrap;
+  (:class:`Analysis`: arrays of the accepted images + rejected rows).
+- :func:`finish` — per-image prior → stage-2 refinement + re-unwrap → occlusion rejection →
+  two-pass blend → re-render metrics → manifest rows and contact-sheet rows.
+
+Every step is per-sample isolated (:mod:`facecorpus.tasks.isolation`): an exception or a
+non-finite result of one image rejects that image, with its stage and reason.
+
+Shapes: N images, S crop size, T UV size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from facecorpus.core.errors import RejectedRow
+from facecorpus.tasks import blend as blend_mod
+from facecorpus.tasks import fit as fit_mod
+from facecorpus.tasks import ingest as ingest_mod
+from facecorpus.tasks import isolation
+from facecorpus.tasks import landmarks as lm_mod
+from facecorpus.tasks import masks as masks_mod
+from facecorpus.tasks import unwrap as unwrap_mod
+
+METRICS = ("landmark_rmse", "landmark_nme", "photometric_error", "rerender_l1",
+           "rerender_psnr", "rerender_ssim", "visible_fraction")
+CODE_VERSION = 1  # bump when the bytes these stages write change without a release
+
+
+def options(cls, section):
+    """An options dataclass of a stage filled from its config section (same field names)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in section.model_dump().items() if k in names})
+
+
+@dataclass(frozen=True)
+class Stages:
+    """The stage functions a shard runs (module-level functions: picklable to workers)."""
+
+    ingest: Callable = ingest_mod.ingest_one
+    align: Callable = lm_mod.align_face
+    fit: Callable = fit_mod.fit_landmarks
+    face_mask: Callable = masks_mod.face_mask
+    seg_mask: Callable = masks_mod.segmentation_mask
+    unwrap: Callable = unwrap_mod.unwrap_one
+    refine: Callable = fit_mod.refine_photometric
+    occlusion: Callable = unwrap_mod.reject_occlusions
+    blend: Callable = blend_mod.blend_batch
+
+
+STAGES = Stages()
+
+
+@dataclass(eq=False)
+class State:
+    """What every shard of a run shares, built once per process: the model, its UV layout
+    and mirror map, the landmark template and (lazily) the detector."""
+
+    model: object
+    layout: np.ndarray  # (T, T) bool texels of the UV layout
+    mirror_map: np.ndarray  # (T, T, 2) int32
+    template: np.ndarray  # (68, 2)
+    landmarks_cfg: object
+    _detector: object = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    # one detection at a time per process: mediapipe's graphs are not thread-safe
+    detect_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def build(cls, cfg) -> State:
+        from facecorpus.meshops.catalog import load_model
+        from facecorpus.meshops.uv import rasterize_uv, uv_mirror_map
+
+        model = load_model(cfg.model)
+        T = cfg.unwrap.uv_size
+        return cls(model, rasterize_uv(model.uv, model.uv_triangles, T).mask.copy(),
+                   uv_mirror_map(model, T), lm_mod.landmark_template(model), cfg.landmarks)
+
+    def detector(self):
+        with self._lock:
+            if self._detector is None:
+                lc = self.landmarks_cfg
+                self._detector = lm_mod.LandmarkDetector(self.template, lc.mediapipe_model,
+                                                         lc.fallback)
+            return self._detector
+
+    def close(self) -> None:
+        if self._detector is not None:
+            self._detector.close()
+
+
+def landmark_backend(landmarks_cfg) -> dict:
+    """Which landmark backend a run would use, and the bytes it would use, without building
+    it: part of every analyse key (the box fallback and mediapipe give different fits)."""
+    import importlib.metadata as md
+
+    from facecorpus.core import hashing
+
+    lc = landmarks_cfg
+    path = lm_mod.find_mediapipe_model(lc.mediapipe_model)
+    if path is not None:
+        return {"backend": "mediapipe_tasks", "model_sha256": hashing.file_sha256(path),
+                "mediapipe": md.version("mediapipe")}
+    if lm_mod.mediapipe_solutions_dir() is not None:
+        return {"backend": "mediapipe", "mediapipe": md.version("mediapipe")}
+    return {"backend": lc.fallback}
+
+
+# --------------------------------------------------------------------------- analyse
+@dataclass
+class Analysis:
+    """The analyse step's output for one shard: ``arrays`` (N accepted images: image, mask,
+    seg_mask, landmarks, affine, uv_*, fit_* parameters, sample metadata) and ``rejected``."""
+
+    arrays: dict
+    rejected: list[RejectedRow]
+
+    @property
+    def n(self) -> int:
+        return len(self.arrays["sample_uri"])
+
+
+_SHAPES = {"image": ((None, None, 3), np.uint8), "mask": ((None, None), bool),
+           "seg_mask": ((None, None), bool), "landmarks": ((68, 2), np.float32),
+           "affine": ((2, 3), np.float32), "uv_visible": ((0, 0, 3), np.float16),
+           "uv_visible_mask": ((0, 0), bool), "uv_sampling_map": ((0, 0, 2), np.float16),
+           "uv_view_weight": ((0, 0), np.float16)}
+
+
+def _stack(parts: list, key: str, S: int, T: int) -> np.ndarray:
+    shape, dtype = _SHAPES[key]
+    shape = tuple(S if d is None else (T if d == 0 else d) for d in shape)
+    # float16 maps halve the work files (outputs are 8-bit / float16 anyway)
+    return (np.stack(parts) if parts else np.zeros((0, *shape))).astype(dtype)
+
+
+def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysis:
+    """Ingest, landmarks, crop, stage-1 fit, masks and unwrap of one shard's inputs
+    (:class:`facecorpus.tasks.inputs.PlannedInput` records)."""
+    model, S, T = state.model, cfg.landmarks.crop_size, cfg.unwrap.uv_size
+    rejected: list[RejectedRow] = []
+    todo = []
+    for p in inputs:
+        r = p.rejection()
+        (rejected.append(r) if r else todo.append(p))
+    uris = [p.source_uri for p in todo]
+    iopts = options(ingest_mod.IngestOptions, cfg.ingest)
+
+    def read(p):
+        lm = None if p.landmarks is None else np.asarray(p.landmarks, np.float32)
+        return stages.ingest(ingest_mod.InputRecord(p.source_uri, lm, p.mask_uri,
+                                                    p.subject_id, p.sha256), iopts)
+
+    kept, ings, rej = isolation.each("ingest", uris, read, todo)
+    rejected += rej
+    todo, uris = [todo[i] for i in kept], [uris[i] for i in kept]
+    det = state.detector()
+
+    def locate(p, ing):
+        with state.detect_lock:
+            lm = det.detect(ing.image, p.source_uri, given=ing.record.landmarks)
+        return stages.align(ing.image, lm, S, mask=ing.mask)
+
+    kept, aligned, rej = isolation.each("landmarks", uris, locate, todo, ings)
+    rejected += rej
+    todo, ings, uris = [todo[i] for i in kept], [ings[i] for i in kept], [uris[i] for i in kept]
+    fopts = options(fit_mod.FitOptions, cfg.fit)
+    lms = np.stack([a.landmarks for a in aligned]) if aligned else np.zeros((0, 68, 2))
+
+    def fit_some(idx):
+        f = stages.fit(model, lms[idx], S, fopts)
+        return [f.select([k]) for k in range(len(idx))]
+
+    kept, fits, rej = isolation.batched("fit", uris, fit_some, len(todo))
+    rejected += rej
+    sel = lambda xs: [xs[i] for i in kept]
+    todo, ings, aligned, uris = sel(todo), sel(ings), sel(aligned), sel(uris)
+    fit = _concat_fits(fits)
+    good, rej = _fit_checks("fit", uris, fit, cfg.fit.max_nme)
+    rejected += rej
+    sel = lambda xs: [xs[i] for i in good]
+    todo, ings, aligned, uris = sel(todo), sel(ings), sel(aligned), sel(uris)
+    fit = fit.select(good) if fit is not None else None
+
+    uc = cfg.unwrap
+
+    def unwrap(i, a):
+        v, cam = fit.vertices(model, i), fit.camera_for(i)
+        fm = stages.face_mask(model, v, cam, oval=a.oval, given=a.mask, region=uc.face_region,
+                              erode_px=uc.erode_px)
+        u = stages.unwrap(a.image, v, cam, model, T, fm, min_cos=uc.min_cos)
+        seg = stages.seg_mask(model, v, cam, uc.face_region)
+        if not np.isfinite(u.uv_visible).all() or not np.isfinite(u.uv_sampling_map).all():
+            raise ValueError("non-finite UV maps")
+        return fm, seg, u
+
+    kept, outs, rej = isolation.each("unwrap", uris, unwrap, list(range(len(todo))), aligned)
+    rejected += rej
+    sel = lambda xs: [xs[i] for i in kept]
+    todo, ings, aligned = sel(todo), sel(ings), sel(aligned)
+    fit = fit.select(kept) if fit is not None else None
+    cols = {"image": [a.image for a in aligned], "mask": [o[0] for o in outs],
+            "seg_mask": [o[1] for o in outs], "landmarks": [a.landmarks for a in aligned],
+            "affine": [a.affine for a in aligned],
+            "uv_visible": [o[2].uv_visible[0] for o in outs],
+            "uv_visible_mask": [o[2].uv_visible_mask[0] for o in outs],
+            "uv_sampling_map": [o[2].uv_sampling_map[0] for o in outs],
+            "uv_view_weight": [o[2].uv_view_weight[0] for o in outs]}
+    out = {k: _stack(v, k, S, T) for k, v in cols.items()}
+    out["sample_uri"] = np.array([p.source_uri for p in todo], dtype=np.str_)
+    out["sha256"] = np.array([ing.sha256 for ing in ings], dtype=np.str_)
+    out["subject_id"] = np.array([p.subject_id for p in todo], dtype=np.str_)
+    out["landmark_source"] = np.array([a.source for a in aligned], dtype=np.str_)
+    out["orig_size"] = np.array([ing.image.shape[:2] for ing in ings], np.int32).reshape(-1, 2)
+    n = len(todo)
+    if n:
+        for f in ("yaw", "pitch", "roll", "scale", "focal", "alpha", "beta", "landmark_rmse",
+                  "landmark_nme", "iterations", "converged"):
+            out["fit_" + f] = np.asarray(getattr(fit, f))
+        out["fit_translation"] = fit.translation.reshape(n, -1)
+    return Analysis(out, rejected)
+
+
+def _concat_fits(fits: list):
+    if not fits:
+        return None
+    if len(fits) == 1:
+        return fits[0]
+    f0 = fits[0]
+    kw = {}
+    for fld in dataclasses.fields(f0):
+        v = getattr(f0, fld.name)
+        if isinstance(v, np.ndarray):
+            kw[fld.name] = np.concatenate([getattr(f, fld.name) for f in fits])
+        elif fld.name == "sh" and v is not None:
+            kw[fld.name] = np.concatenate([f.sh for f in fits])
+        else:
+            kw[fld.name] = v
+    return dataclasses.replace(f0, **kw)
+
+
+def _fit_checks(stage: str, uris: list[str], fit, max_nme: float
+                ) -> tuple[list[int], list[RejectedRow]]:
+    """Reject non-finite fits and those whose landmark error says they diverged."""
+    if fit is None or not len(uris):
+        return [], []
+    arrays = [fit.alpha, fit.beta, fit.translation, np.c_[fit.yaw, fit.pitch, fit.roll],
+              fit.scale, fit.focal]
+    if getattr(fit, "sh", None) is not None:
+        arrays.append(fit.sh)
+    finite = isolation.finite_rows(*arrays)
+    nme = np.asarray(fit.landmark_nme, np.float64)
+    keep, rejected = [], []
+    for i, uri in enumerate(uris):
+        if not finite[i]:
+            rejected.append(RejectedRow(uri, stage, "non-finite fit parameters"))
+        elif not np.isfinite(nme[i]) or nme[i] >= max_nme:
+            rejected.append(RejectedRow(
+                uri, stage, f"fit diverged: landmark error {nme[i]:.3f} of the inter-ocular "
+                            f"distance > {max_nme}"))
+        else:
+            keep.append(i)
+    return keep, rejected
+
+
+def fit_from_arrays(a: dict, cfg):
+    n = len(a["sample_uri"])
+    return fit_mod.FitResult(
+        camera=cfg.fit.camera, image_size=cfg.landmarks.crop_size,
+        yaw=a["fit_yaw"], pitch=a["fit_pitch"], roll=a["fit_roll"],
+        translation=a["fit_translation"], scale=a["fit_scale"], focal=a["fit_focal"],
+        alpha=a["fit_alpha"], beta=a["fit_beta"], landmark_rmse=a["fit_landmark_rmse"],
+        landmark_nme=a["fit_landmark_nme"], iterations=a["fit_iterations"],
+        converged=a["fit_converged"].astype(bool),
+        photometric_error=np.full(n, np.nan, np.float32))
+
+
+def select_arrays(a: dict, idx) -> dict:
+    idx = np.asarray(idx, np.int64)
+    return {k: (v[idx] if isinstance(v, np.ndarray) and v.ndim and k != "rejected" else v)
+            for k, v in a.items()}
+
+
+# --------------------------------------------------------------------------- finish
+@dataclass
+class Finished:
+    """The finish step's output: dataset arrays, manifest rows, rejected rows, sheet rows."""
+
+    arrays: dict
+    rows: list[dict]
+    rejected: list[RejectedRow]
+    sheet_rows: list
+
+
+def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES, *,
+           prior_version: str = "", schema_fields: dict | None = None) -> Finished:
+    """Per-image prior, stage 2, occlusion rejection, blend, metrics of one analysed shard."""
+    model = state.model
+    a = analysis.arrays
+    rejected = list(analysis.rejected)
+    uris = [str(u) for u in a["sample_uri"]]
+    n = len(uris)
+    if n == 0:
+        return Finished(_empty(schema_fields), [], rejected, [])
+    fit = fit_from_arrays(a, cfg)
+    uv_vis = a["uv_visible"].astype(np.float32)
+    uv_mask = a["uv_visible_mask"]
+    uv_map = a["uv_sampling_map"].astype(np.float32)
+    uv_w = a["uv_view_weight"].astype(np.float32)
+    per_image = prior.fit_to_visible(uv_vis, uv_mask)
+    keep, rej = isolation.check_finite("prior", uris, "per-image prior", per_image)
+    rejected += rej
+    fc, uc = cfg.fit, cfg.unwrap
+    sh = np.zeros((n, 27), np.float32)
+    if fc.photometric_iters > 0 and len(keep):
+        popts = fit_mod.PhotometricOptions(iters=fc.photometric_iters, lr=fc.photometric_lr)
+        sub = fit.select(keep)
+
+        def refine_some(idx):
+            ii = np.asarray(keep)[idx]
+            r = stages.refine(model, sub.select(idx), a["image"][ii], a["mask"][ii],
+                              per_image[ii], a["landmarks"][ii], popts)
+            return [r.select([k]) for k in range(len(idx))]
+
+        kuris = [uris[i] for i in keep]
+        k2, fits, rej = isolation.batched("fit2", kuris, refine_some, len(keep))
+        rejected += rej
+        keep = [keep[i] for i in k2]
+        fit2 = _concat_fits(fits)
+        good, rej = _fit_checks("fit2", [uris[i] for i in keep], fit2, fc.max_nme)
+        rejected += rej
+        keep = [keep[i] for i in good]
+        fit2 = fit2.select(good) if fit2 is not None else None
+
+        def reunwrap(j, i):
+            u = stages.unwrap(a["image"][i], fit2.vertices(model, j), fit2.camera_for(j),
+                              model, uc.uv_size, a["mask"][i], min_cos=uc.min_cos)
+            if not np.isfinite(u.uv_visible).all():
+                raise ValueError("non-finite UV maps after stage 2")
+            return u
+
+        k3, outs, rej = isolation.each("unwrap", [uris[i] for i in keep], reunwrap,
+                                       list(range(len(keep))), keep)
+        rejected += rej
+        keep = [keep[i] for i in k3]
+        fit = fit2.select(k3) if fit2 is not None else None
+        sh = fit.sh.astype(np.float32) if fit is not None else np.zeros((0, 27), np.float32)
+        if outs:
+            uv_vis = np.concatenate([o.uv_visible for o in outs])
+            uv_mask = np.concatenate([o.uv_visible_mask for o in outs])
+            uv_map = np.concatenate([o.uv_sampling_map for o in outs])
+            uv_w = np.concatenate([o.uv_view_weight for o in outs])
+        else:
+            uv_vis = uv_vis[:0]
+            uv_mask, uv_map, uv_w = uv_mask[:0], uv_map[:0], uv_w[:0]
+        per_image = prior.fit_to_visible(uv_vis, uv_mask) if len(keep) else per_image[:0]
+    else:
+        fit = fit.select(keep)
+        sh = sh[keep]
+        uv_vis, uv_mask, uv_map, uv_w = uv_vis[keep], uv_mask[keep], uv_map[keep], uv_w[keep]
+        per_image = per_image[keep]
+    a = select_arrays(a, keep)
+    uris = [uris[i] for i in keep]
+    n = len(keep)
+    if n == 0:
+        return Finished(_empty(schema_fields), [], rejected, [])
+    if uc.occlusion_threshold is not None:
+        uv_mask = stages.occlusion(uv_vis, uv_mask, per_image, uc.occlusion_threshold)
+        uv_vis = np.where(uv_mask[..., None], uv_vis, 0).astype(np.float32)
+        per_image = prior.fit_to_visible(uv_vis, uv_mask)
+
+    def blend_some(idx):
+        b = stages.blend(uv_vis[idx], uv_mask[idx], per_image[idx], state.mirror_map,
+                         mixed=cfg.blend.mixed, layout_mask=state.layout)
+        if not np.isfinite(b.uv_pseudo_gt).all():
+            raise ValueError("non-finite uv_pseudo_gt")
+        return list(zip(b.uv_pseudo_gt, b.uv_source, strict=True))
+
+    keep, blended, rej = isolation.batched("blend", uris, blend_some, n)
+    rejected += rej
+
+    def describe(j, i):
+        return _row_and_sheet(state, cfg, fit, a, i, blended[j][0], uv_vis[i], uv_mask[i],
+                              prior_version)
+
+    k4, made, rej = isolation.each("metrics", [uris[i] for i in keep], describe,
+                                   list(range(len(keep))), keep)
+    rejected += rej
+    keep, blended = [keep[i] for i in k4], [blended[i] for i in k4]
+    rows = [m[0] for m in made]
+    sheet_rows = [m[1] for m in made]
+    k = np.asarray(keep, np.int64)
+    n = len(keep)
+    T = cfg.unwrap.uv_size
+    fk = fit.select(keep) if n else None
+    arrays = {
+        "image": a["image"][k].astype(np.uint8),
+        "mask": a["mask"][k][..., None].astype(np.uint8),
+        "seg_mask": a["seg_mask"][k][..., None].astype(np.uint8),
+        "landmarks": a["landmarks"][k].astype(np.float32),
+        "uv_visible": _to_u8(uv_vis[k]),
+        "uv_visible_mask": uv_mask[k][..., None].astype(np.uint8),
+        "uv_sampling_map": uv_map[k].astype(np.float16),
+        "uv_view_weight": _to_u8(uv_w[k][..., None]),
+        "uv_pseudo_gt": (_to_u8(np.stack([b[0] for b in blended])) if n
+                         else np.zeros((0, T, T, 3), np.uint8)),
+        "uv_source": (np.stack([b[1] for b in blended])[..., None] if n
+                      else np.zeros((0, T, T, 1))).astype(np.uint8),
+        "id_coeffs": _pad_cols(fk.alpha if fk is not None else None, n),
+        "exp_coeffs": _pad_cols(fk.beta if fk is not None else None, n),
+        "sh": sh[k].astype(np.float32),
+    }
+    return Finished(arrays, rows, rejected, sheet_rows)
+
+
+def _empty(schema_fields: dict | None) -> dict:
+    if schema_fields is None:
+        return {}
+    return {k: np.zeros((0, *f.shape), f.dtype) for k, f in schema_fields.items()}
+
+
+def _row_and_sheet(state, cfg, fit, a, i, uv_pseudo_gt, uv_vis, uv_mask, prior_version):
+    m = rerender_metrics(state, fit, i, a["image"][i], a["mask"][i], uv_pseudo_gt)
+    rerendered = m.pop("_rerender")
+    uri = str(a["sample_uri"][i])
+    sid = str(a["sha256"][i])[:16]
+    row = {"sample_id": sid, "source_uri": uri, "subject_id": str(a["subject_id"][i]) or sid,
+           "group": "", "yaw": float(fit.yaw[i]), "pitch": float(fit.pitch[i]),
+           "roll": float(fit.roll[i]), "split": split(sid, cfg.output.val_fraction),
+           "sha256": str(a["sha256"][i]), "landmark_source": str(a["landmark_source"][i]),
+           "landmark_rmse": float(fit.landmark_rmse[i]),
+           "landmark_nme": float(fit.landmark_nme[i]),
+           "photometric_error": float(fit.photometric_error[i]),
+           "iterations": int(fit.iterations[i]), "converged": bool(fit.converged[i]),
+           "camera": fit.camera, "scale": float(fit.scale[i]), "focal": float(fit.focal[i]),
+           "visible_fraction": float(uv_mask[state.layout].mean()),
+           "orig_height": int(a["orig_size"][i][0]), "orig_width": int(a["orig_size"][i][1])}
+    t = np.zeros(3)
+    t[:fit.translation.shape[1]] = fit.translation[i]
+    row.update(tx=float(t[0]), ty=float(t[1]), tz=float(t[2]))
+    for r_ in range(2):
+        for c_ in range(3):
+            row[f"crop_a{r_}{c_}"] = float(a["affine"][i][r_, c_])
+    row.update(m)
+    if prior_version:
+        row["prior_version"] = prior_version
+    sheet = [a["image"][i], overlay(state, fit, i, a["image"][i], a["landmarks"][i]), uv_vis,
+             uv_pseudo_gt, rerendered]
+    return row, sheet
+
+
+def _pad_cols(x, n):
+    if x is None or x.size == 0:
+        return np.zeros((n, 1), np.float32)
+    return np.asarray(x, np.float32).reshape(n, -1)
+
+
+def _to_u8(x):
+    return (np.clip(np.asarray(x, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def split(sample_id: str, val_fraction: float) -> str:
+    """train/val from a hash of the sample id: stable whatever shard or run makes it."""
+    if val_fraction <= 0:
+        return "train"
+    h = int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "val" if h < val_fraction else "train"
+
+
+def rerender_metrics(state, fit, i, image, mask, uv_pseudo_gt) -> dict:
+    """Re-render ``uv_pseudo_gt`` with the fitted parameters (unlit: the map carries the
+    photo's shading) and compare with the photo over the face mask: L1 (0-1), PSNR, SSIM."""
+    from facecorpus.renderers.render import render
+    from skimage.metrics import structural_similarity
+
+    model = state.model
+    amb = np.zeros(27, np.float32)
+    amb[0::9] = 2 / np.sqrt(np.pi)  # irradiance 1: plain texture lookup
+    r = render(fit.vertices(model, i), model.triangles, fit.camera_for(i), outputs=("image",),
+               uv=model.uv, uv_triangles=model.uv_triangles, uv_texture=uv_pseudo_gt, sh=amb)
+    photo = image.astype(np.float32) / 255.0
+    rr = r.image[0]
+    m = mask & r.mask[0]
+    out = {"rerender_l1": float("nan"), "rerender_psnr": float("nan"),
+           "rerender_ssim": float("nan")}
+    if m.sum() >= 16:
+        d = rr[m] - photo[m]
+        mse = float((d ** 2).mean())
+        _, smap = structural_similarity(photo, rr, channel_axis=-1, data_range=1.0, full=True)
+        out = {"rerender_l1": float(np.abs(d).mean()),
+               "rerender_psnr": float(10 * np.log10(1.0 / max(mse, 1e-12))),
+               "rerender_ssim": float(smap[m].mean())}
+    out["_rerender"] = np.where(r.mask[0][..., None], rr, photo * 0.3)
+    return out
+
+
+def overlay(state, fit, i, image, landmarks) -> np.ndarray:
+    """The photo with the fitted mesh (shaded, half transparent) and landmarks drawn."""
+    from facecorpus.renderers.render import render
+
+    r = render(fit.vertices(state.model, i), state.model.triangles, fit.camera_for(i),
+               outputs=("image",))
+    photo = image.astype(np.float32) / 255.0
+    m = r.mask[0][..., None]
+    img = np.where(m, 0.5 * photo + 0.5 * r.image[0], photo)
+    lm_fit = fit_mod.project_landmarks(state.model, fit.select([i]))[0]
+    for pts, colour in ((landmarks, (0.0, 1.0, 0.0)), (lm_fit, (1.0, 0.2, 0.2))):
+        for x, y in pts:
+            c, r_ = int(x), int(y)
+            if 0 <= r_ < img.shape[0] and 0 <= c < img.shape[1]:
+                img[max(r_ - 1, 0):r_ + 2, max(c - 1, 0):c + 2] = colour
+    return img
+
+
+SHEET_LABELS = ["input", "fitted overlay", "uv_visible", "uv_pseudo_gt", "re-render"]
+
+
+# --------------------------------------------------------------------------- dataset
+def schema(state: State, cfg, content_config: dict, layout_hash: str):
+    """The pseudo-GT dataset's schema (``config_hash``: what fixes the layout of the arrays,
+    so a content change recomputes shards instead of refusing the dataset)."""
+    from facecorpus.datasets.store import DatasetSchema, FieldSpec
+
+    m = state.model
+    n_id = m.n_id if cfg.fit.n_id is None else min(cfg.fit.n_id, m.n_id)
+    n_exp = m.n_exp if cfg.fit.n_exp is None else min(cfg.fit.n_exp, m.n_exp)
+    S, T = cfg.landmarks.crop_size, cfg.unwrap.uv_size
+    f = {
+        "image": FieldSpec((S, S, 3), "uint8", "srgb", "aligned face crop"),
+        "mask": FieldSpec((S, S, 1), "uint8", "0/1", "sampling face mask (eroded)"),
+        "seg_mask": FieldSpec((S, S, 1), "uint8", "0/1",
+                              "convex hull of the projected face-boundary vertices"),
+        "landmarks": FieldSpec((68, 2), "float32", "px", "68 Multi-PIE points in the crop"),
+        "uv_visible": FieldSpec((T, T, 3), "uint8", "srgb", "photo sampled into UV"),
+        "uv_visible_mask": FieldSpec((T, T, 1), "uint8", "0/1", "visible texels"),
+        "uv_sampling_map": FieldSpec((T, T, 2), "float16", "grid_sample xy",
+                                     "normalised image x, y per texel (align_corners=False), "
+                                     "-2 outside the layout"),
+        "uv_view_weight": FieldSpec((T, T, 1), "uint8", "cos*255", "view-angle cosine"),
+        "uv_pseudo_gt": FieldSpec((T, T, 3), "uint8", "srgb", "complete pseudo-GT UV map"),
+        "uv_source": FieldSpec((T, T, 1), "uint8", "0 prior/1 visible/2 mirrored",
+                               "where each uv_pseudo_gt texel came from"),
+        "id_coeffs": FieldSpec((max(n_id, 1),), "float32", "model units", "identity alpha"),
+        "exp_coeffs": FieldSpec((max(n_exp, 1),), "float32", "model units", "expression beta"),
+        "sh": FieldSpec((27,), "float32", "SH coefficients", "fitted light (stage 2) or 0"),
+    }
+    attrs = {"model": m.name, "model_hash": m.content_hash(), "camera": cfg.fit.camera,
+             "config": content_config, "uv_regions": "uv_regions.npz"}
+    return DatasetSchema(f, samples_per_shard=cfg.output.samples_per_shard, samples_per_chunk=1,
+                         producer="pseudo_gt", config_hash=layout_hash, attrs=attrs)
+
+
+def uv_regions(state: State, uv_size: int) -> dict:
+    """The model's UV layout and centre/side region masks (texels seen by a frontal view and
+    by views turned 60 degrees either way, mean face, cos > 0.3)."""
+    from facecorpus.renderers.cameras import framing_camera
+
+    v = state.model.vertices
+    seen = {}
+    # positive yaw turns the nose to image right: the head turns to the subject's left and
+    # the camera sees the subject's *right* cheek (renderers.cameras conventions)
+    for name, yaw in (("centre", 0.0), ("right", 60.0), ("left", -60.0)):
+        cam = framing_camera(v, 256, 256, yaw=yaw)
+        img = np.zeros((256, 256, 3), np.float32)
+        u = unwrap_mod.unwrap_one(img, v, cam, state.model, uv_size, None, min_cos=0.3)
+        seen[name] = u.uv_visible_mask[0]
+    return {"layout": state.layout, "centre": seen["centre"],
+            "side_left": seen["left"] & ~seen["centre"],
+            "side_right": seen["right"] & ~seen["centre"]}
