@@ -397,6 +397,8 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
                                    list(range(len(keep))), keep)
     rejected += rej
     keep, blended = [keep[i] for i in k4], [blended[i] for i in k4]
+    if not keep:
+        return Finished(_empty(schema_fields), [], rejected, [])
     rows = [m[0] for m in made]
     sheet_rows = [m[1] for m in made]
     k = np.asarray(keep, np.int64)
