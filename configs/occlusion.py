@@ -48,6 +48,10 @@ class OcclusionConfig(StrictConfig):
     folds: int = Field(2, ge=2, description="cross-fitting: the images are split into this "
                                             "many folds; each fold is judged by a prior built "
                                             "from the others")
+    rounds: int = Field(3, ge=1, le=10, description="cross-fitting rounds: each rebuilds the "
+                        "priors from the texels the previous round kept (measured: an "
+                        "occluder common to the corpus, sunglasses in 4 of 16 faces, is "
+                        "found after 3)")
     pca_rank: int = Field(4, ge=0, description="PCA modes of each fold's prior (0: mean only)")
     pca_min_images: int = Field(8, ge=2, description="fewer images per prior: mean only")
     min_images: int = Field(3, ge=2, description="fewer images in the batch: no UV outliers "

@@ -323,18 +323,20 @@ def image_mask_to_uv(mask: np.ndarray, uv_sampling_map: np.ndarray) -> np.ndarra
 
 # --------------------------------------------------------------------------- UV space
 def _design(mu: np.ndarray, basis: np.ndarray | None, normals: np.ndarray | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """The per-image texture model for n texels as a linear system.
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-image texture model for n texels as a linear system, per channel.
 
-    Columns: the mean times a per-channel gain (``normals`` None) or times the 9 SH basis
-    functions of each texel's camera-space normal per channel (the light fitted jointly, as
-    Egger et al. fit illumination on inliers), a per-channel offset, then the PCA modes.
+    Unknowns: the mean's light per channel (a gain when ``normals`` is None, else 9 SH
+    coefficients of each texel's camera-space normal: the light fitted jointly, as Egger et
+    al. fit illumination on inliers), a per-channel offset, then R PCA modes shared by the
+    channels. A channel's rows only touch its own light and offset, so the system is kept as
+    per-channel blocks (6x fewer products than the dense (3n, P) matrix).
 
     Returns:
-        A (3n, G + 3 + R) and x0 (G + 3 + R,) the neutral solution (unit light, no offset).
+        X (3, n, Q) each channel's Q = G + 1 + R columns (contiguous per channel); idx (3, Q) their unknowns' indices
+        among P = 3 G + 3 + R; x0 (P,) the neutral solution (unit light, no offset).
     """
     n = len(mu)
-    cols = []
     if normals is None:
         shade, k0 = np.ones((n, 1)), 1.0
     else:
@@ -342,21 +344,18 @@ def _design(mu: np.ndarray, basis: np.ndarray | None, normals: np.ndarray | None
 
         shade = sh_basis(normals).astype(np.float64)  # (n, 9)
         k0 = 1.0 / shade[0, 0]  # Y_0 is a constant: unit irradiance
-    for c in range(3):
-        for k in range(shade.shape[1]):
-            g = np.zeros((n, 3))
-            g[:, c] = mu[:, c] * shade[:, k]
-            cols.append(g.reshape(-1))
-    G = len(cols)
-    for c in range(3):
-        o = np.zeros((n, 3))
-        o[:, c] = 1.0
-        cols.append(o.reshape(-1))
-    if basis is not None:
-        cols += [b.reshape(-1).astype(np.float64) for b in basis]
-    x0 = np.zeros(len(cols))
-    x0[0:G:shade.shape[1]] = k0
-    return np.stack(cols, 1), x0
+    G = shade.shape[1]
+    R = 0 if basis is None else len(basis)
+    X = np.empty((3, n, G + 1 + R))
+    X[:, :, :G] = mu.T[:, :, None] * shade[None]
+    X[:, :, G] = 1.0
+    if R:
+        X[:, :, G + 1:] = np.moveaxis(np.asarray(basis, np.float64), (0, 2), (2, 0))
+    idx = np.array([np.r_[c * G + np.arange(G), 3 * G + c, 3 * G + 3 + np.arange(R)]
+                    for c in range(3)], np.int64)
+    x0 = np.zeros(3 * G + 3 + R)
+    x0[0:3 * G:G] = k0
+    return X, idx, x0
 
 
 def _smooth_logodds(logodds: np.ndarray, mask: np.ndarray, radius: int) -> np.ndarray:
@@ -407,11 +406,11 @@ def em_outliers_one(y: np.ndarray, mask: np.ndarray, prior, cfg: OcclusionConfig
     yy = y[mask].astype(np.float64)  # (n, 3)
     mu = prior.mean[mask].astype(np.float64)
     R = 0 if prior.basis is None else len(prior.basis)
-    A, x0 = _design(mu, None if R == 0 else prior.basis[:, mask],
-                    None if normals is None else normals[mask])  # (3n, G + 3 + R)
-    b = yy.reshape(-1)
+    X, idx, x0 = _design(mu, None if R == 0 else prior.basis[:, mask],
+                         None if normals is None else normals[mask])  # (3, n, Q)
+    P = len(x0)
     std = np.ones(0) if R == 0 else np.maximum(np.asarray(prior.std, np.float64), 1e-6)
-    reg = np.r_[np.full(len(x0) - R, 1e-3 * n), ridge / std ** 2 if R else np.zeros(0)]
+    reg = np.r_[np.full(P - R, 1e-3 * n), ridge / std ** 2 if R else np.zeros(0)]
     if normals is not None:
         # band-2 light can brighten one cheek and darken the other: on its own it would
         # explain a hand or a shadowing occluder as light. Held close to 0 (scaled like the
@@ -423,12 +422,16 @@ def em_outliers_one(y: np.ndarray, mask: np.ndarray, prior, cfg: OcclusionConfig
     log_occ = np.log(cfg.occluder_density)
     sigma = np.full(3, cfg.sigma_floor)
     for it in range(cfg.em_iters):
-        ww = np.repeat(w, 3)
-        Aw = A * ww[:, None]
         # regularisation scales with the inlier count, not the texel count
         scale = max(float(w.sum()), 1.0) / n
-        x = np.linalg.solve(Aw.T @ A + np.diag(reg * scale), Aw.T @ b + reg * scale * x0)
-        r = (b - A @ x).reshape(n, 3)
+        AtA = np.diag(reg * scale)
+        Atb = reg * scale * x0
+        for c in range(3):
+            Xw = X[c] * w[:, None]
+            AtA[np.ix_(idx[c], idx[c])] += Xw.T @ X[c]
+            Atb[idx[c]] += Xw.T @ yy[:, c]
+        x = np.linalg.solve(AtA, Atb)
+        r = yy - np.stack([X[c] @ x[idx[c]] for c in range(3)], 1)  # (n, 3)
         if it == 0:
             med = np.median(r, 0)
             sigma = 1.4826 * np.median(np.abs(r - med), 0)
@@ -549,14 +552,14 @@ def cross_fitted_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray,
                           mirror_map: np.ndarray | None, cfg: OcclusionConfig = DEFAULT, *,
                           uv_shading: np.ndarray | None = None,
                           uv_normals: np.ndarray | None = None,
-                          uv_occlusion_mask: np.ndarray | None = None,
-                          rounds: int = 2) -> CrossFitResult:
+                          uv_occlusion_mask: np.ndarray | None = None) -> CrossFitResult:
     """:func:`uv_outliers` with each image judged by a prior that does not contain it.
 
     Image i is in fold ``i % folds``; each fold's prior (``prior.robust_mean_texture`` +
     ``prior.pca_with_missing`` when the other folds hold >= ``pca_min_images`` images) is
     built from the other folds' usable texels: visible, not in ``uv_occlusion_mask``, and
-    from the second round on not judged outliers by the previous round.
+    from the second round on not judged outliers by the previous round (``rounds`` rounds
+    at most; it stops when a round changes nothing).
 
     Args: as :func:`uv_outliers`. Returns :class:`CrossFitResult`.
     """
@@ -575,7 +578,7 @@ def cross_fitted_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray,
     usable = vis.copy() if uv_occlusion_mask is None else vis & ~uv_occlusion_mask
     y = np.stack([_albedo(uv_visible[i], None if uv_shading is None else uv_shading[i])
                   for i in range(N)])
-    for _ in range(rounds):
+    for _ in range(cfg.rounds):
         new = np.zeros_like(out)
         for k in range(folds):
             judged, others = fold == k, fold != k
@@ -591,7 +594,10 @@ def cross_fitted_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray,
                 uv_normals=None if uv_normals is None else uv_normals[judged],
                 uv_occlusion_mask=None if uv_occlusion_mask is None
                 else uv_occlusion_mask[judged])
+        done = np.array_equal(new, out)
         out = new
+        if done:
+            break
     return CrossFitResult(out, fold)
 
 
