@@ -225,8 +225,10 @@ class PseudoGTJob(shards.ShardJob):
 
     def commit(self, spec: ShardSpec, output: ShardOutput) -> None:
         part = output.parts[DATASET]
+        order = {d["source_uri"]: k for k, d in enumerate(spec.items)}
+        rejected = sorted(part.rejected, key=lambda r: order.get(r.source_uri, len(order)))
         self.writer().write_shard(spec.id, part.arrays, part.rows, key=spec.key,
-                                  rejected=[r.row() for r in part.rejected], overwrite=True)
+                                  rejected=[r.row() for r in rejected], overwrite=True)
         if self.cfg.output.sheets and output.extras["sheet_rows"]:
             from facecorpus.sheets import contact_sheet
 
