@@ -55,6 +55,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -247,20 +248,28 @@ def part_name(shard: int) -> str:
 def check_relative_path(value: Any, *, column: str, row: int | str, where: str = "") -> None:
     """Raise :class:`PathEscapeError` unless ``value`` is a root-relative path staying inside.
 
-    Refused: absolute paths (``/x``, ``C:\\x``, ``\\\\host``), URLs with any scheme
-    (``s3://``, ``file:``), and any ``..`` component; empty values are allowed (no asset).
+    Refused: absolute paths (``/x``, ``C:\\x``, ``\\\\host``, ``~``), URLs with any scheme
+    (``s3://``, ``file:``), any ``..`` component (``/`` or ``\\`` separated), and the escape
+    tricks that become ``..`` or a separator after some later decoding step: percent-encoding
+    (``%2e%2e/x``, ``%2F``; stored paths are plain, never URL-encoded), control characters,
+    components that Unicode NFKC folds to dots (``\uff0e\uff0e``, the one-dot leader) and dot
+    components with trailing spaces or dots (``.. ``, ``...``: Windows strips those).
+    Empty values are allowed (no asset).
     """
     if value is None or value == "":
         return
     s = str(value)
     reason = None
-    if "\x00" in s:
-        reason = "contains a NUL byte"
-    elif re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", s):
+    folded = unicodedata.normalize("NFKC", s)
+    if re.search(r"[\x00-\x1f\x7f]", s):
+        reason = "contains a control character"
+    elif re.search(r"%[0-9A-Fa-f]{2}", s):
+        reason = "is percent-encoded (manifest paths are stored decoded)"
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:", folded):
         reason = "is a URL or drive path, expected a path relative to the dataset root"
-    elif s.startswith(("/", "\\", "~")):
+    elif folded.startswith(("/", "\\", "~")):
         reason = "is absolute, expected a path relative to the dataset root"
-    elif ".." in re.split(r"[\\/]+", s):
+    elif any(c.strip(". ") == "" and c.count(".") >= 2 for c in re.split(r"[\\/]+", folded)):
         reason = "has a '..' component that escapes the dataset root"
     if reason:
         raise PathEscapeError(f"{where}row {row}, column {column!r}: path {s!r} {reason}")

@@ -358,3 +358,27 @@ def test_cli_inspect_and_verify(tmp_path, capsys):
     assert "depth/c/1/0/.0.dead.tmp: leftover temp file" in out
     assert "FAILED (3 problems)" in out
     assert main(["data", "verify", str(tmp_path / "nope")]) == 1
+
+
+@pytest.mark.parametrize("bad", [
+    "%2e%2e/x.png", "assets/%2E%2E/%2e%2e/x.png", "%2e%2e%2fx.png", "..%2fx.png", "%252e%252e/x.png",
+    "assets%2f..%2f..%2fx.png", "\uff0e\uff0e/x.png", "assets/\u2024\u2024/x.png", ".. /x.png",
+    "assets/.../x.png", "a/\x00/b", "a\nb", "\uff0fetc/passwd", "\\\\host\\share\\x", "~/x",
+])
+def test_encoded_and_unicode_escape_tricks_are_refused(tmp_path, bad):
+    schema = make_schema(path_columns=("asset_path",))
+    w = DatasetWriter(tmp_path / "ds", schema)
+    arrays, manifest = make_shard(0, 4)
+    rows = [{**r, "asset_path": f"assets/{i}.png"} for i, r in enumerate(manifest)]
+    rows[1]["asset_path"] = bad
+    with pytest.raises(PathEscapeError, match=r"row 1 .*column 'asset_path'"):
+        w.write_shard(0, arrays, rows)
+    assert w.committed_shards() == {}
+
+
+def test_plain_relative_paths_with_odd_but_safe_names_pass():
+    from facecorpus.datasets.store import check_relative_path
+
+    for ok in ["assets/0.png", "a/b/c.d.png", "100%.png", "x..y/z.png", ".hidden/a.png",
+               "dir with space/a.png", "\u00e9t\u00e9/caf\u00e9.png", "./a.png"]:
+        check_relative_path(ok, column="asset_path", row=0)
