@@ -297,3 +297,15 @@ def test_mirror_cue_flags_the_side_the_model_explains_worse():
     np.testing.assert_array_equal(got, truth)
     # a mismatch the model explains on both sides (natural asymmetry) is not flagged
     assert not O.mirror_inconsistent(y, mask, np.zeros_like(y), mirror, 0.15).any()
+
+
+def test_occluded_fraction_counts_within_the_visible_layout():
+    vis = np.zeros((2, 4, 4), bool)
+    vis[0, :2] = True  # 8 visible texels
+    occ = np.zeros_like(vis)
+    occ[0, 0] = True  # 4 of them occluded
+    occ[0, 3] = True  # not visible: does not count
+    layout = np.ones((4, 4), bool)
+    layout[0, 0] = False  # one occluded visible texel lies off the layout
+    np.testing.assert_allclose(O.occluded_fraction(occ, vis), [0.5, 0.0])
+    np.testing.assert_allclose(O.occluded_fraction(occ, vis, layout), [3 / 7, 0.0])
