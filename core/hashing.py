@@ -48,3 +48,28 @@ def package_version() -> str:
     from facecorpus import __version__
 
     return __version__
+
+
+_SOURCE: dict[tuple, str] = {}
+
+
+def source_digest(packages: tuple[str, ...] = ("core", "meshops", "renderers", "datasets",
+                                               "tasks")) -> str:
+    """sha256 over the source files of the packages whose code makes a dataset's bytes, so a
+    code change (an edited stage, a fixed kernel) changes every key even without a release.
+    Computed once per process."""
+    import os
+
+    got = _SOURCE.get(packages)
+    if got is None:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        h = hashlib.sha256()
+        for pkg in packages:
+            folder = os.path.join(root, pkg)
+            for name in sorted(os.listdir(folder)):
+                if name.endswith(".py"):
+                    h.update(f"{pkg}/{name}\0".encode())
+                    with open(os.path.join(folder, name), "rb") as fh:
+                        h.update(fh.read())
+        got = _SOURCE[packages] = h.hexdigest()[:16]
+    return got

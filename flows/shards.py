@@ -61,10 +61,12 @@ class StageKey:
 
 
 def stage_key(stage: str, code_version: int, **parts) -> StageKey:
-    """A :class:`StageKey` that always covers the package version and the stage's own code
-    version (bumped by hand when a stage's output bytes change without a package release)."""
+    """A :class:`StageKey` that always covers the code: the package version, the stage's own
+    code version and a digest of the source of every package that makes the bytes (so an
+    edited stage never reuses shards made by the old code)."""
     return StageKey(stage, {"code": {"package": hashing.package_version(),
-                                     "stage": int(code_version)}, **parts})
+                                     "stage": int(code_version),
+                                     "source": hashing.source_digest()}, **parts})
 
 
 # --------------------------------------------------------------------------- records

@@ -278,6 +278,9 @@ def test_keys_change_exactly_with_what_changes_the_bytes(tmp_path, faces, monkey
     monkeypatch.setattr(hashing, "package_version", lambda: "9.9.9")
     assert not set(_keys(cfg, listing, out).values()) & set(base.values())
     monkeypatch.undo()
+    monkeypatch.setattr(hashing, "source_digest", lambda: "edited-stage-code")
+    assert not set(_keys(cfg, listing, out).values()) & set(base.values())
+    monkeypatch.undo()
     from facecorpus.meshops.procedural import procedural_model
 
     m = procedural_model()
