@@ -316,7 +316,13 @@ class _Root:
     def _open(self):
         from fsspec.core import url_to_fs
 
-        fs, path = url_to_fs(self.url, **self.storage_options)
+        opts = dict(self.storage_options)
+        if not self.url.startswith(("file:", "/", ".", "memory:")) and "://" in self.url:
+            # Other processes (Dask workers, a resumed run) commit shards behind this one's
+            # back: a cached listing would hide their manifest parts (s3fs answers "absent"
+            # from a stale parent listing), so object-store listings are never cached.
+            opts.setdefault("use_listings_cache", False)
+        fs, path = url_to_fs(self.url, **opts)
         self._fs, self._path = fs, path.rstrip("/") or "/"
 
     @property
