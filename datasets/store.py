@@ -500,6 +500,9 @@ class DatasetWriter:
                     name, shape=(s.max_shards * s.samples_per_shard, *spec.shape), dtype=spec.dtype,
                     chunks=(s.samples_per_chunk, *spec.shape), shards=(s.samples_per_shard, *spec.shape),
                     compressors=_codecs(s), fill_value=0,
+                    # named dimensions: xarray (xr.open_zarr) needs them on Zarr v3 arrays;
+                    # "sample" is shared, so the fields line up as one xarray Dataset
+                    dimension_names=("sample", *(f"{name}_{k}" for k in range(1, 1 + len(spec.shape)))),
                     attributes={"units": spec.units, "description": spec.description},
                 )
             except Exception:  # a concurrent creator won the race: accept it (checked below)
