@@ -6,7 +6,11 @@
   split across DataLoader workers and DDP ranks so every selected sample is yielded exactly
   once per epoch; shard-order shuffling plus a sample shuffle buffer, both driven by
   ``(seed, epoch)`` (call :meth:`~ShardIterableDataset.set_epoch` before each epoch; with
-  ``persistent_workers=True`` the workers keep the epoch they started with).
+  ``persistent_workers=True`` the workers keep the epoch they started with). Mid-epoch
+  resume: ``state = ds.state_dict(batches=k, loader=dl)`` after the training loop took ``k``
+  batches, then ``ds.load_state_dict(state)`` on a new reader before building its DataLoader
+  (same ranks, ``num_workers`` and batch sizes): the epoch continues with exactly the samples
+  not yet delivered, in the uninterrupted order.
 
 Items are dicts: each requested field as a tensor with the stored dtype and per-sample shape
 (HWC ``uint8`` images stay HWC ``uint8``: callers convert), ``"index"`` (int64 global sample
@@ -164,9 +168,13 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
         self.batch_size, self.drop_last = batch_size, drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self._resume: dict[str, Any] | None = None
+        self._items_seen = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        if self._resume is not None and self._resume["epoch"] != self.epoch:
+            self._resume = None
 
     def num_samples(self) -> int:
         """Samples this rank yields per epoch (over all its DataLoader workers)."""
@@ -255,70 +263,222 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
                     futs.append(ex.submit(self._read_block, *nxt))
                 yield block
 
-    def _shuffled(self, blocks: Iterator[dict], rng: np.random.Generator,
-                  emit: int) -> Iterator[dict]:
-        """Vectorised reservoir shuffle: arriving samples take ``emit`` random slots of a full
-        buffer at a time and the slots' previous occupants leave as one chunk. Each sample is
-        copied twice (into the buffer, out of it); chunks come out exactly ``emit`` long (the
-        batch size in batched mode) until the final drain."""
+    def _emission(self, plan, rng: np.random.Generator, emit: int) -> tuple[list[np.ndarray], list[int]]:
+        """The shuffled order, computed on positions alone (no data is read).
+
+        A vectorised reservoir shuffle: arriving samples take ``emit`` random slots of a full
+        buffer of ``buffer_size`` at a time and the slots' previous occupants leave as one
+        chunk; the rest is drained in random order at the end. Returns the chunks (positions
+        into the selection, each ``emit`` long until the final drain) and, per chunk, how many
+        plan runs must have been read before it can leave. Because the order is a pure
+        function of ``(seed, epoch, rank, worker)``, a resumed epoch replays it exactly and
+        reads only the shards that still hold unsent samples.
+        """
         B = self.buffer_size
         E = max(1, min(emit, B))
-        # batches leaving a DataLoader worker are gathered straight into shared memory
-        shm = bool(self.batch_size) and torch.utils.data.get_worker_info() is not None
-        buf: dict[str, np.ndarray] | None = None
+        buf = np.empty(B, np.int64)
         fill = 0
-        pend: list[dict[str, np.ndarray]] = []
+        pend: list[np.ndarray] = []
         n_pend = 0
-        for block in blocks:
-            k = block["index"].size
-            if buf is None:
-                buf = {key: np.empty((B, *v.shape[1:]), v.dtype) for key, v in block.items()}
+        chunks: list[np.ndarray] = []
+        after: list[int] = []
+        for k, (_, pos) in enumerate(plan):
             start = 0
             if fill < B:
-                start = min(B - fill, k)
-                for key, v in block.items():
-                    buf[key][fill:fill + start] = v[:start]
+                start = min(B - fill, pos.size)
+                buf[fill:fill + start] = pos[:start]
                 fill += start
-            if start < k:
-                pend.append({key: v[start:] for key, v in block.items()})
-                n_pend += k - start
+            if start < pos.size:
+                pend.append(pos[start:])
+                n_pend += pos.size - start
             while n_pend >= E:
                 slots = rng.choice(B, size=E, replace=False)
-                out = {key: _take(b, slots, shm) for key, b in buf.items()}
-                j = 0
-                while j < E:
-                    p = pend[0]
-                    m = min(p["index"].size, E - j)
-                    for key, v in p.items():
-                        buf[key][slots[j:j + m]] = v[:m]
-                    j += m
-                    if m == p["index"].size:
-                        pend.pop(0)
-                    else:
-                        pend[0] = {key: v[m:] for key, v in p.items()}
+                chunks.append(buf[slots].copy())
+                after.append(k + 1)
+                incoming = np.concatenate(pend) if len(pend) > 1 else pend[0]
+                buf[slots] = incoming[:E]
+                pend = [incoming[E:]] if incoming.size > E else []
                 n_pend -= E
-                yield out
-        if buf is None:
-            return
-        rest = {key: np.concatenate([b[:fill], *(p[key] for p in pend)]) for key, b in buf.items()}
-        order = rng.permutation(rest["index"].size)
-        for i in range(0, order.size, E):
-            yield {key: _take(v, order[i:i + E], shm) for key, v in rest.items()}
+        if fill:
+            rest = np.concatenate([buf[:fill], *pend])
+            order = rng.permutation(rest.size)
+            for i in range(0, order.size, E):
+                chunks.append(rest[order[i:i + E]])
+                after.append(len(plan))
+        return chunks, after
 
-    def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
+    def _replay(self, plan, chunks: list[np.ndarray], after: list[int],
+                skip: int) -> Iterator[dict[str, np.ndarray]]:
+        """The chunks of :meth:`_emission` with their data, minus the first ``skip`` samples.
+
+        Runs are read in plan order (decoded ahead in threads with ``decode_threads``); each
+        sample waits in an arena slot until its chunk leaves. Each sample is copied twice
+        (into the arena, out of it); batches leaving a DataLoader worker are gathered straight
+        into shared memory."""
+        first = 0
+        while first < len(chunks) and skip >= chunks[first].size:
+            skip -= chunks[first].size
+            first += 1
+        if first == len(chunks):
+            return
+        todo = [chunks[first][skip:], *chunks[first + 1:]]
+        after = after[first:]
+        needed = np.zeros(self._index.size, bool)
+        needed[np.concatenate(todo)] = True
+        runs = []
+        for k, (s, pos) in enumerate(plan):
+            keep = pos[needed[pos]]
+            if keep.size:
+                runs.append((k, s, keep))
+        blocks = self._blocks([(s, keep) for _, s, keep in runs])
+        shm = torch.utils.data.get_worker_info() is not None and bool(self.batch_size)
+        cap = self.buffer_size + max(c.size for c in todo) + max(r[2].size for r in runs)
+        arena: dict[str, np.ndarray] | None = None
+        slot_of = np.full(self._index.size, -1, np.int64)
+        free = list(range(cap - 1, -1, -1))
+        r = 0
+        for chunk, need in zip(todo, after, strict=True):
+            while r < len(runs) and runs[r][0] < need:
+                block = next(blocks)
+                keep = runs[r][2]
+                r += 1
+                if arena is None:
+                    arena = {key: np.empty((cap, *v.shape[1:]), v.dtype) for key, v in block.items()}
+                slots = np.array([free.pop() for _ in range(keep.size)], np.int64)
+                for key, v in block.items():
+                    arena[key][slots] = v
+                slot_of[keep] = slots
+            slots = slot_of[chunk]
+            out = {key: _take(v, slots, shm) for key, v in arena.items()}
+            free.extend(slots.tolist())
+            yield out
+
+    def _worker(self) -> tuple[int, int, int, int, int]:
+        """(rank, world, this worker's slice, workers, samples of the slice to skip)."""
         rank, world = self._rank_world()
         wi = torch.utils.data.get_worker_info()
-        worker, n_workers = (wi.id, wi.num_workers) if wi is not None else (0, 1)
+        worker, n_workers = (wi.id, wi.num_workers) if wi is not None else (0, 1)  # 0 workers = 1
+        r = self._resume
+        if r is None or r["epoch"] != self.epoch:
+            return rank, world, worker, n_workers, 0
+        if (r["world_size"], r["rank"], r["num_workers"]) != (world, rank, n_workers):
+            raise StoreError(
+                f"{self.store.url}: resume state was saved by rank {r['rank']} of {r['world_size']} "
+                f"with {r['num_workers']} DataLoader workers, resumed as rank {rank} of {world} with "
+                f"{n_workers} workers; resume with the same ranks and num_workers")
+        old = (worker + r["rotate"]) % n_workers
+        return rank, world, old, n_workers, int(r["skip"][old])
+
+    def _chunks(self) -> Iterator[dict[str, np.ndarray]]:
+        rank, world, worker, n_workers, skip = self._worker()
         plan = self.plan(rank, world, worker, n_workers)
-        blocks = self._blocks(plan)
+        if not plan:
+            return iter(())
         if not self.shuffle:
-            return blocks
+            return self._blocks(self._skip_runs(plan, skip))
         rng = np.random.default_rng([self.seed, self.epoch, rank * n_workers + worker, 1])
-        return self._shuffled(blocks, rng, emit=self.batch_size or 64)
+        chunks, after = self._emission(plan, rng, emit=self.batch_size or 64)
+        return self._replay(plan, chunks, after, skip)
+
+    @staticmethod
+    def _skip_runs(plan, skip: int):
+        out = []
+        for s, pos in plan:
+            if skip >= pos.size:
+                skip -= pos.size
+                continue
+            out.append((s, pos[skip:]))
+            skip = 0
+        return out
+
+    # -- resume
+    def _per_item(self, loader) -> tuple[int, bool, int]:
+        """(samples per item the training loop receives, short last item dropped, workers)."""
+        per, drop, nw = int(self.batch_size or 1), bool(self.drop_last), 0
+        if loader is not None:
+            nw = int(loader.num_workers)
+            if loader.batch_size is not None:
+                if self.batch_size:
+                    raise StoreError("batched dataset (batch_size=) needs DataLoader(batch_size=None)")
+                per, drop = int(loader.batch_size), bool(loader.drop_last)
+        return per, drop, nw
+
+    def state_dict(self, batches: int | None = None, loader=None) -> dict[str, Any]:
+        """Where this rank is in the epoch, for :meth:`load_state_dict` (a small plain dict).
+
+        Args:
+            batches: items this rank's training loop has taken from ``loader`` in this epoch
+                (batches; samples for per-sample items without a DataLoader). Default: the
+                items this dataset yielded when iterated in this process (``num_workers=0``).
+            loader: the DataLoader that iterates this dataset (its ``num_workers``,
+                ``batch_size`` and ``drop_last`` say how samples became batches).
+
+        DataLoader workers hand batches out round-robin (in order), so ``batches`` fixes how
+        many samples each worker had delivered and which worker was next; a resumed loader
+        gives its worker ``j`` the role of worker ``(j + next) % num_workers``, so the rest of
+        the epoch comes out in the uninterrupted order.
+        """
+        per, drop, nw = self._per_item(loader)
+        if batches is None:
+            if loader is not None and nw:
+                raise StoreError("state_dict(loader=...) with DataLoader workers needs batches=")
+            batches = self._items_seen
+        rank, world = self._rank_world()
+        n_w = max(1, nw)
+        base = self._resume if (self._resume and self._resume["epoch"] == self.epoch
+                                and self._resume["num_workers"] == n_w) else None
+        rot = base["rotate"] if base else 0
+        skip = list(base["skip"]) if base else [0] * n_w
+        total, parts = int(self._index.size), world * n_w
+        size = [total * (rank * n_w + w + 1) // parts - total * (rank * n_w + w) // parts for w in range(n_w)]
+        left = []  # items each worker of this run still has
+        for j in range(n_w):
+            rem = size[(j + rot) % n_w] - skip[(j + rot) % n_w]
+            left.append(rem // per if drop else -(-rem // per))
+        taken, j, k = [0] * n_w, 0, int(batches)
+        if k > sum(left):
+            raise StoreError(f"{self.store.url}: {k} batches consumed, but this rank has only "
+                             f"{sum(left)} left in epoch {self.epoch}")
+        while k:
+            if taken[j] < left[j]:
+                taken[j] += 1
+                k -= 1
+            j = (j + 1) % n_w
+        for jj in range(n_w):
+            old = (jj + rot) % n_w
+            skip[old] = min(size[old], skip[old] + taken[jj] * per)
+        return {"version": 1, "epoch": self.epoch, "seed": self.seed, "shuffle": self.shuffle,
+                "buffer_size": self.buffer_size, "batch_size": self.batch_size,
+                "n_selected": total, "rank": rank, "world_size": world, "num_workers": n_w,
+                "rotate": (j + rot) % n_w, "skip": skip}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the saved epoch where :meth:`state_dict` left it: the next iteration of that
+        epoch yields exactly the samples not yet delivered, in the uninterrupted order.
+
+        Build the DataLoader after this call (workers copy the dataset when they start) with
+        the same ``num_workers``, ranks, batch sizes, seed and selection; ``set_epoch`` to
+        another epoch clears the resume."""
+        want = {"seed": self.seed, "shuffle": self.shuffle, "buffer_size": self.buffer_size,
+                "batch_size": self.batch_size, "n_selected": int(self._index.size)}
+        bad = [f"{k}: saved {state.get(k)!r}, now {v!r}" for k, v in want.items() if state.get(k) != v]
+        if state.get("version") != 1 or bad:
+            raise StoreError(f"{self.store.url}: resume state does not fit this reader: "
+                             + ("; ".join(bad) or f"version {state.get('version')!r}"))
+        self._resume = {k: state[k] for k in ("epoch", "rank", "world_size", "num_workers", "rotate")}
+        self._resume["skip"] = [int(x) for x in state["skip"]]
+        self.epoch = int(state["epoch"])
+        self._items_seen = 0
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        count = torch.utils.data.get_worker_info() is None
+        if count:
+            self._items_seen = 0
         if self.batch_size:
-            yield from self._batches(self._chunks())
+            for batch in self._batches(self._chunks()):
+                if count:
+                    self._items_seen += 1
+                yield batch
             return
         keys = [*self.fields, "index", *self.columns]
         for chunk in self._chunks():
@@ -328,6 +488,8 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
                 item["index"] = torch.tensor(cols["index"][i])
                 for c in self.columns:
                     item[c] = _value(cols[c][i])
+                if count:
+                    self._items_seen += 1
                 yield item
 
     def _batches(self, chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
