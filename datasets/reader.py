@@ -89,6 +89,9 @@ class ShardDataset(torch.utils.data.Dataset):
         fields: fields to read (default: all).
         filter: pyarrow compute expression over manifest columns, or None.
         columns: manifest columns to include in each item.
+        verify_checksums, cache_dir, cache_max_bytes: see
+            :class:`facecorpus.datasets.store.StoredDataset` (per-shard sha256 on first read;
+            a size-limited local cache of a remote root's shard files).
 
     ``ds[i]`` is the ``i``-th selected sample in index order; :attr:`indices` maps positions to
     global sample indices.
@@ -96,8 +99,10 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __init__(self, root: str | os.PathLike, fields: Sequence[str] | None = None,
                  filter: Any = None, columns: Sequence[str] = (),
-                 storage_options: dict | None = None):
-        self.store = open_dataset(root, storage_options)
+                 storage_options: dict | None = None, verify_checksums: bool = False,
+                 cache_dir: str | os.PathLike | None = None, cache_max_bytes: int = 10 * 2**30):
+        self.store = open_dataset(root, storage_options, verify_checksums=verify_checksums,
+                                  cache_dir=cache_dir, cache_max_bytes=cache_max_bytes)
         self.fields, self.indices, self.columns = _select(self.store, filter, fields, columns)
 
     def __len__(self) -> int:
@@ -146,16 +151,20 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
         decode_threads: shards decoded ahead in threads of the reading process; with
             ``num_workers=0`` this uses several cores without the cost of sending batches
             between processes (see docs/benchmarks.md).
+        verify_checksums, cache_dir, cache_max_bytes: as for :class:`ShardDataset`.
     """
 
     def __init__(self, root: str | os.PathLike, fields: Sequence[str] | None = None,
                  filter: Any = None, shuffle: bool = True, seed: int = 0, buffer_size: int = 1024,
                  columns: Sequence[str] = (), batch_size: int | None = None, drop_last: bool = False,
                  rank: int | None = None, world_size: int | None = None,
-                 decode_threads: int = 1, storage_options: dict | None = None):
+                 decode_threads: int = 1, storage_options: dict | None = None,
+                 verify_checksums: bool = False, cache_dir: str | os.PathLike | None = None,
+                 cache_max_bytes: int = 10 * 2**30):
         super().__init__()
         self.decode_threads = int(decode_threads)
-        self.store = open_dataset(root, storage_options)
+        self.store = open_dataset(root, storage_options, verify_checksums=verify_checksums,
+                                  cache_dir=cache_dir, cache_max_bytes=cache_max_bytes)
         self.fields, indices, self.columns = _select(self.store, filter, fields, columns)
         sps = self.store.schema.samples_per_shard
         self._index = indices  # sorted by index, so grouped by shard

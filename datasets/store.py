@@ -49,6 +49,7 @@ absolute paths, ``..`` components and URLs are refused (:class:`PathEscapeError`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -757,22 +758,41 @@ class StoredDataset:
         shards: shard id -> :class:`ShardInfo` of every committed shard.
 
     Picklable and fork-safe: zarr handles are opened lazily in each process.
+
+    Args:
+        verify_checksums: check each field's shard against its committed sha256 the first
+            time this process reads it (the whole shard is decoded once for that); a mismatch
+            raises :class:`StoreError`. Off by default: per-chunk crc32c already catches
+            corrupted bytes; this also catches wrong-but-decodable data (docs/benchmarks.md
+            gives the cost).
+        cache_dir, cache_max_bytes: for a remote root, keep whole shard files in this local
+            folder (see :class:`facecorpus.datasets.cache.ShardCache`), least recently used
+            out first beyond ``cache_max_bytes``; ignored for local roots.
     """
 
     def __init__(self, root: str | os.PathLike, storage_options: dict | None = None,
-                 check_paths: bool = True, load_manifest: bool = True):
+                 check_paths: bool = True, load_manifest: bool = True,
+                 verify_checksums: bool = False, cache_dir: str | os.PathLike | None = None,
+                 cache_max_bytes: int = 10 * 2**30):
         self.root = _Root(root, storage_options)
         self.schema = read_schema(self.root)
         self._arrays: dict[str, Any] = {}
         self._fast: dict[str, Any] = {}
         self._pid = os.getpid()
+        self.verify_checksums = bool(verify_checksums)
+        self._verified: set[tuple[str, int]] = set()
+        self.cache = None
+        if cache_dir is not None and not self.root.is_local:
+            from facecorpus.datasets.cache import ShardCache
+
+            self.cache = ShardCache(cache_dir, cache_max_bytes)
         self.shards: dict[int, ShardInfo] = {}
         if load_manifest:  # verify reads parts one by one itself, tolerating bad ones
             self._load(check_paths)
 
     def __getstate__(self):
         d = dict(self.__dict__)
-        d["_arrays"], d["_fast"], d["_pid"] = {}, {}, None
+        d["_arrays"], d["_fast"], d["_pid"], d["_verified"] = {}, {}, None, set()
         return d
 
     @property
@@ -848,7 +868,7 @@ class StoredDataset:
         if name not in self.schema.fields:
             raise StoreError(f"{self.url}: no field {name!r} (fields: {sorted(self.schema.fields)})")
         if self._pid != os.getpid():
-            self._arrays, self._fast, self._pid = {}, {}, os.getpid()
+            self._arrays, self._fast, self._pid, self._verified = {}, {}, os.getpid(), set()
         a = self._arrays.get(name)
         if a is None:
             import zarr
@@ -871,11 +891,33 @@ class StoredDataset:
         array uses the codec layout this module writes, which is several times faster than
         zarr's generic pipeline; otherwise falls back to zarr. Both give identical bytes.
         """
+        full = self._first_read_verified(name, shard)
+        if full is not None:
+            return full[start:stop]
+        return self._read_rows(name, shard, start, stop)
+
+    def _read_rows(self, name: str, shard: int, start: int, stop: int) -> np.ndarray:
         fast = self._fast_reader(name)
         if fast is not False:
             return fast.read(shard, start, stop)
         base = shard * self.schema.samples_per_shard
         return self.array(name)[base + start: base + stop]
+
+    def _first_read_verified(self, name: str, shard: int) -> np.ndarray | None:
+        """With ``verify_checksums``, on this process's first read of a field's shard: the
+        whole shard's rows, checked against the commit record; else None."""
+        if not self.verify_checksums or (name, shard) in self._verified:
+            return None
+        info = self.shards.get(shard)
+        if info is None or name not in info.checksums:
+            return None
+        full = self._read_rows(name, shard, 0, info.n_samples)
+        if field_checksum(full) != info.checksums[name]:
+            raise StoreError(f"{self.url}: field {name!r} shard {shard}: sha256 of the stored data "
+                             f"does not match its commit record (corrupted or replaced data; run "
+                             f"`facecorpus data verify`)")
+        self._verified.add((name, shard))
+        return full
 
     def read_shard(self, shard: int, fields: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Every committed sample of a shard: field -> ``(n, *shape)``."""
@@ -907,6 +949,10 @@ class StoredDataset:
             rows = row[grp]
             if info is None or rows.max() >= info.n_samples or rows.min() < 0:
                 raise StoreError(f"{self.url}: index {int(idx[grp[0]])} (shard {s}) is not a committed sample")
+            full = self._first_read_verified(name, s)
+            if full is not None:
+                out[grp] = full[rows]
+                continue
             fast = self._fast_reader(name)
             if fast is not False:
                 out[grp] = fast.read_at(s, rows)
@@ -1014,6 +1060,15 @@ class _FastShardReader:
     def _path(self, shard: int) -> str:
         return self.ds.root.join(*_shard_key(self.name, shard, len(self.shape)))
 
+    def _cached(self, shard: int) -> bytes | None:
+        """The whole shard file through the dataset's local cache; None without a cache.
+        Raises FileNotFoundError for a shard file that does not exist (all fill value)."""
+        cache, info = self.ds.cache, self.ds.shards.get(shard)
+        if cache is None or info is None or self.name not in info.checksums:
+            return None
+        return cache.get(self.ds.root.fs, self._path(shard), self.name, str(shard),
+                         info.checksums[self.name])
+
     def _check(self, buf: np.ndarray, what: str, shard: int) -> np.ndarray:
         import google_crc32c
 
@@ -1050,11 +1105,16 @@ class _FastShardReader:
         tmp = np.empty((self.spc, row_bytes), np.uint8)
         path = self._path(shard)
         try:
-            f = self.ds.root.fs.open(path, "rb")
+            cached = self._cached(shard)
+            f = self.ds.root.fs.open(path, "rb") if cached is None else contextlib.nullcontext()
         except FileNotFoundError:
             return out
+        whole = whole or cached is not None
         with f:
-            if whole:
+            if cached is not None:
+                blob = np.frombuffer(cached, np.uint8)
+                tail = blob[-self.index_nbytes:]
+            elif whole:
                 blob = np.frombuffer(f.read(), np.uint8)
                 tail = blob[-self.index_nbytes:]
             else:
@@ -1090,8 +1150,10 @@ class _FastShardReader:
         c0, c1 = start // self.spc, (stop - 1) // self.spc + 1
         whole = (c1 - c0) * 2 >= self.n_chunks
         try:
+            cached = self._cached(shard)
+            whole = whole or cached is not None
             if whole:
-                blob = np.frombuffer(fs.cat_file(path), np.uint8)
+                blob = np.frombuffer(fs.cat_file(path) if cached is None else cached, np.uint8)
                 tail = blob[-self.index_nbytes:]
             else:
                 tail = np.frombuffer(fs.cat_file(path, start=-self.index_nbytes), np.uint8)
@@ -1145,6 +1207,9 @@ class _FastShardReader:
 
 
 def open_dataset(root: str | os.PathLike, storage_options: dict | None = None,
-                 check_paths: bool = True) -> StoredDataset:
-    """Open the committed part of a dataset: manifest, rejected rows, schema, field reads."""
-    return StoredDataset(root, storage_options, check_paths=check_paths)
+                 check_paths: bool = True, **read_options: Any) -> StoredDataset:
+    """Open the committed part of a dataset: manifest, rejected rows, schema, field reads.
+
+    ``read_options``: ``verify_checksums``, ``cache_dir``, ``cache_max_bytes`` (see
+    :class:`StoredDataset`)."""
+    return StoredDataset(root, storage_options, check_paths=check_paths, **read_options)

@@ -1,0 +1,78 @@
+"""Per-shard sha256 on first read, and the size-limited local cache of remote shard files."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import numpy as np
+import pytest
+from facecorpus.datasets.reader import ShardDataset, ShardIterableDataset
+from facecorpus.datasets.store import DatasetSchema, DatasetWriter, FieldSpec, StoreError, open_dataset
+
+SPS, SPC = 16, 4
+
+
+def write(root, shards=range(4), overwrite=False, salt=0):
+    w = DatasetWriter(root, DatasetSchema(fields={"image": FieldSpec((6, 6, 3), "uint8")},
+                                          samples_per_shard=SPS, samples_per_chunk=SPC))
+    for s in shards:
+        rng = np.random.default_rng(100 * salt + s)
+        w.write_shard(s, {"image": rng.integers(0, 256, (SPS, 6, 6, 3), dtype=np.uint8)},
+                      [{"sample_id": f"x{s}-{i}"} for i in range(SPS)], key=f"k{s}-{salt}",
+                      overwrite=overwrite)
+    return w
+
+
+def image(s, salt=0):
+    return np.random.default_rng(100 * salt + s).integers(0, 256, (SPS, 6, 6, 3), dtype=np.uint8)
+
+
+def test_checksum_on_first_read_catches_decodable_but_wrong_data(tmp_path):
+    root = tmp_path / "ds"
+    write(root)
+    # shard 2's file put in place of shard 1's: valid zstd + crc32c, the wrong samples
+    f1, f2 = (root / "image" / "c" / str(s) / "0" / "0" / "0" for s in (1, 2))
+    shutil.copyfile(f2, f1)
+    assert np.array_equal(open_dataset(root).read_shard(1)["image"], image(2))  # unnoticed by default
+    ds = open_dataset(root, verify_checksums=True)
+    assert np.array_equal(ds.read_rows("image", 0, 3, 9), image(0)[3:9])  # shard 0 is sound
+    with pytest.raises(StoreError, match="shard 1: sha256"):
+        ds.read_rows("image", 1, 0, 4)
+    with pytest.raises(StoreError, match="shard 1: sha256"):
+        list(ShardIterableDataset(root, shuffle=False, batch_size=8, verify_checksums=True))
+    with pytest.raises(StoreError, match="shard 1: sha256"):
+        ShardDataset(root, verify_checksums=True).__getitems__([SPS + 3])
+    assert len(ShardDataset(root, verify_checksums=True).__getitems__([0, 2 * SPS, 3 * SPS])) == 3
+
+
+def test_remote_shard_cache_is_bounded_lru_and_never_stale(tmp_path):
+    root = f"memory://{uuid.uuid4().hex}/ds"  # a non-local filesystem, as an object store is
+    write(root)
+    cache = tmp_path / "cache"
+    one = len(open_dataset(root).root.fs.cat_file(f"{root}/image/c/0/0/0/0"))
+    limit = int(2.5 * one)  # room for two shard files
+    ds = open_dataset(root, cache_dir=cache, cache_max_bytes=limit)
+    for s in range(4):
+        assert np.array_equal(ds.read_shard(s)["image"], image(s))
+        assert ds.cache.size() <= limit
+    assert (ds.cache.misses, ds.cache.hits) == (4, 0)
+    files = sorted(p for p in cache.rglob("*") if p.is_file())
+    assert len(files) == 2
+    # the two most recent (shards 2, 3) stay: hits; shard 0 was evicted: a miss
+    for s in (3, 2, 0):
+        assert np.array_equal(ds.read("image", s * SPS + np.arange(SPS)), image(s))
+    assert (ds.cache.misses, ds.cache.hits) == (5, 2)
+    # a rewritten shard is a new cache entry: the old bytes are never served
+    write(root, shards=[2], overwrite=True, salt=1)
+    ds2 = open_dataset(root, cache_dir=cache, cache_max_bytes=limit)
+    assert np.array_equal(ds2.read_shard(2)["image"], image(2, salt=1))
+    # both readers, through DataLoader-style pickling, with the cache
+    got = [b["index"] for b in ShardIterableDataset(root, shuffle=True, batch_size=5, cache_dir=cache,
+                                                     cache_max_bytes=limit)]
+    assert sorted(np.concatenate(got).tolist()) == list(range(4 * SPS))
+    # an entry evicted by another process between listing and reading is fetched again
+    for p in cache.rglob("*"):
+        if p.is_file():
+            p.unlink()
+    assert np.array_equal(ds2.read_shard(3)["image"], image(3))
