@@ -106,7 +106,9 @@ def check_both_readers(root: str, shards: list[int]) -> None:
     assert sorted(got) == want
 
 
-def test_write_verify_read_on_s3(s3):
+def test_write_verify_read_on_s3(s3, tmp_path):
+    from facecorpus.datasets.reader import ShardIterableDataset
+
     root = fresh(s3)
     w = DatasetWriter(root, schema())
     for s in (0, 1, 3):
@@ -120,6 +122,14 @@ def test_write_verify_read_on_s3(s3):
     assert sorted(ds.shards) == [0, 1, 3] and ds.rejected.num_rows == 3
     assert ds.read_shard(3)["image"].tobytes() == shard_data(3)[0]["image"].tobytes()
     check_both_readers(root, [0, 1, 3])
+    # through a local cache: the second epoch reads no shard object from the server
+    it = ShardIterableDataset(root, shuffle=True, batch_size=4, cache_dir=tmp_path / "cache",
+                              cache_max_bytes=1 << 20, verify_checksums=True)
+    for _ in range(2):
+        assert sorted(i for b in it for i in b["index"].tolist()) == [i for s in (0, 1, 3)
+                                                                      for i in range(s * SPS, (s + 1) * SPS)]
+    n_files = 2 * 3  # two fields x three shards
+    assert (it.store.cache.misses, it.store.cache.hits) == (n_files, n_files)
     # a corrupted object is found by verify and refused by the reader
     import s3fs
 
