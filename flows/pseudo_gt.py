@@ -118,6 +118,7 @@ class PseudoGTJob(shards.ShardJob):
         common_parts = {"config": common, "model": st.model.content_hash(),
                         "landmark_backend": stages_mod.landmark_backend(self.cfg.landmarks)}
         finish_cfg = {k: v for k, v in self.content.items() if k not in ANALYSE_SECTIONS}
+        old_stats = shards.read_stats(self.out)
         specs = []
         for sid in sorted(by_shard):
             items = by_shard[sid]
@@ -125,10 +126,13 @@ class PseudoGTJob(shards.ShardJob):
                                   inputs=[p.key_part() for p in items], **common_parts)
             spec = ShardSpec(sid, "", [p.__dict__ for p in items],
                              {"analyse": ak.key, "finish_config": finish_cfg})
+            spec.explain = shards.part_digests({
+                **{k: v for k, v in ak.parts.items() if k != "inputs"},
+                "inputs": {p.source_uri: p.key_part() for p in items},
+                "finish_config": finish_cfg})
             self._set_key(spec)
             info = writer.shard_info(sid)
-            spec.why = ("new" if info is None else
-                        "" if info.key == spec.key else "key changed")
+            spec.why = shards.why_runs(spec, info.key if info else None, old_stats.get(sid))
             specs.append(spec)
         return specs
 
@@ -149,6 +153,7 @@ class PseudoGTJob(shards.ShardJob):
 
     def _set_key(self, spec: ShardSpec) -> None:
         spec.parts["prior"] = self.prior.version if self.prior else "pending"
+        spec.explain["prior"] = spec.parts["prior"]
         spec.key = shards.stage_key("pseudo_gt.finish", stages_mod.CODE_VERSION,
                                     **spec.parts).key
 

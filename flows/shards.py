@@ -69,6 +69,40 @@ def stage_key(stage: str, code_version: int, **parts) -> StageKey:
                                      "source": hashing.source_digest()}, **parts})
 
 
+def part_digests(parts: dict) -> dict:
+    """A short digest per key part (``inputs`` may be a dict of per-input digests)."""
+    out = {}
+    for k, v in parts.items():
+        out[k] = ({u: hashing.digest(d, n=12) for u, d in v.items()} if isinstance(v, dict)
+                  and k == "inputs" else hashing.digest(v, n=12))
+    return out
+
+
+def why_runs(spec: ShardSpec, committed_key: str | None, old_stats: dict | None) -> str:
+    """Why a shard must run: "new", "" (it need not), or which key parts changed since the
+    commit (inputs: how many were added, removed, changed), from the stats of that commit."""
+    if committed_key is None:
+        return "new"
+    if committed_key == spec.key:
+        return ""
+    old = ((old_stats or {}).get("extra") or {}).get("key_parts")
+    if not old:
+        return "key changed"
+    out = []
+    for k in sorted(set(spec.explain) | set(old)):
+        a, b = old.get(k), spec.explain.get(k)
+        if a == b:
+            continue
+        if k == "inputs" and isinstance(a, dict) and isinstance(b, dict):
+            add = len(set(b) - set(a))
+            rem = len(set(a) - set(b))
+            chg = sum(a[u] != b[u] for u in set(a) & set(b))
+            out.append(f"inputs (+{add} -{rem} ~{chg})")
+        else:
+            out.append(k)
+    return "changed: " + ", ".join(out) if out else "key changed"
+
+
 # --------------------------------------------------------------------------- records
 @dataclass
 class ShardSpec:
@@ -80,6 +114,7 @@ class ShardSpec:
     items: list = field(default_factory=list)
     parts: dict = field(default_factory=dict)
     why: str = ""  # why it runs: "new", or the names of the key parts that changed
+    explain: dict = field(default_factory=dict)  # part -> digest, recorded with the stats
 
 
 @dataclass
@@ -211,6 +246,7 @@ def run_shard(job: ShardJob, spec: ShardSpec) -> dict:
     job.commit(spec, out)
     st = out.stats
     st.shard, st.why = spec.id, spec.why
+    st.extra["key_parts"] = spec.explain
     st.seconds = round(time.perf_counter() - t0, 4)
     st.cpu_seconds = round(time.process_time() - c0, 4)
     write_stats(job.out, st)

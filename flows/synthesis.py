@@ -156,12 +156,16 @@ class SynthesisJob(shards.ShardJob):
     def plan(self) -> list[ShardSpec]:
         F, n = self.cfg.output.faces_per_shard, self.cfg.augment.n_faces
         self.writers()
+        old_stats = shards.read_stats(self.out)
+        explain = shards.part_digests(shards.stage_key(
+            "synthesis.shard", stages_mod.CODE_VERSION, **self.parts).parts)
         specs = []
         for s in range(self.cfg.n_shards()):
-            key = f"{self.key}:{s}"
+            spec = ShardSpec(s, f"{self.key}:{s}", [s * F, min(n, (s + 1) * F)],
+                             explain=explain)
             info = self._writers[0].shard_info(s)
-            why = "new" if info is None else "" if info.key == key else "key changed"
-            specs.append(ShardSpec(s, key, [s * F, min(n, (s + 1) * F)], {}, why))
+            spec.why = shards.why_runs(spec, info.key if info else None, old_stats.get(s))
+            specs.append(spec)
         return specs
 
     def is_done(self, spec: ShardSpec) -> bool:

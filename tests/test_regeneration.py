@@ -101,6 +101,9 @@ def test_add_change_remove_recomputes_only_affected_shards(tmp_path, faces):
     s2 = _cli(listing, out)
 
     assert s2["shards_run_ids"] == [0, 1, 4], s2["shards_run_why"]
+    why = s2["shards_run_why"]
+    assert why["0"] == "changed: inputs (+0 -0 ~1)" and why["1"] == "changed: inputs (+0 -1 ~0)"
+    assert why["4"] == "new"
     assert s2["shards_skipped"] == 2
     assert s2["inputs"] == 14 and s2["counts_add_up"] and s2["accepted"] + s2["rejected"] == 14
     after = shard_files(out / "dataset")
