@@ -10,8 +10,10 @@ each jaw landmark (0-7, 9-16) is re-attached to the candidate vertex of its side
 (``model.contour_right`` / ``contour_left``) whose projection lies closest to it in 2D, so on
 a turned head the far jaw landmarks follow the silhouette. Initialisation is closed-form: an
 affine camera from the mean shape's landmarks (least squares), orthonormalised. The solver is
-L-BFGS (strong Wolfe) over the whole batch; images are independent, so the summed energy's
-minimum is every image's minimum.
+a batched Levenberg-Marquardt on the residual vector with the exact Jacobian (Huber as an
+IRLS weight): every image has its own damping, step acceptance, stopping and iteration
+count, and leaves the batch when done, so an image's result does not depend on its
+batch-mates (a garbage image cannot shift the others).
 
 Stage 2 (:func:`refine_photometric`) adds a photometric term over the face mask through the
 differentiable renderer (``renderers.diff``), with SH lighting and the model's albedo or a UV
@@ -57,14 +59,33 @@ class FitOptions:
 
 @dataclass
 class FitResult:
-    """Batched fit. Angles in degrees; ``translation`` (N, 3) mm (perspective) or (N, 2) px
-    (orthographic, ty up); ``scale`` (N,) px/mm (orthographic) or ``focal`` (N,) px.
-    ``alpha`` (N, K), ``beta`` (N, E) (shorter than the model's bases if fewer modes were fit);
-    ``sh`` (N, 27) after stage 2 else None. Metrics per image: ``landmark_rmse`` (px),
-    ``landmark_nme`` (rmse / inter-ocular distance), ``photometric_error`` (mean L1 over the
-    mask, NaN before stage 2), ``iterations`` (solver iterations; the batch is solved jointly,
-    so stage 1 gives every image of a batch the same count), ``converged`` (finite, last round
-    changed the energy by < ``settle_rel``, NME < ``max_nme``)."""
+    """Batched fit, one row per image. Angles in degrees; ``translation`` (N, 3) mm
+    (perspective) or (N, 2) px (orthographic, ty up); ``scale`` (N,) px/mm (orthographic) or
+    ``focal`` (N,) px. ``alpha`` (N, K), ``beta`` (N, E) (shorter than the model's bases if
+    fewer modes were fit); ``sh`` (N, 27) after stage 2 else None.
+
+    Metrics per image: ``landmark_rmse`` (px), ``landmark_nme`` (rmse / inter-ocular
+    distance), ``photometric_error`` (mean L1 over the mask, NaN before stage 2),
+    ``iterations`` (N,) this image's own solver iterations (stage 1: Levenberg-Marquardt
+    iterations over all rounds, accepted or not; stage 2 adds its Adam steps).
+
+    ``converged`` (N,) bool is True exactly when all of these hold for the image:
+
+    1. its landmarks passed :func:`validate_landmarks`;
+    2. its last Levenberg-Marquardt round stopped on its own criterion - an accepted step
+       lowered the energy by no more than ``FitOptions.tol`` x (1 + energy), or no step
+       could lower it - before ``iters_per_round`` iterations;
+    3. the sliding-jaw correspondences settled: unchanged by one more update, or the energy
+       changed by < ``settle_rel`` x (1 + energy) between the last two rounds;
+    4. every parameter and the landmark error are finite;
+    5. ``landmark_nme < max_nme``;
+
+    and, after :func:`refine_photometric`, its stage-2 parameters are finite and its
+    recomputed ``landmark_nme`` is still below ``PhotometricOptions.max_nme``.
+    ``failure`` (N,) object: None, or why the image must not be used (the first check that
+    failed, e.g. ``"non-finite parameters after stage 2"``); see :func:`fit_failures`.
+    A False ``converged`` with ``failure`` None means only the solver budget ran out (the
+    fit may still be usable)."""
 
     camera: CameraKind
     image_size: int
@@ -83,10 +104,13 @@ class FitResult:
     photometric_error: np.ndarray = field(default=None)  # type: ignore[assignment]
     sh: np.ndarray | None = None
     landmark_vertices: np.ndarray | None = None  # (N, 68) vertex used for every landmark
+    failure: np.ndarray = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self):
         if self.photometric_error is None:
             self.photometric_error = np.full(len(self.yaw), np.nan, np.float32)
+        if self.failure is None:
+            self.failure = np.full(len(self.yaw), None, object)
 
     def __len__(self) -> int:
         return len(self.yaw)
@@ -257,6 +281,203 @@ def fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int,
         return _fit_landmarks(model, landmarks, image_size, opts or FitOptions(), weights)
 
 
+def validate_landmarks(landmarks, image_size: int, min_extent_px: float = 2.0) -> str | None:
+    """Why one image's landmarks cannot be fit, or None when they can.
+
+    Args:
+        landmarks: (68, 2) pixel coordinates. image_size: the square image side S.
+
+    Returns:
+        A rejection reason (wrong shape, non-finite values, a landmark box narrower than
+        ``min_extent_px`` on an axis: all points equal or collinear give no scale and no
+        pose) or None. The flow raises ``SampleRejected(uri, "fit", reason)`` on a reason;
+        :func:`fit_landmarks` also checks every image itself and marks a bad one failed
+        without touching the others.
+    """
+    try:
+        g = np.asarray(landmarks, np.float64)
+    except (TypeError, ValueError) as e:
+        return f"landmarks are not numbers ({e})"
+    if g.size != 136:
+        return f"landmarks have {g.size} values (shape {g.shape}), need 68 x 2"
+    g = g.reshape(68, 2)
+    if not np.isfinite(g).all():
+        return f"landmarks are not finite ({int((~np.isfinite(g)).sum())} NaN/inf values)"
+    ext = g.max(0) - g.min(0)
+    if not (ext >= min_extent_px).all():
+        return (f"degenerate landmarks: their box is {ext[0]:.3g} x {ext[1]:.3g} px "
+                f"(< {min_extent_px:g} px on an axis)")
+    if inter_ocular(g[None])[0] < 1e-3 * image_size:
+        return "degenerate landmarks: the outer eye corners coincide"
+    return None
+
+
+def _rot_and_grad(angles):
+    """(N, 3) radians (yaw, pitch, roll) -> R (N, 3, 3) = Rz(roll) Ry(yaw) Rx(pitch) and
+    dR (N, 3, 3, 3), dR[:, j] = dR / d angles[:, j] (the LM Jacobian needs it exactly)."""
+    torch = _torch()
+    y, p, r = angles[:, 0], angles[:, 1], angles[:, 2]
+    cy, sy, cp, sp, cr, sr = y.cos(), y.sin(), p.cos(), p.sin(), r.cos(), r.sin()
+    o, z = torch.ones_like(y), torch.zeros_like(y)
+
+    def m(*e):
+        return torch.stack(e, -1).reshape(-1, 3, 3)
+
+    rx, drx = m(o, z, z, z, cp, -sp, z, sp, cp), m(z, z, z, z, -sp, -cp, z, cp, -sp)
+    ry, dry = m(cy, z, sy, z, o, z, -sy, z, cy), m(-sy, z, cy, z, z, z, -cy, z, -sy)
+    rz, drz = m(cr, -sr, z, sr, cr, z, z, z, o), m(-sr, -cr, z, cr, -sr, z, z, z, z)
+    R = rz @ ry @ rx
+    dR = torch.stack([rz @ dry @ rx, rz @ ry @ drx, drz @ ry @ rx], 1)
+    return R, dR
+
+
+class _LandmarkProblem:
+    """Stage-1 residuals and their exact Jacobian for a batch of images.
+
+    Parameter vector per image (P,): angles (3, radians), translation (2 px orthographic |
+    3 mm perspective), log scale (orthographic only; the perspective focal is fixed),
+    whitened identity a (K,) and expression b (E,) (alpha = a * id_std). Every operation is
+    row-wise in the image axis, so an image's numbers never depend on its batch-mates.
+    """
+
+    def __init__(self, basis: _ShapeBasis, id_std, exp_std, kind: str, S: int, sigma: float,
+                 delta: float, focal):
+        torch = _torch()
+        self.mean, self.kind, self.S, self.sigma, self.delta = basis.mean, kind, S, sigma, delta
+        self.n_pose = 6
+        self.P = self.n_pose + len(id_std) + len(exp_std)
+        # (Pv, 3, K + E): per-mode displacement of every fit vertex in mm (std folded in)
+        self.modes = torch.cat([basis.id * id_std[:, None, None],
+                                basis.exp * exp_std[:, None, None]], 0).permute(1, 2, 0)
+        self.focal = float(focal)  # perspective: one fixed focal (px) for all
+
+    def shape(self, p, lm_pos):
+        """(n, 68, 3) landmark-vertex positions (mm) and (n, 68, 3, K + E) mode columns."""
+        B = self.modes[lm_pos]  # (n, 68, 3, M)
+        X = self.mean[lm_pos] + (B @ p[:, None, self.n_pose:, None])[..., 0]
+        return X, B
+
+    def project(self, p, X, jac: bool):
+        """(n, 68, 2) pixels and, with ``jac``, d pixels / d pose (n, 68, 2, 6) and the
+        (n, 68, 2, 3) derivative w.r.t. the model-space point (chain rule for the modes)."""
+        torch = _torch()
+        c = self.S / 2.0
+        R, dR = _rot_and_grad(p[:, :3])
+        Y = X @ R.transpose(-1, -2)  # (n, 68, 3)
+        if self.kind == "perspective":
+            Z = Y + p[:, None, 3:6]
+            f = self.focal
+            depth = -Z[..., 2]
+            uv = torch.stack([c + f * Z[..., 0] / depth, c - f * Z[..., 1] / depth], -1)
+            if not jac:
+                return uv, None, None
+            # d(u, v) / dZ: (n, 68, 2, 3)
+            fd = f / depth
+            dZ = torch.zeros(*Z.shape[:2], 2, 3, dtype=Z.dtype)
+            dZ[..., 0, 0] = fd
+            dZ[..., 0, 2] = fd * Z[..., 0] / depth
+            dZ[..., 1, 1] = -fd
+            dZ[..., 1, 2] = -fd * Z[..., 1] / depth
+            dY_dang = torch.einsum("njab,npb->npaj", dR, X)  # (n, 68, 3, 3)
+            d_pose = torch.cat([dZ @ dY_dang, dZ], -1)  # angles, translation
+            return uv, d_pose, dZ @ R[:, None]
+        s = p[:, 5].exp()[:, None]
+        uv = torch.stack([c + s * Y[..., 0] + p[:, None, 3], c - s * Y[..., 1] - p[:, None, 4]],
+                         -1)
+        if not jac:
+            return uv, None, None
+        sgn = torch.tensor([1.0, -1.0], dtype=Y.dtype)
+        dY_dang = torch.einsum("njab,npb->npaj", dR, X)[..., :2, :]  # (n, 68, 2, 3)
+        n, L = Y.shape[:2]
+        d_t = torch.zeros(n, L, 2, 2, dtype=Y.dtype)
+        d_t[..., 0, 0], d_t[..., 1, 1] = 1.0, -1.0
+        d_ls = (sgn * s[..., None] * Y[..., :2])[..., None]
+        d_pose = torch.cat([sgn[:, None] * s[..., None, None] * dY_dang, d_t, d_ls], -1)
+        return uv, d_pose, sgn[:, None] * s[..., None, None] * R[:, None, :2, :]
+
+    def energy(self, p, lm_pos, target, w):
+        """(n,) the stage-1 energy: sum_k w_k huber(|r_k| / sigma) + |a|^2 / 2 + |b|^2 / 2."""
+        X, _ = self.shape(p, lm_pos)
+        uv, _, _ = self.project(p, X, False)
+        r = (uv - target).norm(dim=-1) / self.sigma
+        d = self.delta
+        hub = (r < d) * 0.5 * r**2 + (r >= d) * d * (r - 0.5 * d)
+        return (w * hub).sum(1) + 0.5 * (p[:, self.n_pose:] ** 2).sum(1), uv
+
+    def normal_equations(self, p, lm_pos, target, w):
+        """Gauss-Newton system of the IRLS-weighted residuals: (n, P, P) J^T J and (n, P)
+        J^T r (Huber as the weight min(1, delta / |r_k|) on landmark k)."""
+        X, B = self.shape(p, lm_pos)
+        uv, d_pose, d_X = self.project(p, X, True)
+        diff = (uv - target) / self.sigma  # (n, 68, 2)
+        r = diff.norm(dim=-1)
+        irls = (self.delta / r.clamp(min=1e-12)).clamp(max=1.0)
+        sw = (w * irls).sqrt()[..., None, None] / self.sigma  # (n, 68, 1, 1)
+        J = _torch().cat([d_pose, d_X @ B], -1) * sw  # (n, 68, 2, P)
+        J = J.reshape(len(p), -1, self.P)
+        res = (diff * sw[..., 0] * self.sigma).reshape(len(p), -1)
+        A = J.transpose(1, 2) @ J
+        g = (J.transpose(1, 2) @ res[..., None])[..., 0]
+        idx = _torch().arange(self.n_pose, self.P)
+        A[:, idx, idx] += 1.0  # the prior's residuals a, b have the identity Jacobian
+        g[:, self.n_pose:] += p[:, self.n_pose:]
+        return A, g
+
+
+def _levenberg_marquardt(prob: _LandmarkProblem, p, lm_pos, target, w, free, max_iter: int,
+                         tol: float):
+    """Per-image Levenberg-Marquardt on the stage-1 energy: every image has its own damping,
+    step acceptance and stop, and a finished image leaves the batch.
+
+    Args:
+        p: (n, P) start (updated copy returned). free: (P,) bool, the parameters solved for.
+
+    Returns:
+        p (n, P), energies (n,), iterations (n,) int, stopped (n,) bool: the relative energy
+        decrease of an accepted step fell below ``tol`` (or no step could lower it) within
+        ``max_iter`` iterations.
+    """
+    torch = _torch()
+    n = len(p)
+    p = p.clone()
+    lam = torch.full((n,), 1e-3, dtype=p.dtype)
+    e, _ = prob.energy(p, lm_pos, target, w)
+    its = torch.zeros(n, dtype=torch.int64)
+    stopped = torch.zeros(n, dtype=torch.bool)
+    active = torch.isfinite(e)
+    fixed = torch.nonzero(~free).flatten()
+    eye = torch.eye(prob.P, dtype=p.dtype)
+    for _ in range(max_iter):
+        ia = torch.nonzero(active).flatten()
+        if len(ia) == 0:
+            break
+        pa, lp, tg, wa = p[ia], lm_pos[ia], target[ia], w[ia]
+        A, g = prob.normal_equations(pa, lp, tg, wa)
+        A[:, fixed, :] = 0.0
+        A[:, :, fixed] = 0.0
+        A[:, fixed, fixed] = 1.0
+        g[:, fixed] = 0.0
+        # Marquardt scaling (by the diagonal) plus a floor: the pose block has no prior
+        diag = torch.diagonal(A, dim1=1, dim2=2)
+        M = A + lam[ia, None, None] * (diag[:, :, None] * eye + 1e-9 * eye)
+        L, info = torch.linalg.cholesky_ex(M)
+        ok = info == 0
+        L = torch.where(ok[:, None, None], L, eye)
+        step = -torch.cholesky_solve(g[..., None], L)[..., 0]
+        p_new = pa + step
+        e_new, _ = prob.energy(p_new, lp, tg, wa)
+        e_old = e[ia]
+        better = ok & torch.isfinite(e_new) & (e_new < e_old)
+        its[ia] += 1
+        p[ia] = torch.where(better[:, None], p_new, pa)
+        e[ia] = torch.where(better, e_new, e_old)
+        lam[ia] = torch.where(better, (lam[ia] * 0.3).clamp(min=1e-10), lam[ia] * 10.0)
+        done = (better & ((e_old - e_new) <= tol * (1.0 + e_old.abs()))) | (lam[ia] > 1e10)
+        stopped[ia] |= done
+        active[ia] = ~done
+    return p, e, its, stopped
+
+
 def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int,
                    opts: FitOptions, weights: np.ndarray | None = None) -> FitResult:
     """Stage 1: fit pose, camera, identity and expression to 68 landmarks per image.
@@ -266,15 +487,27 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
         weights: optional (N, 68) per-landmark confidences (0 drops a landmark).
 
     Returns:
-        :class:`FitResult`; images whose fit diverged have ``converged = False``.
+        :class:`FitResult`; an image whose landmarks fail :func:`validate_landmarks` keeps
+        its closed-form start with ``failure`` set, the others fit as if it were absent.
     """
     torch = _torch()
-    lm2d = np.asarray(landmarks, np.float64)
+    lm2d = np.array(landmarks, np.float64).reshape(-1, 68, 2)
     N, S = lm2d.shape[0], int(image_size)
     K = model.n_id if opts.n_id is None else min(opts.n_id, model.n_id)
     E = model.n_exp if opts.n_exp is None else min(opts.n_exp, model.n_exp)
     sigma = opts.sigma_px if opts.sigma_px is not None else 0.01 * S
-    angles0, trans0, scale0, focal0 = init_pose(model, lm2d, S, opts.camera, opts.fov_deg)
+    failure = np.array([validate_landmarks(lm2d[i], S) for i in range(N)] + [None],
+                       object)[:N]
+    bad = np.array([f is not None for f in failure], bool)
+    if bad.any():
+        # a harmless stand-in keeps the arrays finite; the image is never solved
+        ok_lm = np.where(bad[:, None, None], 0.0, lm2d)
+        X = model.vertices[model.landmarks][:, :2]
+        ok_lm[bad] = S / 2.0 + (X - X.mean(0)) * (0.4 * S / np.ptp(X[:, 0]).clip(1e-6)) \
+            * np.array([1.0, -1.0])
+    else:
+        ok_lm = lm2d
+    angles0, trans0, scale0, focal0 = init_pose(model, ok_lm, S, opts.camera, opts.fov_deg)
 
     cand_r = np.asarray(model.contour_right, np.int64)
     cand_l = np.asarray(model.contour_left, np.int64)
@@ -282,101 +515,96 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
     pos = np.full(model.n_vertices, -1, np.int64)
     pos[verts] = np.arange(len(verts))
     basis = _ShapeBasis(model, verts, K, E)
+    id_std = torch.as_tensor(model.id_std[:K], dtype=torch.float64)
+    exp_std = torch.as_tensor(model.exp_std[:E], dtype=torch.float64)
+    prob = _LandmarkProblem(basis, id_std, exp_std, opts.camera, S, sigma, opts.huber_delta,
+                            focal0[0])
     cand_pos = torch.as_tensor(pos[np.concatenate([cand_r, cand_l])])
 
     w = np.ones((N, 68)) if weights is None else np.asarray(weights, np.float64).reshape(N, 68)
-    w = w.copy()
-    w[:, :17] *= opts.jaw_weight
+    w = np.where(np.isfinite(w), w, 0.0) * np.r_[np.full(17, opts.jaw_weight), np.ones(51)]
     w_t = torch.as_tensor(w)
-    target = torch.as_tensor(lm2d)
-    id_std = torch.as_tensor(model.id_std[:K], dtype=torch.float64)
-    exp_std = torch.as_tensor(model.exp_std[:E], dtype=torch.float64)
-
-    angles = torch.tensor(angles0, requires_grad=True)
-    trans = torch.tensor(trans0, requires_grad=True)
-    log_sf = torch.tensor(np.log(scale0 if opts.camera == "orthographic" else focal0))
-    # perspective: focal stays fixed (fov from config); orthographic: scale is free
-    log_sf.requires_grad_(opts.camera == "orthographic")
-    # optimise whitened coefficients (alpha / id_std): the prior becomes |a|^2 and the
-    # problem is far better conditioned for L-BFGS
-    a_w = torch.zeros(N, K, dtype=torch.float64, requires_grad=True)
-    b_w = torch.zeros(N, E, dtype=torch.float64, requires_grad=True)
+    target = torch.as_tensor(ok_lm)
+    sf0 = np.log(scale0) if opts.camera == "orthographic" else None
+    pose0 = np.c_[angles0, trans0] if sf0 is None else np.c_[angles0, trans0, sf0]
+    p = torch.as_tensor(np.c_[pose0, np.zeros((N, K + E))])
     fixed_lm = np.asarray(model.landmarks, np.int64)
     lm_vertices = np.tile(fixed_lm, (N, 1))
-    delta = opts.huber_delta
-
-    def residual_terms(lm_pos_t):
-        X = basis(a_w * id_std, b_w * exp_std)
-        xy, _ = _project(X, angles, trans, log_sf.exp(), opts.camera, S)
-        pred = torch.gather(xy, 1, lm_pos_t[..., None].expand(-1, -1, 2))
-        r = (pred - target).norm(dim=-1) / sigma  # (N, 68)
-        hub = torch.where(r < delta, 0.5 * r**2, delta * (r - 0.5 * delta))
-        data = (w_t * hub).sum(1)
-        prior = (a_w**2).sum(1) + (b_w**2).sum(1)
-        return data + 0.5 * prior, pred, xy
 
     iterations = np.zeros(N, np.int64)
-    prev = None
-    per_image = None
-    schedule = [("pose", 1)] + [("all", opts.rounds)]
-    for phase, rounds in schedule:
-        params = [angles, trans] + ([log_sf] if log_sf.requires_grad else [])
-        if phase == "all":
-            params += [a_w, b_w]
-        for _ in range(rounds):
-            with torch.no_grad():
-                X = basis(a_w * id_std, b_w * exp_std)
-                xy, _ = _project(X, angles, trans, log_sf.exp(), opts.camera, S)
-                yaw_now = np.rad2deg(angles[:, 0].numpy())
-                lm_vertices = _slide_jaw(xy[:, cand_pos].numpy(), cand_r, cand_l, lm2d,
-                                         lm_vertices, fixed_lm, yaw_now, opts.slide_min_yaw)
-            lm_pos_t = torch.as_tensor(pos[lm_vertices])
-            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=opts.iters_per_round,
-                                    tolerance_change=opts.tol, line_search_fn="strong_wolfe",
-                                    history_size=20)
-
-            def closure(opt=opt, lm_pos_t=lm_pos_t):
-                opt.zero_grad()
-                e, _, _ = residual_terms(lm_pos_t)
-                loss = e.sum()
-                loss.backward()
-                return loss
-
-            opt.step(closure)
-            n_it = opt.state[opt._params[0]].get("n_iter", opts.iters_per_round)
-            iterations += int(n_it)
-            with torch.no_grad():
-                per_image, pred, _ = residual_terms(lm_pos_t)
-            cur = per_image.numpy().copy()
-            settled = (np.zeros(N, bool) if prev is None
-                       else np.abs(prev - cur) <= opts.settle_rel * (1 + np.abs(cur)))
-            prev = cur
-            log.debug("fit %s round: %d iterations, energies %s", phase, int(n_it), cur.round(3))
-            if phase == "all" and settled.all():
+    solved = np.zeros(N, bool)  # the last LM round stopped on its criterion
+    settled = np.zeros(N, bool)  # the correspondences (or the energy) stopped changing
+    energy = np.full(N, np.inf)
+    todo = ~bad
+    free_pose = torch.arange(prob.P) < prob.n_pose
+    free_all = torch.ones(prob.P, dtype=torch.bool)
+    cand_cols = pos[np.concatenate([cand_r, cand_l])]
+    all_cols = torch.as_tensor(np.arange(len(verts)))
+    # round 0 solves the pose only; rounds 1..rounds everything; the extra pass only looks
+    # whether the last round's correspondences still hold
+    for r in range(opts.rounds + 2):
+        idx = np.flatnonzero(todo)
+        if not len(idx):
+            break
+        it = torch.as_tensor(idx)
+        with torch.no_grad():
+            X, _ = prob.shape(p[it], all_cols.expand(len(idx), -1))
+            uv, _, _ = prob.project(p[it], X, False)
+            new_v = _slide_jaw(uv[:, cand_cols].numpy(), cand_r, cand_l, ok_lm[idx],
+                               lm_vertices[idx], fixed_lm, np.rad2deg(p[it, 0].numpy()),
+                               opts.slide_min_yaw)
+        if r >= 2:
+            # correspondences unchanged after a solved round: a fixed point, another round
+            # would return the same numbers
+            same = (new_v == lm_vertices[idx]).all(1) & solved[idx]
+            settled[idx[same]] = True
+            todo[idx[same]] = False
+            idx, new_v = idx[~same], new_v[~same]
+            if not len(idx) or r == opts.rounds + 1:
                 break
+            it = torch.as_tensor(idx)
+        lm_vertices[idx] = new_v
+        lm_pos = torch.as_tensor(pos[lm_vertices[idx]])
+        p_i, e_i, n_i, ok_i = _levenberg_marquardt(
+            prob, p[it], lm_pos, target[it], w_t[it], free_pose if r == 0 else free_all,
+            opts.iters_per_round, opts.tol)
+        p[it] = p_i
+        iterations[idx] += n_i.numpy()
+        if r >= 1:
+            e_np = e_i.numpy()
+            solved[idx] = ok_i.numpy()
+            # a jaw landmark flipping between two near-equal candidates changes nothing
+            # that matters: the energy settling counts too
+            settled[idx] = solved[idx] & (np.abs(energy[idx] - e_np)
+                                          <= opts.settle_rel * (1 + np.abs(e_np)))
+            energy[idx] = e_np
+        log.debug("fit round %d: %d images, iterations %s", r, len(idx), n_i.tolist())
 
     with torch.no_grad():
-        _, pred, _ = residual_terms(torch.as_tensor(pos[lm_vertices]))
+        _, pred = prob.energy(p, torch.as_tensor(pos[lm_vertices]), target, w_t)
     pred = pred.numpy()
     rmse = np.sqrt(((pred - lm2d) ** 2).sum(-1).mean(-1))
-    nme = rmse / np.maximum(inter_ocular(lm2d), 1e-6)
-    a = angles.detach().numpy()
-    finite = np.isfinite(a).all(1) & np.isfinite(rmse)
-    converged = finite & settled & (nme < opts.max_nme)
-    R = euler_to_rotation(*np.rad2deg(a).T)
+    nme = rmse / np.maximum(inter_ocular(np.nan_to_num(lm2d)), 1e-6)
+    pn = p.numpy()
+    finite = np.isfinite(pn).all(1) & np.isfinite(rmse)
+    converged = ~bad & finite & solved & settled & (nme < opts.max_nme)
+    R = euler_to_rotation(*np.rad2deg(pn[:, :3]).T)
     yaw, pitch, roll = rotation_to_euler(R)  # canonical range
-    sf = log_sf.detach().exp().numpy()
-    return FitResult(
+    nt = 2 if opts.camera == "orthographic" else 3
+    sf = np.exp(pn[:, 5]) if opts.camera == "orthographic" else np.asarray(focal0, np.float64)
+    out = FitResult(
         camera=opts.camera, image_size=S,
         yaw=yaw.astype(np.float32), pitch=pitch.astype(np.float32), roll=roll.astype(np.float32),
-        translation=trans.detach().numpy().astype(np.float32),
+        translation=pn[:, 3:3 + nt].astype(np.float32),
         scale=(sf if opts.camera == "orthographic" else np.zeros(N)).astype(np.float32),
         focal=(sf if opts.camera == "perspective" else np.zeros(N)).astype(np.float32),
-        alpha=(a_w * id_std).detach().numpy().astype(np.float32),
-        beta=(b_w * exp_std).detach().numpy().astype(np.float32),
+        alpha=(pn[:, 6:6 + K] * model.id_std[:K]).astype(np.float32),
+        beta=(pn[:, 6 + K:] * model.exp_std[:E]).astype(np.float32),
         landmark_rmse=rmse.astype(np.float32), landmark_nme=nme.astype(np.float32),
         iterations=iterations, converged=converged,
-        landmark_vertices=lm_vertices.astype(np.int32))
+        landmark_vertices=lm_vertices.astype(np.int32), failure=failure)
+    out.failure = fit_failures(out, opts.max_nme)
+    return out
 
 
 def project_landmarks(model: MorphableModel, fit: FitResult) -> np.ndarray:
@@ -497,6 +725,7 @@ class PhotometricOptions:
     fit_shape: bool = True
     render_size: int | None = 128  # photometric term at this resolution (None: full size)
     threads: int | None = 1  # torch threads (measured: 1 beats 2 on the shared 2-core box)
+    max_nme: float = 0.2  # after stage 2: above this landmark error / inter-ocular: failed
 
 
 def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray,
@@ -516,8 +745,15 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
         albedo_uv: (N, T, T, 3) float per-image albedo/texture prior.
         landmarks: (N, 68, 2) target landmarks (pixels).
 
+    Images do not couple: every term is per image (the colour error is normalised by the
+    image's own mask count), the loss is their sum, so each image's gradient is its own
+    term's, and Adam's moments are per element. An image whose energy or gradient turns
+    non-finite is frozen at its last finite step and reported, never passed on silently.
+
     Returns:
-        A new :class:`FitResult` with ``sh`` and ``photometric_error`` (mean L1 over the mask).
+        A new :class:`FitResult` with ``sh`` and ``photometric_error`` (mean L1 over the mask);
+        landmark error recomputed, ``converged`` and ``failure`` re-checked per image (see
+        :class:`FitResult`).
     """
     opts = opts or PhotometricOptions()
     torch = _torch()
@@ -601,6 +837,9 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
 
     err = np.full(N, np.nan, np.float32)
     scale_xy = torch.tensor([k, k, 1.0], dtype=dt)
+    params = [angles, trans, sh, log_sf, a_w, b_w]
+    dead = torch.zeros(N, dtype=torch.bool)  # non-finite energy/gradient: frozen from then on
+    dead_step = np.full(N, -1)
     with torch_threads(opts.threads):
         for _step in range(opts.iters + 1):
             X, R, sv_full = forward()
@@ -631,7 +870,21 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
             loss = (photo_e + opts.w_landmarks * 1e3 * lm_e + opts.w_prior * prior).sum()
             optim.zero_grad()
             loss.backward()
+            with torch.no_grad():
+                bad = ~torch.isfinite(photo_e + lm_e + prior)
+                for q in params:
+                    if q.grad is not None:
+                        bad |= ~torch.isfinite(q.grad.reshape(N, -1)).all(1)
+                dead_step[(bad & ~dead).numpy()] = _step
+                dead |= bad
+                keep = [q.detach().clone() for q in params]
+                for q in params:
+                    if q.grad is not None:
+                        q.grad[dead] = 0.0
             optim.step()
+            with torch.no_grad():
+                for q, q0 in zip(params, keep):
+                    q[dead] = q0[dead]  # Adam's momentum would still move a frozen image
     with torch.no_grad():
         _, _, sv = forward()
         lm_xy = sv[:, lm_idx, :2].numpy()
@@ -640,7 +893,8 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     a = angles.detach().numpy().astype(np.float64)
     yaw, pitch, roll = rotation_to_euler(euler_to_rotation(*np.rad2deg(a).T))
     sf = log_sf.detach().exp().numpy()
-    return replace(
+    nme = rmse / np.maximum(inter_ocular(np.nan_to_num(lm_np)), 1e-6)
+    out = replace(
         fit, yaw=yaw.astype(np.float32), pitch=pitch.astype(np.float32),
         roll=roll.astype(np.float32),
         translation=(trans.detach().numpy() * t_scale).astype(np.float32),
@@ -649,6 +903,39 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
         alpha=(a_w * id_std).detach().numpy().astype(np.float32),
         beta=(b_w * ex_std).detach().numpy().astype(np.float32),
         sh=sh.detach().numpy().astype(np.float32), photometric_error=err,
-        landmark_rmse=rmse.astype(np.float32),
-        landmark_nme=(rmse / np.maximum(inter_ocular(lm_np), 1e-6)).astype(np.float32),
-        iterations=fit.iterations + opts.iters)
+        landmark_rmse=rmse.astype(np.float32), landmark_nme=nme.astype(np.float32),
+        iterations=fit.iterations + np.where(dead_step >= 0, dead_step, opts.iters))
+    failure = fit_failures(out, opts.max_nme, stage="stage 2")
+    for i in np.flatnonzero(dead.numpy()):
+        if failure[i] is None:
+            failure[i] = (f"non-finite energy or gradient in stage 2 at step {dead_step[i]} "
+                          "(parameters of the last finite step kept)")
+    out.failure = failure
+    out.converged = np.asarray(fit.converged, bool) & np.array([f is None for f in failure])
+    return out
+
+
+def fit_failures(fit: FitResult, max_nme: float = 0.2, stage: str = "stage 1"
+                 ) -> np.ndarray:
+    """(N,) object: per image None, or why its fit must not be used - the reason already in
+    ``fit.failure``, else "non-finite parameters after <stage>" (pose, camera, coefficients,
+    SH, landmark error), else "landmark error 0.31 of the inter-ocular distance > 0.2".
+    The flow rejects an image with ``SampleRejected(uri, "fit", reason)`` on a reason."""
+    arrays = [np.c_[fit.yaw, fit.pitch, fit.roll], fit.translation, fit.scale, fit.focal,
+              fit.alpha, fit.beta, fit.landmark_rmse, fit.landmark_nme]
+    if fit.sh is not None:
+        arrays.append(fit.sh)
+    n = len(fit)
+    finite = np.ones(n, bool)
+    for a in arrays:
+        finite &= np.isfinite(np.asarray(a, np.float64).reshape(n, -1)).all(1)
+    out = np.array(list(fit.failure) + [None], object)[:n]
+    nme = np.asarray(fit.landmark_nme, np.float64)
+    for i in range(n):
+        if out[i] is not None:
+            continue
+        if not finite[i]:
+            out[i] = f"non-finite parameters after {stage}"
+        elif not nme[i] < max_nme:
+            out[i] = f"landmark error {nme[i]:.3g} of the inter-ocular distance > {max_nme:g}"
+    return out
