@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import time
 
 import numpy as np
 from facecorpus.configs.base import content_config
@@ -201,7 +202,9 @@ class PseudoGTJob(shards.ShardJob):
         build = self.prior is None and bool(todo)
         targets = specs if build else todo
         need = [s for s in targets if not shards.exists(self._analysis_path(s))]
+        t0 = time.perf_counter()
         shards.map_with_progress(ex, analyse_shard, [(self, s) for s in need], "analyse")
+        t1 = time.perf_counter()
         if build:
             rec = prior_store.recipe(self.cfg, self.state.model.content_hash())
             prior, n = prior_store.build(self.cfg, self.state,
@@ -209,6 +212,8 @@ class PseudoGTJob(shards.ShardJob):
             self.prior = prior_store.save(self.out, prior, rec, n, self.state.layout)
             log.info("texture prior %s built (%s, %d images)", self.prior.version,
                      prior.source, n)
+        self.prepare_seconds = {"analyse": round(t1 - t0, 3),
+                                "prior": round(time.perf_counter() - t1, 3)}
         for s in todo:
             self._set_key(s)
         self.export_uv_regions()

@@ -211,6 +211,7 @@ class ShardJob:
     (the pseudo-GT flow analyses shards and builds its texture prior there)."""
 
     name = "job"
+    phase_seconds: dict = {}  # noqa: RUF012 - set per run by execute()
 
     def plan(self) -> list[ShardSpec]:
         raise NotImplementedError
@@ -548,8 +549,11 @@ def map_with_progress(ex: Executor, fn: Callable, calls: list[tuple], phase: str
 
 
 def execute(job: ShardJob, ex: Executor, *, max_shards: int | None = None) -> dict:
-    """Plan, skip what is committed with the same key, prepare, run the rest, summarize."""
+    """Plan, skip what is committed with the same key, prepare, run the rest, summarize.
+    Wall and driver CPU seconds of each phase go to ``job.phase_seconds`` (the summary)."""
+    t = [time.perf_counter()]
     specs = job.plan()
+    t.append(time.perf_counter())
     todo = [s for s in specs if not job.is_done(s)]
     skipped = len(specs) - len(todo)
     if max_shards is not None:
@@ -559,7 +563,12 @@ def execute(job: ShardJob, ex: Executor, *, max_shards: int | None = None) -> di
     for s in todo:
         log.info("%s: shard %d runs (%s)", job.name, s.id, s.why or "new")
     job.prepare(todo, specs, ex)
+    t.append(time.perf_counter())
     results = map_with_progress(ex, run_shard, [(job, s) for s in todo], job.name)
+    t.append(time.perf_counter())
+    job.phase_seconds = {k: round(b - a, 3) for k, a, b in zip(
+        ("plan", "prepare", "shards"), t[:-1], t[1:], strict=True)}
+    job.phase_seconds.update(getattr(job, "prepare_seconds", {}))
     stats = [ShardStats(**r) for r in results]
     return job.summarize(specs, stats, skipped=skipped)
 

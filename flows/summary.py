@@ -42,10 +42,10 @@ def histograms(table, columns) -> tuple[dict, dict]:
     return hist, medians
 
 
-def run_stats(out: str, ran: list) -> dict:
+def run_stats(out: str, ran: list, phases: dict | None = None) -> dict:
     """Timing of the shards run now and of all shards on record."""
     allst = shards.read_stats(out)
-    return {"seconds_in_shards": round(sum(s.seconds for s in ran), 3),
+    return {"phase_wall_seconds": dict(phases or {}),"seconds_in_shards": round(sum(s.seconds for s in ran), 3),
             "cpu_seconds_in_shards": round(sum(s.cpu_seconds for s in ran), 3),
             "cpu_seconds_all_shards": round(sum(d.get("cpu_seconds", 0.0)
                                                 for d in allst.values()), 3),
@@ -93,7 +93,7 @@ def pseudo_gt_summary(job, specs, stats, *, skipped: int) -> dict:
         "medians": medians, "histograms": hist,
         "sheets": sorted(shards.join(out, "sheets", f"shard-{s:05d}.png") for s in committed
                          if shards.exists(shards.join(out, "sheets", f"shard-{s:05d}.png"))),
-        **run_stats(out, stats),
+        **run_stats(out, stats, job.phase_seconds),
     }
     return write(out, summary)
 
@@ -146,7 +146,7 @@ def synthesis_summary(job, stats, *, skipped: int) -> dict:
         "rejected_by_reason": reasons,
         "faces_by_group": dict(sorted(value_counts(faces.manifest, "group").items())),
         "pairs_this_run": int(sum(s.extra.get("pairs", 0) for s in stats)),
-        **run_stats(out, stats),
+        **run_stats(out, stats, job.phase_seconds),
     }
     if views.manifest.num_rows and not shards.is_url(out):
         P = summary["poses_per_face"]

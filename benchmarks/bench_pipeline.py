@@ -1,0 +1,116 @@
+"""The pseudo-GT pipeline end to end through the CLI, next to a plain loop of the same stages.
+
+    python benchmarks/bench_pipeline.py --n 24 [--model ict] [--workers 2]
+
+Makes N distinct photos (the shared portraits and scikit-image's astronaut, each cropped,
+flipped and colour-jittered differently: see scripts/incremental_rerun.py), then
+
+1. ``facecorpus run pseudo-gt`` through Prefect on a LocalCluster of ``--workers`` processes
+   (the default way a user runs it), and ``--no-prefect`` (one process);
+2. the reference: the same photos through a plain single-process loop of the stage
+   functions (``tasks.pseudo_gt.analyse`` per shard, the prior, ``tasks.pseudo_gt.finish``),
+   nothing written — what orchestration, keys, I/O and commits add is the difference.
+
+Prints photos/s, wall and CPU seconds per photo (CPU of this process and its children), and
+the CLI runs' phase times from their summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+
+def _cpu() -> float:
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+def make_photos(folder: Path, n: int) -> None:
+    from incremental_rerun import sources, variant
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src = sources()
+    for k in range(n):
+        Image.fromarray(variant(src[k % len(src)], k)).save(folder / f"p{k:03d}.png")
+
+
+def cli(photos: Path, out: Path, model: str, extra: list[str]) -> tuple[float, float, dict]:
+    cmd = [sys.executable, "-m", "facecorpus.cli", "run", "pseudo-gt", "--input", str(photos),
+           "--out", str(out), "--model", model, "--set", "output.samples_per_shard=8", *extra]
+    t0, c0 = time.perf_counter(), _cpu()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0, _cpu() - c0, json.loads((out / "summary.json").read_text())
+
+
+def reference(photos: Path, model: str) -> tuple[float, float, int]:
+    """Plain loop: every stage function on the same photos, in this process, nothing kept."""
+    from facecorpus.configs import load_config
+    from facecorpus.flows import prior_store
+    from facecorpus.tasks import pseudo_gt as st
+    from facecorpus.tasks.inputs import hash_inputs, list_planned
+
+    cfg = load_config(None, "pseudo_gt", {"model": model})
+    state = st.State.build(cfg)
+    state.detector()
+    t0, c0 = time.perf_counter(), _cpu()
+    inputs = hash_inputs(list_planned(str(photos)))
+    chunks = [inputs[i:i + 8] for i in range(0, len(inputs), 8)]
+    analyses = [st.analyse(state, c, cfg) for c in chunks]
+    with tempfile.TemporaryDirectory() as d:  # the prior builder reads analysis files
+        import io
+
+        import numpy as np
+
+        paths = []
+        for k, a in enumerate(analyses):
+            buf = io.BytesIO()
+            np.savez(buf, **a.arrays)
+            p = Path(d) / f"a{k}.npz"
+            p.write_bytes(buf.getvalue())
+            paths.append(str(p))
+        prior, _ = prior_store.build(cfg, state, paths)
+    accepted = sum(len(st.finish(state, a, prior, cfg).rows) for a in analyses)
+    return time.perf_counter() - t0, _cpu() - c0, accepted
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=24)
+    ap.add_argument("--model", default="ict")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        make_photos(tmp / "photos", args.n)
+        rows = []
+        w, c, s = cli(tmp / "photos", tmp / "prefect", args.model,
+                      ["--workers", str(args.workers)])
+        rows.append((f"CLI, Prefect + Dask ({args.workers} workers)", w, c, s))
+        w, c, s = cli(tmp / "photos", tmp / "local", args.model, ["--no-prefect"])
+        rows.append(("CLI, --no-prefect (1 process)", w, c, s))
+        w, c, acc = reference(tmp / "photos", args.model)
+        rows.append(("reference: plain loop of the stage functions", w, c,
+                     {"accepted": acc, "phase_wall_seconds": {}}))
+    n = args.n
+    print(f"{n} photos, model {args.model}")
+    print(f"{'run':48s} {'wall s':>7s} {'photos/s':>9s} {'wall s/photo':>13s} "
+          f"{'CPU s/photo':>12s} accepted  phases (wall s)")
+    for name, w, c, s in rows:
+        ph = ", ".join(f"{k} {v:.1f}" for k, v in s.get("phase_wall_seconds", {}).items())
+        print(f"{name:48s} {w:7.1f} {n / w:9.2f} {w / n:13.3f} {c / n:12.3f} "
+              f"{s['accepted']:8d}  {ph}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
