@@ -81,7 +81,7 @@ def test_converged_means_something(model, faces):
 
     # a budget too small to finish is not convergence, even on clean faces
     short = fit_landmarks(model, faces.noisy_landmarks, 256,
-                          FitOptions(slide_min_yaw=90, iters_per_round=1))
+                          FitOptions(slide_min_yaw=90, rounds=1, iters_per_round=1))
     assert not short.converged.any()
 
 
