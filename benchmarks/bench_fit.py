@@ -147,9 +147,9 @@ def main() -> None:
     with F.torch_threads(1):
         our_e = np.array([float(energies[i](torch.as_tensor(
             ours_as_reference_params(fit, i, model)))) for i in range(N)])
-    for method, label in (("L-BFGS-B", "scipy L-BFGS-B per image, exact autograd gradient"),
-                          ("trust-exact", "scipy trust-exact per image, exact autograd "
-                                          "gradient and Hessian")):
+    labels = {"L-BFGS-B": "scipy L-BFGS-B per image, exact autograd gradient",
+              "trust-exact": "scipy trust-exact per image, exact autograd gradient and Hessian"}
+    for method, label in labels.items():
         ref_err, ref_rm, ref_e, ref_it = [], [], [], []
         with F.torch_threads(1):  # the same single thread as ours
             t0 = time.perf_counter()

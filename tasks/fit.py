@@ -50,10 +50,10 @@ class FitOptions:
     huber_delta: float = 2.0  # in units of sigma
     jaw_weight: float = 0.5
     slide_min_yaw: float = 20.0  # jaw landmarks slide on the side turned away beyond this yaw
-    rounds: int = 4  # correspondence updates (sliding jaw)
-    iters_per_round: int = 100
-    tol: float = 1e-6
-    settle_rel: float = 1e-2  # converged: last round changed the energy by less than this
+    rounds: int = 4  # correspondence updates (sliding jaw), after one pose-only round
+    iters_per_round: int = 100  # Levenberg-Marquardt iterations per round and image
+    tol: float = 1e-6  # an image's round ends when a step lowers E by < tol * (1 + E)
+    settle_rel: float = 1e-2  # or: two rounds' energies differ by less than this (relative)
     max_nme: float = 0.2  # above this landmark error / inter-ocular distance: diverged
 
 
@@ -519,8 +519,6 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
     exp_std = torch.as_tensor(model.exp_std[:E], dtype=torch.float64)
     prob = _LandmarkProblem(basis, id_std, exp_std, opts.camera, S, sigma, opts.huber_delta,
                             focal0[0])
-    cand_pos = torch.as_tensor(pos[np.concatenate([cand_r, cand_l])])
-
     w = np.ones((N, 68)) if weights is None else np.asarray(weights, np.float64).reshape(N, 68)
     w = np.where(np.isfinite(w), w, 0.0) * np.r_[np.full(17, opts.jaw_weight), np.ones(51)]
     w_t = torch.as_tensor(w)
