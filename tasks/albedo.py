@@ -1,0 +1,162 @@
+"""Re-renderable albedo data (issue #13 item 3, seed method 004): de-lit UV textures.
+
+The renderer's colour model (``renderers.render``, ``renderers.diff``) is
+``colour = texture(uv) x irradiance``, with the irradiance computed per vertex from the
+camera-space vertex normal and the 27 SH coefficients (``renderers.shading``, channel-major)
+and interpolated over the triangle. :func:`uv_irradiance` moves exactly that per-vertex
+irradiance into the model's UV layout, so ``uv_albedo = uv_pseudo_gt / uv_irradiance``
+inverts the renderer texel by texel and ``uv_albedo x uv_irradiance`` re-renders
+``uv_pseudo_gt``.
+
+Clamping (why): dividing by a small irradiance amplifies every error of the pseudo-GT (and
+a negative one, from an SH fit, flips the sign), so
+
+- the divisor is clamped below at ``min_irradiance`` (per channel);
+- the albedo is clipped to ``[0, max_albedo]``;
+- ``uv_mask`` (M_uv) keeps only texels of the layout (and of the caller's mask, e.g.
+  ``uv_visible_mask``) where the irradiance of every channel is >= ``min_irradiance`` and
+  no channel was clipped: exactly the texels where relighting reproduces the pseudo-GT.
+
+Shapes: N images, V vertices, T UV size, H x W images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from facecorpus.meshops.model import MorphableModel
+
+
+@dataclass
+class Albedo:
+    """``uv_albedo`` (N, T, T, 3) float32 in [0, max_albedo] (0 outside the layout);
+    ``uv_irradiance`` (N, T, T, 3) float32 the SH irradiance used (unclamped; 0 outside the
+    layout); ``uv_mask`` (N, T, T) bool M_uv (module docstring); ``sh`` (N, 27) the
+    coefficients that expand ``uv_irradiance`` with the fitted mesh."""
+
+    uv_albedo: np.ndarray
+    uv_irradiance: np.ndarray
+    uv_mask: np.ndarray
+    sh: np.ndarray
+
+
+def vertex_irradiance(vertices: np.ndarray, triangles: np.ndarray, rotations: np.ndarray,
+                      sh: np.ndarray) -> np.ndarray:
+    """Per-vertex SH irradiance of the renderer (albedo 1).
+
+    Args:
+        vertices: (N, V, 3) fitted meshes (model space); triangles: (F, 3);
+        rotations: (N, 3, 3) model -> camera; sh: (N, 27).
+
+    Returns:
+        (N, V, 3) float32.
+    """
+    from facecorpus.meshops.geometry import vertex_normals
+    from facecorpus.renderers.shading import shade_vertices
+
+    v = np.asarray(vertices, np.float32)
+    n = vertex_normals(v, triangles)  # (N, V, 3)
+    rot = np.asarray(rotations, np.float64).reshape(len(v), 3, 3)
+    return shade_vertices(n, rot, np.ones(3, np.float32),
+                          np.asarray(sh, np.float32).reshape(len(v), 27))[0]
+
+
+def uv_irradiance(model: MorphableModel, vertices: np.ndarray, rotations: np.ndarray,
+                  sh: np.ndarray, uv_size: int) -> np.ndarray:
+    """(N, T, T, 3) float32 the renderer's irradiance in the model's UV layout (0 outside)."""
+    from facecorpus.meshops.uv import rasterize_uv
+    from facecorpus.renderers.uv_space import to_uv_space
+
+    raster = rasterize_uv(model.uv, model.uv_triangles, uv_size)
+    irr = vertex_irradiance(vertices, model.triangles, rotations, sh)
+    return to_uv_space(irr, raster, model.triangles)
+
+
+def delight(uv_pseudo_gt: np.ndarray, sh: np.ndarray, model: MorphableModel,
+            vertices: np.ndarray, rotations: np.ndarray, *, mask: np.ndarray | None = None,
+            min_irradiance: float = 0.05, max_albedo: float = 1.0) -> Albedo:
+    """Divide the pseudo-GT texture by the fitted SH irradiance.
+
+    Args:
+        uv_pseudo_gt: (N, T, T, 3) float in [0, 1] (uint8 is scaled by 1/255).
+        sh: (N, 27) fitted SH coefficients (``FitResult.sh``).
+        model: the fitted model (UV layout, triangles).
+        vertices: (N, V, 3) the fitted meshes the pseudo-GT was unwrapped with
+            (``FitResult.vertices`` or the non-rigid ``NonrigidResult.vertices``);
+        rotations: (N, 3, 3) their camera rotations (``camera_for(i).rotation``).
+        mask: optional (N, T, T) bool texels to keep (e.g. ``uv_visible_mask``).
+        min_irradiance, max_albedo: the clamping (module docstring).
+
+    Returns:
+        :class:`Albedo`.
+    """
+    pgt = np.asarray(uv_pseudo_gt)
+    pgt = pgt.astype(np.float32) / 255.0 if pgt.dtype == np.uint8 else pgt.astype(np.float32)
+    N, T = pgt.shape[:2]
+    from facecorpus.meshops.uv import rasterize_uv
+
+    layout = rasterize_uv(model.uv, model.uv_triangles, T).mask
+    irr = uv_irradiance(model, vertices, rotations, sh, T)
+    raw = pgt / np.maximum(irr, min_irradiance)
+    alb = np.clip(raw, 0.0, max_albedo)
+    m = (layout[None] & (irr >= min_irradiance).all(-1) & (raw <= max_albedo).all(-1)
+         & np.isfinite(raw).all(-1))
+    if mask is not None:
+        m &= np.asarray(mask, bool)
+    alb = np.where(layout[None, ..., None], alb, 0.0).astype(np.float32)
+    return Albedo(alb, irr.astype(np.float32), m, np.asarray(sh, np.float32).reshape(N, 27))
+
+
+def relight(uv_albedo: np.ndarray, uv_irradiance: np.ndarray) -> np.ndarray:
+    """(N, T, T, 3) the renderer's colour of an albedo under an irradiance (not clipped)."""
+    return (np.asarray(uv_albedo, np.float32) * np.asarray(uv_irradiance, np.float32))
+
+
+def face_mask_image(seg_mask: np.ndarray, proj_mask: np.ndarray,
+                    occlusion: np.ndarray | None = None) -> np.ndarray:
+    """Image-space face mask M_face = M_seg x M_proj, minus occluders.
+
+    Args:
+        seg_mask: (..., H, W) bool face segmentation (``tasks.masks.segmentation_mask`` or a
+            user/face-parser mask). proj_mask: (..., H, W) bool pixels covered by the fitted
+            mesh's face region (``tasks.masks.projected_region_mask``).
+        occlusion: optional (..., H, W) bool, True on occluders (hands, hair, glasses).
+
+    Returns:
+        (..., H, W) bool.
+    """
+    s, p = np.asarray(seg_mask, bool), np.asarray(proj_mask, bool)
+    if s.shape != p.shape:
+        raise ValueError(f"seg_mask {s.shape} and proj_mask {p.shape} differ")
+    m = s & p
+    if occlusion is not None:
+        o = np.asarray(occlusion, bool)
+        if o.shape != m.shape:
+            raise ValueError(f"occlusion {o.shape} and masks {m.shape} differ")
+        m &= ~o
+    return m
+
+
+def albedo_prior(uv_albedo: np.ndarray, uv_mask: np.ndarray, *, mirror_map=None,
+                 pca_rank: int = 8, pca_min_images: int = 32):
+    """A corpus-learned albedo prior (for models without an albedo): the prior stage's
+    robust mean (+ EM-PCA modes from ``pca_min_images`` images on) built from de-lit textures
+    instead of lit ones (``tasks.prior.robust_mean_texture`` / ``pca_with_missing``).
+
+    Args:
+        uv_albedo: (N, T, T, 3); uv_mask: (N, T, T) bool (``Albedo.uv_mask``).
+
+    Returns:
+        :class:`facecorpus.tasks.prior.TexturePrior` with source "corpus-albedo" (or
+        "corpus-albedo+pca").
+    """
+    from facecorpus.tasks.prior import pca_with_missing, robust_mean_texture
+
+    prior = robust_mean_texture(np.asarray(uv_albedo, np.float32), np.asarray(uv_mask, bool),
+                                mirror_map)
+    prior.source = "corpus-albedo"
+    if pca_rank > 0 and len(uv_albedo) >= pca_min_images:
+        prior.basis, prior.std = pca_with_missing(uv_albedo, uv_mask, prior.mean, pca_rank)
+        prior.source = "corpus-albedo+pca"
+    return prior
