@@ -746,7 +746,8 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     Images do not couple: every term is per image (the colour error is normalised by the
     image's own mask count), the loss is their sum, so each image's gradient is its own
     term's, and Adam's moments are per element. An image whose energy or gradient turns
-    non-finite is frozen at its last finite step and reported, never passed on silently.
+    non-finite is frozen from that step (it never feeds NaN to the rasterizer or to later
+    steps) and returned with NaN parameters and a ``failure``, never passed on silently.
 
     Returns:
         A new :class:`FitResult` with ``sh`` and ``photometric_error`` (mean L1 over the mask);
@@ -903,11 +904,18 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
         sh=sh.detach().numpy().astype(np.float32), photometric_error=err,
         landmark_rmse=rmse.astype(np.float32), landmark_nme=nme.astype(np.float32),
         iterations=fit.iterations + np.where(dead_step >= 0, dead_step, opts.iters))
+    d = dead.numpy()
+    if d.any():
+        # a frozen image's numbers are not a fit: NaN them, so that any consumer checking
+        # finiteness (not only one reading ``failure``) drops the image
+        for name in ("yaw", "pitch", "roll", "translation", "scale", "focal", "alpha", "beta",
+                     "sh", "photometric_error", "landmark_rmse", "landmark_nme"):
+            getattr(out, name)[d] = np.nan
     failure = fit_failures(out, opts.max_nme, stage="stage 2")
-    for i in np.flatnonzero(dead.numpy()):
-        if failure[i] is None:
-            failure[i] = (f"non-finite energy or gradient in stage 2 at step {dead_step[i]} "
-                          "(parameters of the last finite step kept)")
+    for i in np.flatnonzero(d):
+        if fit.failure[i] is None:
+            failure[i] = (f"non-finite parameters after stage 2 (its energy or gradient turned "
+                          f"non-finite at step {dead_step[i]})")
     out.failure = failure
     out.converged = np.asarray(fit.converged, bool) & np.array([f is None for f in failure])
     return out
