@@ -251,26 +251,15 @@ def _concat_fits(fits: list):
 
 def _fit_checks(stage: str, uris: list[str], fit, max_nme: float
                 ) -> tuple[list[int], list[RejectedRow]]:
-    """Reject non-finite fits and those whose landmark error says they diverged."""
+    """Reject fits that must not be used: ``tasks.fit.fit_failures`` (bad landmarks,
+    non-finite parameters, a landmark error that says the fit diverged)."""
     if fit is None or not len(uris):
         return [], []
-    arrays = [fit.alpha, fit.beta, fit.translation, np.c_[fit.yaw, fit.pitch, fit.roll],
-              fit.scale, fit.focal]
-    if getattr(fit, "sh", None) is not None:
-        arrays.append(fit.sh)
-    finite = isolation.finite_rows(*arrays)
-    nme = np.asarray(fit.landmark_nme, np.float64)
-    keep, rejected = [], []
-    for i, uri in enumerate(uris):
-        if not finite[i]:
-            rejected.append(RejectedRow(uri, stage, "non-finite fit parameters"))
-        elif not np.isfinite(nme[i]) or nme[i] >= max_nme:
-            rejected.append(RejectedRow(
-                uri, stage, f"fit diverged: landmark error {nme[i]:.3f} of the inter-ocular "
-                            f"distance > {max_nme}"))
-        else:
-            keep.append(i)
-    return keep, rejected
+    why = fit_mod.fit_failures(fit, max_nme, "stage 2" if stage == "fit2" else "stage 1")
+    keep = [i for i in range(len(uris)) if why[i] is None]
+    return keep, [RejectedRow(uris[i], stage, f"fit diverged: {why[i]}"
+                              if why[i].startswith("landmark error") else str(why[i]))
+                  for i in range(len(uris)) if why[i] is not None]
 
 
 def fit_from_arrays(a: dict, cfg):
@@ -323,7 +312,8 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
     fc, uc = cfg.fit, cfg.unwrap
     sh = np.zeros((n, 27), np.float32)
     if fc.photometric_iters > 0 and len(keep):
-        popts = fit_mod.PhotometricOptions(iters=fc.photometric_iters, lr=fc.photometric_lr)
+        popts = fit_mod.PhotometricOptions(iters=fc.photometric_iters, lr=fc.photometric_lr,
+                                            max_nme=fc.max_nme)
         sub = fit.select(keep)
 
         def refine_some(idx):
