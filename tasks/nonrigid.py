@@ -324,7 +324,7 @@ def refine_nonrigid(model: MorphableModel, fit, landmarks: np.ndarray, image_siz
         d_l = np.zeros((nl, 3))
         dbeta_last = np.zeros(E)
 
-        def state_energy(s, q, t, beta, d_l, beta_prev, lm_v):
+        def state_energy(s, q, t, beta, d_l, beta_prev, lm_v, R0=R0, Pl0=Pl0, wl=wl, lm=lm):
             R = _quat_to_rot(q) @ R0
             Pl = Pl0 + Bl @ beta + d_l
             uv, _ = _project(Pl[pos[lm_v]], R, t, f0 * np.exp(s), cx, cy)

@@ -72,7 +72,7 @@ def test_delight_recovers_the_texture_and_relights_to_the_pseudo_gt(model, scene
 
 
 def test_delight_clamps_dark_texels_out_of_the_mask(model, scene):
-    tex, sh, u, verts, rots = scene
+    _, sh, u, verts, rots = scene
     dark = sh.copy()
     dark[:, 0::9] = 0.0  # band 0 off: the irradiance goes negative on half the face
     alb = delight(u.uv_visible, dark, model, verts, rots, mask=u.uv_visible_mask)
