@@ -105,3 +105,35 @@ def test_face_mask_image():
     assert not (m & ~seg).any() and not (m & ~proj).any() and not (m & occ).any()
     with pytest.raises(ValueError):
         face_mask_image(seg, proj[:, :4])
+
+
+def test_delight_with_the_fitted_light(model):
+    """The pipeline's own fits: stage-1 landmarks, stage-2 photometric SH (shape frozen, the
+    true texture as the albedo prior, as a model with an albedo has), then de-lit."""
+    from facecorpus.tasks.fit import (
+        FitOptions,
+        PhotometricOptions,
+        fit_landmarks,
+        refine_photometric,
+    )
+
+    sh = np.stack([_light(s) for s in range(2)])
+    parts = [synthetic_batch(model, 1, 256, seed=10, sh=sh[i], yaw_max=0, noise_px=0)
+             for i in range(2)]
+    images = np.concatenate([p.image for p in parts])
+    masks = np.stack([erode(p.mask[0], 1) for p in parts])
+    lms = np.concatenate([p.landmarks for p in parts])
+    tex = parts[0].uv_texture
+    fit = fit_landmarks(model, lms, 256, FitOptions(slide_min_yaw=90))
+    fit2 = refine_photometric(model, fit, images, masks, np.stack([tex, tex]), lms,
+                              PhotometricOptions(iters=60, fit_shape=False, render_size=None))
+    u = unwrap_batch(images, model, fit2, T, masks)
+    verts = np.stack([fit2.vertices(model, i) for i in range(2)])
+    rots = np.stack([fit2.camera_for(i).rotation for i in range(2)])
+    alb = delight(u.uv_visible, fit2.sh, model, verts, rots, mask=u.uv_visible_mask)
+    for i in range(2):
+        m = alb.uv_mask[i]
+        assert m.sum() > 0.9 * u.uv_visible_mask[i].sum()
+        assert psnr(alb.uv_albedo[i], tex, m) >= 30.0
+        re = relight(alb.uv_albedo, alb.uv_irradiance)[i]
+        assert np.abs(re[m] - u.uv_visible[i][m]).max() < 1e-5
