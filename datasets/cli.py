@@ -143,6 +143,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from facecorpus.datasets.verify import verify_dataset
 
     rep = verify_dataset(args.root, check_data=not args.no_data)
+    for note in rep.notes:
+        print(f"  note: {note}")
     for p in rep.problems:
         print(f"PROBLEM: {p}")
     status = "OK" if rep.ok else f"FAILED ({len(rep.problems)} problems)"

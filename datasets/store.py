@@ -223,15 +223,18 @@ class ShardInfo:
     checksums: dict[str, str]
     written: bool = True
 
+    made_by: dict[str, str] = field(default_factory=dict)  # package / model / code provenance
+
     def record(self) -> dict[str, Any]:
         return {"shard": self.shard, "key": self.key, "n_samples": self.n_samples,
                 "n_rejected": self.n_rejected, "checksums": self.checksums,
-                "format_version": FORMAT_VERSION}
+                "format_version": FORMAT_VERSION, "made_by": self.made_by}
 
     @classmethod
     def from_record(cls, d: Mapping[str, Any]) -> ShardInfo:
         return cls(shard=int(d["shard"]), key=str(d["key"]), n_samples=int(d["n_samples"]),
-                   n_rejected=int(d["n_rejected"]), checksums=dict(d["checksums"]), written=False)
+                   n_rejected=int(d["n_rejected"]), checksums=dict(d["checksums"]), written=False,
+                   made_by=dict(d.get("made_by") or {}))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -630,7 +633,8 @@ class DatasetWriter:
 
     # -- the write
     def write_shard(self, shard_id: int, arrays: Mapping[str, np.ndarray], manifest: Any,
-                    key: str = "", rejected: Any = None, overwrite: bool = False) -> ShardInfo:
+                    key: str = "", rejected: Any = None, overwrite: bool = False,
+                    made_by: Mapping[str, str] | None = None) -> ShardInfo:
         """Commit one whole shard: data first, rejected part, manifest part last.
 
         Args:
@@ -643,6 +647,8 @@ class DatasetWriter:
             key: content key of the inputs + config (e.g. a hash); compared on rewrite.
             rejected: rows ``{"source_uri", "stage", "reason", ...}`` committed with the shard.
             overwrite: replace a committed shard whose content differs.
+            made_by: provenance kept in the commit record (package version, model hash, code
+                digest); ``verify`` reports a dataset whose shards disagree on it.
 
         Returns:
             The commit record; ``written`` is False if the identical shard was already there.
@@ -656,7 +662,7 @@ class DatasetWriter:
         rej = self._rejected_table(shard_id, rejected)
         sums = {name: field_checksum(a) for name, a in data.items()}
         info = ShardInfo(shard=shard_id, key=str(key), n_samples=n, n_rejected=rej.num_rows,
-                         checksums=sums)
+                         checksums=sums, made_by={k: str(v) for k, v in (made_by or {}).items()})
         old = _read_part_info(self.root, shard_id)
         if old is not None:
             if old.key == info.key and old.checksums == sums and old.n_samples == n:

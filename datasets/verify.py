@@ -47,6 +47,7 @@ class VerifyReport:
 
     root: str
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # worth knowing, not a defect
     n_shards: int = 0
     n_samples: int = 0
     n_rejected: int = 0
@@ -188,6 +189,17 @@ def verify_dataset(root: str | os.PathLike, storage_options: dict | None = None,
                 if field_checksum(got) != info.checksums[name]:
                     P(f"shard {s} field {name!r}: sha256 of the stored data does not match the "
                       f"commit record (corrupted or missing chunk data)")
+
+    # ---- provenance: shards made by different package versions, models or code
+    made: dict[str, dict[str, list[int]]] = {}
+    for s, info in infos.items():
+        for k, v in (info.made_by or {}).items():
+            made.setdefault(k, {}).setdefault(v, []).append(s)
+    for k, groups in sorted(made.items()):
+        if len(groups) > 1:
+            rep.notes.append(f"shards made with different {k}: " + "; ".join(
+                f"{v}: shards {sorted(ss)[:8]}{' ...' if len(ss) > 8 else ''}"
+                for v, ss in sorted(groups.items())))
 
     # ---- orphans: shard files with no committed manifest part, temp and stray files
     for name, spec in schema.fields.items():

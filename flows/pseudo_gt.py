@@ -238,7 +238,8 @@ class PseudoGTJob(shards.ShardJob):
         order = {d["source_uri"]: k for k, d in enumerate(spec.items)}
         rejected = sorted(part.rejected, key=lambda r: order.get(r.source_uri, len(order)))
         self.writer().write_shard(spec.id, part.arrays, part.rows, key=spec.key,
-                                  rejected=[r.row() for r in rejected], overwrite=True)
+                                  rejected=[r.row() for r in rejected], overwrite=True,
+                                  made_by=shards.made_by(self.state.model.content_hash()))
         if self.cfg.output.sheets and output.extras["sheet_rows"]:
             from facecorpus.sheets import contact_sheet
 

@@ -103,6 +103,12 @@ def why_runs(spec: ShardSpec, committed_key: str | None, old_stats: dict | None)
     return "changed: " + ", ".join(out) if out else "key changed"
 
 
+def made_by(model_hash: str) -> dict:
+    """Provenance of a commit (``verify`` reports datasets whose shards disagree on it)."""
+    return {"package": hashing.package_version(), "model": model_hash[:16],
+            "code": hashing.source_digest()}
+
+
 # --------------------------------------------------------------------------- records
 @dataclass
 class ShardSpec:

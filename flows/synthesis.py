@@ -200,9 +200,10 @@ class SynthesisJob(shards.ShardJob):
     def commit(self, spec: ShardSpec, output: ShardOutput) -> None:
         vw, fw = self.writers()
         f, v = output.parts[FACES], output.parts[VIEWS]
+        made = shards.made_by(self.parts["model"])
         fw.write_shard(spec.id, f.arrays, f.rows, key=spec.key,
-                       rejected=[r.row() for r in f.rejected], overwrite=True)
-        vw.write_shard(spec.id, v.arrays, v.rows, key=spec.key, overwrite=True)
+                       rejected=[r.row() for r in f.rejected], overwrite=True, made_by=made)
+        vw.write_shard(spec.id, v.arrays, v.rows, key=spec.key, overwrite=True, made_by=made)
 
     def summarize(self, specs, stats, *, skipped) -> dict:
         from facecorpus.flows import summary

@@ -297,3 +297,21 @@ def test_keys_change_exactly_with_what_changes_the_bytes(tmp_path, faces, monkey
     # a config value of the analyse step changes every key
     assert not set(_keys(cfg.model_copy(update={"fit": cfg.fit.model_copy(
         update={"rounds": 3})}), listing, out).values()) & set(base.values())
+
+
+def test_verify_reports_shards_of_different_versions(tmp_path):
+    from facecorpus.datasets.store import DatasetSchema, DatasetWriter, FieldSpec
+    from facecorpus.datasets.verify import verify_dataset
+
+    w = DatasetWriter(str(tmp_path / "ds"), DatasetSchema({"x": FieldSpec((2,), "float32")},
+                                                          samples_per_shard=2,
+                                                          samples_per_chunk=1))
+    rows = [{"sample_id": "a"}, {"sample_id": "b"}]
+    x = np.zeros((2, 2), np.float32)
+    w.write_shard(0, {"x": x}, rows, key="k0", made_by={"package": "0.1.0", "model": "m1"})
+    rows = [{"sample_id": "c"}, {"sample_id": "d"}]
+    w.write_shard(1, {"x": x}, rows, key="k1", made_by={"package": "0.2.0", "model": "m1"})
+    rep = verify_dataset(str(tmp_path / "ds"))
+    assert rep.ok
+    assert len(rep.notes) == 1 and "different package" in rep.notes[0]
+    assert "0.1.0: shards [0]" in rep.notes[0] and "0.2.0: shards [1]" in rep.notes[0]
