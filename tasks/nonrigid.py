@@ -340,10 +340,7 @@ def refine_nonrigid(model: MorphableModel, fit, landmarks: np.ndarray, image_siz
             R = _quat_to_rot(q) @ R0
             F = f0 * np.exp(s)
             if cfg.slide_min_yaw < 90 and len(cand):
-                Pc = P0[cand] + np.tensordot(beta, B_all[:, cand], (0, 0))
-                if len(cand):
-                    dc = pos[cand]
-                    Pc = Pc + d_l[dc]
+                Pc = P0[cand] + np.tensordot(beta, B_all[:, cand], (0, 0)) + d_l[pos[cand]]
                 uvc, _ = _project(Pc, R, t, F, cx, cy)
                 yaw = rotation_to_euler(R)[0]
                 lm_v = _slide_jaw(uvc[None], cand_r, cand_l, lm[None], lm_v[None], fixed_lm,

@@ -204,3 +204,30 @@ def test_ict_facekit(ict_archive):
                 assert after < before, (before, after)
             else:
                 assert after < 1.05 * before, (before, after)
+
+
+def test_sliding_contour_follows_the_silhouette(model):
+    """Default config (contour landmarks slide beyond 20 deg yaw): on a head turned 40 deg,
+    jaw landmarks placed on the projected silhouette re-attach to contour vertices and the
+    refinement still lowers the error."""
+    sc = make_scene(model, n=2, seed=3)
+    lm = sc["landmarks"].copy()
+    from facecorpus.renderers.cameras import framing_camera
+
+    for i, yaw in enumerate((-40.0, 40.0)):
+        vd = sc["vertices"][i]
+        cam = framing_camera(vd, S, S, yaw=yaw, kind="perspective", fov_deg=40, fill=0.75)
+        lm[i] = cam.project(vd[model.landmarks])[:, :2]
+        side = np.arange(0, 8) if yaw < 0 else np.arange(9, 17)
+        cand = model.contour_right if yaw < 0 else model.contour_left
+        uvc = cam.project(vd[cand])[:, :2]
+        # the true silhouette point: the candidate nearest each fixed-vertex projection
+        lm[i, side] = uvc[np.linalg.norm(lm[i, side, None] - uvc[None], axis=-1).argmin(1)]
+    fit = fit_landmarks(model, lm, S, dataclasses.replace(FIT, slide_min_yaw=20))
+    nr = refine_nonrigid(model, fit, lm, S, NonrigidConfig())
+    assert all(f is None for f in nr.failure)
+    assert (nr.landmark_rmse_after < nr.landmark_rmse_before).all()
+    for i, yaw in enumerate((-40.0, 40.0)):
+        side = np.arange(0, 8) if yaw < 0 else np.arange(9, 17)
+        cand = model.contour_right if yaw < 0 else model.contour_left
+        assert np.isin(nr.landmark_vertices[i, side], cand).all()
