@@ -86,6 +86,27 @@ class NonrigidResult:
         """(yaw, pitch, roll) (N,) degrees of the refined rotations."""
         return rotation_to_euler(self.rotation)
 
+    def as_fit_result(self, fit):
+        """The refined camera and ``beta`` as a perspective
+        :class:`facecorpus.tasks.fit.FitResult` (identity, SH and iterations from ``fit``;
+        landmark errors and ``failure`` the refinement's). Its ``vertices(model, i)`` is the
+        3DMM part only: use :attr:`vertices` (with ``vertex_offsets``) for the mesh.
+        Square images only (FitResult has one ``image_size``)."""
+        from dataclasses import replace
+
+        if self.width != self.height:
+            raise ValueError(f"FitResult needs a square image, got {self.width}x{self.height}")
+        yaw, pitch, roll = self.angles()
+        ok = np.array([f is None for f in self.failure])
+        return replace(
+            fit, camera="perspective", image_size=self.width,
+            yaw=yaw.astype(np.float32), pitch=pitch.astype(np.float32),
+            roll=roll.astype(np.float32), translation=self.translation.astype(np.float32),
+            scale=np.zeros(len(self), np.float32), focal=self.focal.astype(np.float32),
+            beta=self.beta.astype(np.float32), landmark_rmse=self.landmark_rmse_after,
+            landmark_nme=self.landmark_nme_after,
+            converged=np.asarray(fit.converged, bool) & ok, failure=self.failure.copy())
+
 
 # ------------------------------------------------------------------ per-model precompute
 @dataclass

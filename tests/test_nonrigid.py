@@ -110,6 +110,14 @@ def test_landmark_error_drops_and_the_shape_gets_closer(model, solved):
         rmse = np.sqrt(((uv - sc["landmarks"][i]) ** 2).sum(-1).mean())
         assert rmse == pytest.approx(nr.landmark_rmse_after[i], rel=1e-3, abs=1e-3)
     assert (nr.focal > 0).all() and np.isfinite(nr.translation).all()
+    # the FitResult view carries the same camera
+    f2 = nr.as_fit_result(fit)
+    for i in range(len(nr)):
+        a = f2.camera_for(i).project(nr.vertices[i])
+        b = nr.camera_for(i).project(nr.vertices[i])
+        np.testing.assert_allclose(a, b, atol=1e-3)
+        np.testing.assert_allclose(f2.vertices(model, i) + nr.vertex_offsets[i],
+                                   nr.vertices[i], atol=1e-3)
 
 
 def test_recovered_field_correlates_with_the_truth(solved):
