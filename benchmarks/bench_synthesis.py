@@ -1,6 +1,6 @@
 """Synthesis throughput: DR encode/decode, per-pair rendering against the render-crop-resize
-reference, and end-to-end pairs/s (augment + render + crop + compress + write) with 1 and 2
-worker processes; optionally a long measured run extrapolated to the 690k-pair config.
+reference, and end-to-end pairs/s through `facecorpus run synthesis` (Prefect + Dask, augment + render +
+crop + compress + write) with 1 and 2 worker processes; optionally a long measured run extrapolated to the 690k-pair config.
 
     FACECORPUS_ASSETS=../shared .venv/bin/python benchmarks/bench_synthesis.py            # quick
     FACECORPUS_ASSETS=../shared .venv/bin/python benchmarks/bench_synthesis.py --big 50000
@@ -19,7 +19,6 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +50,8 @@ def make_cfg(model: str, n_faces: int, workers: int, **out):
 
 # --------------------------------------------------------------------------- DR
 def bench_dr(model_spec: str, n: int = 20) -> dict:
-    from facecorpus.flows.synthesis import load_model
     from facecorpus.meshops import dr
+    from facecorpus.tasks.synthesis import load_model
 
     model = load_model(model_spec)
     rng = np.random.default_rng(0)
@@ -84,7 +83,6 @@ def bench_render(model_spec: str, faces: int = 4) -> dict:
     one-pass ``render`` at 512 with a framing camera, crop the foreground's bounding square,
     resize each output to 128."""
     import numba
-    from facecorpus.flows.synthesis import build_context
     from facecorpus.renderers.cameras import framing_camera
     from facecorpus.renderers.render import render
     from facecorpus.tasks.augment import face_rng
@@ -92,7 +90,9 @@ def bench_render(model_spec: str, faces: int = 4) -> dict:
     from PIL import Image
 
     numba.set_num_threads(1)
-    ctx = build_context(make_cfg(model_spec, 8, 1))
+    from facecorpus.tasks.synthesis import build_state
+
+    ctx = build_state(make_cfg(model_spec, 8, 1))
     m = ctx.model
     subj = ctx.prepared.subjects
     S, big = 128, 512
@@ -154,60 +154,36 @@ def bench_render(model_spec: str, faces: int = 4) -> dict:
 
 
 # --------------------------------------------------------------------------- end to end
-def _warm(cfg_json: str, sources_dir: str, barrier) -> int:
-    import numba
-    from facecorpus.configs.synthesis import SynthesisConfig
-    from facecorpus.flows.synthesis import build_context
-    from facecorpus.tasks.augment import sample_face
-    from facecorpus.tasks.render_views import render_views, sample_view_params
-
-    numba.set_num_threads(1)
-    ctx = build_context(SynthesisConfig.model_validate_json(cfg_json), sources_dir)
-    # load every jitted kernel once (numba's disk cache), outside the timed part
-    face = sample_face(0, str(ctx.groups[0]), ctx.prepared, seed=0).face
-    render_views(face.vertices, ctx.model.triangles, ctx.corner_uv,
-                 ctx.prepared.subjects.textures[0], ctx.ncc,
-                 sample_view_params(np.random.default_rng(0), ctx.yaws[:2]), None, size=32)
-    barrier.wait()
-    return os.getpid()
-
-
 def run_processes(cfg, out: Path, workers: int) -> dict:
-    """All shards of ``cfg`` on ``workers`` processes (fresh output); wall time after warm-up."""
-    import multiprocessing as mp
+    """All shards of ``cfg`` through the CLI as a user runs it: ``facecorpus run synthesis``,
+    Prefect + a Dask LocalCluster of ``workers`` processes (fresh output); wall time of the
+    whole command, start-up and source preparation included."""
+    import subprocess
 
-    from facecorpus.flows.synthesis import (
-        _shard_worker,
-        build_context,
-        finish,
-        open_writers,
-        sources_dir_for,
-    )
+    import yaml
 
     if out.exists():
         shutil.rmtree(out)
-    sd = str(sources_dir_for(cfg, out))
-    ctx = build_context(cfg, sd)
-    writers = open_writers(ctx, out)
-    cfg_json = cfg.model_dump_json()
-    mpctx = mp.get_context("spawn")
-    with mpctx.Manager() as man, ProcessPoolExecutor(workers, mp_context=mpctx) as ex:
-        barrier = man.Barrier(workers)
-        list(ex.map(_warm, [cfg_json] * workers, [sd] * workers, [barrier] * workers))
-        load0 = os.getloadavg()
-        t = time.perf_counter()
-        results = list(ex.map(_shard_worker, [cfg_json] * cfg.n_shards(),
-                              [writers] * cfg.n_shards(), range(cfg.n_shards()),
-                              [1] * cfg.n_shards(), [sd] * cfg.n_shards()))
-        wall = time.perf_counter() - t
-        load1 = os.getloadavg()
-    summary = finish(cfg, out, results, skipped=0)
+    out.mkdir(parents=True)
+    cfg_path = out.parent / f"{out.name}.yaml"
+    d = cfg.model_dump(mode="json")
+    d.update(workers=workers, task_runner="dask" if workers > 1 else "threads")
+    cfg_path.write_text(yaml.safe_dump(d))
+    load0 = os.getloadavg()
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "facecorpus.cli", "run", "synthesis", "--config",
+                    str(cfg_path), "--out", str(out)], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    load1 = os.getloadavg()
+    summary = json.loads((out / "summary.json").read_text())
     pairs = summary["pairs"]
     size = sum(p.stat().st_size for sub in ("views", "faces") for p in (out / sub).rglob("*")
                if p.is_file())  # the datasets only (not the run's prepared-sources cache)
     cpu = summary["cpu_seconds_in_shards"]
     return {"workers": workers, "pairs": pairs, "faces": summary["faces"], "wall_s": wall,
-            "pairs_per_s": pairs / wall, "cpu_ms_per_pair": 1e3 * cpu / max(pairs, 1), "bytes_per_pair": size / max(pairs, 1),
+            "pairs_per_s": pairs / wall, "cpu_ms_per_pair": 1e3 * cpu / max(pairs, 1),
+            "bytes_per_pair": size / max(pairs, 1), "phases": summary["phase_wall_seconds"],
             "rejected": summary["rejected_draws"], "loadavg_before": load0[0],
             "loadavg_after": load1[0]}
 

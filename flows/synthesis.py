@@ -36,96 +36,15 @@ def load_config(path, overrides: dict | None = None) -> SynthesisConfig:
     return load(path, "synthesis", overrides)
 
 
-def load_model(spec: str):
-    """``procedural`` | ``ict`` | ``ict:<region>`` | a model file (``meshops.catalog``)."""
-    from facecorpus.meshops.catalog import load_model as catalog_load
-
-    return catalog_load(spec)
-
-
-def _files_digest(paths) -> list:
-    return [[os.path.basename(p), hashing.file_sha256(p)] for p in sorted(paths)]
-
-
-def sources_content(cfg: SynthesisConfig) -> dict:
-    """The content of what the sources and backgrounds are read from (never their paths)."""
-    import glob
-
-    sc, bc = cfg.subjects, cfg.background
-    out: dict = {"source": sc.source}
-    if sc.source == "pseudo_gt":
-        from facecorpus.datasets.store import open_dataset
-
-        ds = open_dataset(sc.dataset)
-        cols = [c for c in ("sample_id", "subject_id", sc.group_column, sc.embedding_column)
-                if c and c in ds.manifest.column_names]
-        out["dataset"] = hashing.digest([(i.shard, i.key, i.checksums) for i in ds.shards.values()],
-                                        ds.manifest.select(cols).to_pydict())
-    elif sc.source == "meshes":
-        p = sc.meshes
-        paths = glob.glob(os.path.join(p, "*")) if os.path.isdir(p) else glob.glob(p)
-        out["meshes"] = _files_digest(q for q in paths if os.path.isfile(q))
-        out["groups_csv"] = hashing.file_sha256(sc.groups_csv) if sc.groups_csv else None
-    if bc.kind == "folder" and bc.folder:
-        out["backgrounds"] = _files_digest(
-            q for q in glob.glob(os.path.join(bc.folder, "*")) if os.path.isfile(q))
-    return out
-
-
-def build_state(cfg: SynthesisConfig, sources_dir: str | None = None) -> stages_mod.State:
-    """Model, DR-encoded sources (memory-mapped from ``sources_dir`` when prepared there, else
-    computed and written there), group assignment, poses, backgrounds."""
-    from pathlib import Path
-
-    from facecorpus.meshops.geometry import ncc
-    from facecorpus.tasks import augment
-    from facecorpus.tasks.backgrounds import BackgroundSource
-
-    model = load_model(cfg.model)
-    if sources_dir is not None and (Path(sources_dir) / "done.json").is_file():
-        prepared = augment.load_prepared(sources_dir, model.triangles)
-    else:
-        prepared = augment.prepare_sources(_make_subjects(cfg, model), model.triangles)
-        if sources_dir is not None:
-            augment.save_prepared(prepared, sources_dir)
-    ratios = augment.group_ratios_for(prepared.subjects, cfg.augment.group_ratios)
-    return stages_mod.State(
-        model=model, ncc=ncc(model.vertices),
-        corner_uv=np.ascontiguousarray(model.uv[model.uv_triangles], np.float32),
-        prepared=prepared, groups=augment.assign_groups(cfg.augment.n_faces, ratios, cfg.seed),
-        yaws=np.asarray(cfg.poses.yaws(), np.float32),
-        backgrounds=BackgroundSource(cfg.background.kind, cfg.background.folder))
-
-
-def _make_subjects(cfg: SynthesisConfig, model):
-    from facecorpus.tasks import augment
-    from facecorpus.tasks.render_views import albedo_uv_map
-
-    sc = cfg.subjects
-    tsize = sc.texture_size
-    albedo_uv = albedo_uv_map(model, tsize) if model.has_albedo else None
-    if sc.source == "random":
-        return augment.random_subjects(model, sc.n_random, coeff_std=sc.coeff_std,
-                                       n_groups=sc.n_groups, seed=cfg.seed,
-                                       texture_size=tsize, albedo_uv=albedo_uv)
-    if sc.source == "meshes":
-        return augment.subjects_from_meshes(model, sc.meshes, groups_csv=sc.groups_csv,
-                                            texture_size=tsize, seed=cfg.seed,
-                                            albedo_uv=albedo_uv)
-    return augment.subjects_from_dataset(model, sc.dataset, group_column=sc.group_column,
-                                         embedding_column=sc.embedding_column,
-                                         texture_size=tsize)
-
-
 class SynthesisJob(shards.ShardJob):
     name = "synthesis"
 
     def __init__(self, cfg: SynthesisConfig, out, *, stages=stages_mod.STAGES):
         self.cfg, self._out, self.stages = cfg, str(out), stages
         self.content = content_config(cfg)
-        model_hash = load_model(cfg.model).content_hash()
+        model_hash = stages_mod.load_model(cfg.model).content_hash()
         self.parts = {"config": self.content, "model": model_hash,
-                      "sources": sources_content(cfg)}
+                      "sources": stages_mod.sources_content(cfg)}
         recipe = {k: self.parts[k] for k in ("model", "sources")}
         recipe["subjects"], recipe["seed"] = self.content["subjects"], cfg.seed
         self.sources_dir = shards.join(self._out, ".sources", hashing.digest(recipe, n=16))
@@ -141,7 +60,7 @@ class SynthesisJob(shards.ShardJob):
     @property
     def state(self) -> stages_mod.State:
         return shards.worker_state(self.fingerprint,
-                                   lambda: build_state(self.cfg, self.sources_dir))
+                                   lambda: stages_mod.build_state(self.cfg, self.sources_dir))
 
     def writers(self):
         """(views, faces) writers; created here, in the driver, before any shard runs."""
