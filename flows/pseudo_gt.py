@@ -31,11 +31,17 @@ import numpy as np
 from facecorpus.configs.base import content_config
 from facecorpus.configs.pseudo_gt import PseudoGTConfig
 from facecorpus.core import hashing
-from facecorpus.core.errors import ConfigError, RejectedRow
+from facecorpus.core.errors import ConfigError
 from facecorpus.flows import prior_store, runtime, shards
 from facecorpus.flows.shards import DatasetPart, ShardOutput, ShardSpec, ShardStats
 from facecorpus.tasks import pseudo_gt as stages_mod
-from facecorpus.tasks.inputs import PlannedInput, assign_shards, hash_inputs, list_planned
+from facecorpus.tasks.inputs import (
+    PlannedInput,
+    assign_shards,
+    committed_membership,
+    hash_inputs,
+    list_planned,
+)
 
 log = logging.getLogger("facecorpus.pseudo_gt")
 
@@ -106,7 +112,7 @@ class PseudoGTJob(shards.ShardJob):
         inputs = hash_inputs(list_planned(self.input_spec))
         members_path = shards.join(self.out, WORK, "membership.json")
         known = json.loads(shards.get_bytes(members_path) or b"{}")
-        known.update(self._committed_membership())
+        known.update(committed_membership(shards.join(self.out, DATASET)))
         where = assign_shards([p.source_uri for p in inputs], known,
                               self.cfg.output.samples_per_shard)
         shards.put_bytes(members_path, json.dumps(where, indent=0).encode())
@@ -136,21 +142,6 @@ class PseudoGTJob(shards.ShardJob):
             spec.why = shards.why_runs(spec, info.key if info else None, old_stats.get(sid))
             specs.append(spec)
         return specs
-
-    def _committed_membership(self) -> dict[str, int]:
-        from facecorpus.datasets.store import open_dataset
-
-        root = shards.join(self.out, DATASET)
-        if not shards.exists(shards.join(root, "schema.json")):
-            return {}
-        ds = open_dataset(root)
-        out = {}
-        for t in (ds.manifest, ds.rejected):
-            if t.num_rows:
-                for u, s in zip(t.column("source_uri").to_pylist(),
-                                t.column("shard").to_pylist(), strict=True):
-                    out[str(u)] = int(s)
-        return out
 
     def _set_key(self, spec: ShardSpec) -> None:
         spec.parts["prior"] = self.prior.version if self.prior else "pending"
@@ -185,16 +176,10 @@ class PseudoGTJob(shards.ShardJob):
         path = self._analysis_path(spec)
         data = shards.get_bytes(path)
         if data is not None:
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                a = {k: z[k] for k in z.files}
-            rej = [RejectedRow(**r) for r in json.loads(str(a.pop("rejected")))]
-            return stages_mod.Analysis(a, rej)
+            return stages_mod.Analysis.from_bytes(data)
         res = stages_mod.analyse(self.state, [PlannedInput(**d) for d in spec.items], self.cfg,
                                  self.stages)
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **res.arrays, rejected=np.array(json.dumps(
-            [r.__dict__ for r in res.rejected])))
-        shards.put_bytes(path, buf.getvalue())
+        shards.put_bytes(path, res.to_bytes())
         return res
 
     def prepare(self, todo, specs, ex) -> None:

@@ -148,3 +148,21 @@ def assign_shards(uris: list[str], known: dict[str, int], per_shard: int) -> dic
         out[u] = last
         fill += 1
     return out
+
+
+def committed_membership(dataset_root: str) -> dict[str, int]:
+    """source_uri -> shard of every input a dataset has committed (accepted or rejected)."""
+    import fsspec
+    from facecorpus.datasets.store import open_dataset
+
+    fs, p = fsspec.core.url_to_fs(dataset_root)
+    if not fs.exists(p.rstrip("/") + "/schema.json"):
+        return {}
+    ds = open_dataset(dataset_root)
+    out = {}
+    for t in (ds.manifest, ds.rejected):
+        if t.num_rows:
+            for u, s in zip(t.column("source_uri").to_pylist(), t.column("shard").to_pylist(),
+                            strict=True):
+                out[str(u)] = int(s)
+    return out

@@ -129,6 +129,25 @@ class Analysis:
     def n(self) -> int:
         return len(self.arrays["sample_uri"])
 
+    def to_bytes(self) -> bytes:
+        """A pickle-free compressed ``.npz`` (the rejected rows as JSON text)."""
+        import io
+        import json
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **self.arrays, rejected=np.array(json.dumps(
+            [dataclasses.asdict(r) for r in self.rejected])))
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Analysis:
+        import io
+        import json
+
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            a = {k: z[k] for k in z.files}
+        return cls(a, [RejectedRow(**r) for r in json.loads(str(a.pop("rejected")))])
+
 
 _SHAPES = {"image": ((None, None, 3), np.uint8), "mask": ((None, None), bool),
            "seg_mask": ((None, None), bool), "landmarks": ((68, 2), np.float32),
