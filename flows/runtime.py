@@ -71,10 +71,14 @@ def prefect_api_for_workers(needed: bool = True):
 
 def deployment(flow, entrypoint: str, name: str, cron: str, parameters: dict):
     """A Prefect deployment of ``flow`` on a cron schedule whose runs import the flow by
-    ``entrypoint`` (``module:attribute``) and get every setting from ``parameters``."""
+    ``entrypoint`` (``module:attribute``) and get every setting from ``parameters``.
+
+    Prefect tells a module-path entrypoint from a file path by the absence of ``:``: a
+    ``module:attribute`` entrypoint makes a served run look for flow code in storage (path
+    ``None``) and crash, so it is stored dotted, ``module.attribute``, which runs import."""
     from prefect.deployments.runner import EntrypointType
 
     dep = flow.to_deployment(name=name, cron=cron, entrypoint_type=EntrypointType.MODULE_PATH,
                              parameters=parameters)
-    dep.entrypoint = entrypoint
+    dep.entrypoint = entrypoint.replace(":", ".")
     return dep
