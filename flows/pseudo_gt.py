@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 
 import numpy as np
@@ -226,26 +225,21 @@ class PseudoGTJob(shards.ShardJob):
                                   rejected=[r.row() for r in rejected], overwrite=True,
                                   made_by=shards.made_by(self.state.model.content_hash()))
         if self.cfg.output.sheets and output.extras["sheet_rows"]:
-            from facecorpus.sheets import contact_sheet
-
-            contact_sheet(output.extras["sheet_rows"],
-                          os.path.join(self.out, "sheets", f"shard-{spec.id:05d}.png"),
-                          cell=128, labels=stages_mod.SHEET_LABELS)
+            shards.write_sheet(shards.join(self.out, "sheets", f"shard-{spec.id:05d}.png"),
+                               output.extras["sheet_rows"], cell=128,
+                               labels=stages_mod.SHEET_LABELS)
 
     def export_uv_regions(self) -> None:
         """``dataset/uv_regions.npz``: layout, mirror map, centre/side masks (+ a PNG)."""
-        from facecorpus.sheets import contact_sheet
-
         regions = stages_mod.uv_regions(self.state, self.cfg.unwrap.uv_size)
         buf = io.BytesIO()
         np.savez(buf, mirror_map=self.state.mirror_map,
                  **{k: v.astype(np.uint8) for k, v in regions.items()})
         root = shards.join(self.out, DATASET)
         shards.put_bytes(shards.join(root, "uv_regions.npz"), buf.getvalue())
-        if not shards.is_url(root):
-            contact_sheet([[r.astype(np.float32) for r in regions.values()]],
-                          os.path.join(root, "uv_regions.png"), cell=self.cfg.unwrap.uv_size,
-                          labels=list(regions))
+        shards.write_sheet(shards.join(root, "uv_regions.png"),
+                           [[r.astype(np.float32) for r in regions.values()]],
+                           cell=self.cfg.unwrap.uv_size, labels=list(regions))
 
     def summarize(self, specs, stats, *, skipped) -> dict:
         from facecorpus.flows import summary
@@ -292,7 +286,8 @@ def make_flow(cfg: PseudoGTConfig | None = None):
 def run_pseudo_gt(cfg: PseudoGTConfig, input_spec, out, *, max_shards: int | None = None,
                   rebuild_prior: bool = False) -> dict:
     """Run the flow through Prefect on the configured task runner."""
-    with runtime.prefect_api_for_workers(cfg.task_runner == "dask"):
+    runtime.check_remote_api(cfg.dask_address)
+    with runtime.prefect_api_for_workers(cfg.task_runner == "dask" and not cfg.dask_address):
         return make_flow(cfg)(cfg.model_dump_json(), str(input_spec), str(out), max_shards,
                               rebuild_prior)
 

@@ -82,3 +82,18 @@ def deployment(flow, entrypoint: str, name: str, cron: str, parameters: dict):
                              parameters=parameters)
     dep.entrypoint = entrypoint.replace(":", ".")
     return dep
+
+
+def check_remote_api(dask_address: str | None) -> None:
+    """Prefect tasks on an existing cluster report to ``PREFECT_API_URL``: without one each
+    remote worker would start a server of its own that nobody sees, so say so before work."""
+    if not dask_address:
+        return
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        from facecorpus.core.errors import ConfigError
+
+        raise ConfigError(f"--dask-address {dask_address} with Prefect needs PREFECT_API_URL "
+                          "(a Prefect server the driver and the workers reach); or run with "
+                          "--no-prefect")

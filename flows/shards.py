@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from facecorpus.core import hashing
@@ -317,6 +318,21 @@ def get_bytes(path: str) -> bytes | None:
             return fh.read()
     except FileNotFoundError:
         return None
+
+
+def write_sheet(path: str, rows: list, **kw) -> str:
+    """A PNG contact sheet (:func:`facecorpus.sheets.contact_sheet`) at a local path or an
+    fsspec URL (drawn locally, then put whole)."""
+    import tempfile
+
+    from facecorpus.sheets import contact_sheet
+
+    if not is_url(path):
+        return str(contact_sheet(rows, path, **kw))
+    with tempfile.TemporaryDirectory() as d:
+        tmp = contact_sheet(rows, os.path.join(d, "sheet.png"), **kw)
+        put_bytes(path, Path(tmp).read_bytes())
+    return path
 
 
 def exists(path: str) -> bool:

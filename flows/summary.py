@@ -129,8 +129,6 @@ def _timing_lines(s: dict) -> list[str]:
 def synthesis_summary(job, stats, *, skipped: int) -> dict:
     """``OUT/summary.json`` and ``summary_sheet.png`` of a synthesis run."""
     from facecorpus.datasets.store import open_dataset
-    from facecorpus.sheets import contact_sheet
-
     cfg, out = job.cfg, job.out
     views = open_dataset(shards.join(out, "views"))
     faces = open_dataset(shards.join(out, "faces"))
@@ -148,13 +146,13 @@ def synthesis_summary(job, stats, *, skipped: int) -> dict:
         "pairs_this_run": int(sum(s.extra.get("pairs", 0) for s in stats)),
         **run_stats(out, stats, job.phase_seconds),
     }
-    if views.manifest.num_rows and not shards.is_url(out):
+    if views.manifest.num_rows:
         P = summary["poses_per_face"]
         first = views.manifest.column("index").to_numpy()[:P]
         img, pn, mk = (views.read(k, first) for k in ("image", "pncc", "mask"))
-        sheet = contact_sheet([list(img), list(pn), [m * 255 for m in mk]],
-                              shards.join(out, "summary_sheet.png"), cell=96,
-                              labels=[f"{y:+.0f}" for y in cfg.poses.yaws()])
+        sheet = shards.write_sheet(shards.join(out, "summary_sheet.png"),
+                                   [list(img), list(pn), [m * 255 for m in mk]], cell=96,
+                                   labels=[f"{y:+.0f}" for y in cfg.poses.yaws()])
         summary["sheet"] = str(sheet)
     return write(out, summary)
 

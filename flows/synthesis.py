@@ -191,6 +191,7 @@ def make_flow():
 
 def run_synthesis(cfg: SynthesisConfig, out, *, max_shards: int | None = None) -> dict:
     """Run the synthesis flow through Prefect on the configured task runner."""
+    runtime.check_remote_api(cfg.dask_address)
     with runtime.prefect_api_for_workers(cfg.task_runner == "dask" and not cfg.dask_address):
         return make_flow()(cfg.model_dump_json(), str(out), max_shards)
 
