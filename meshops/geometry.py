@@ -162,18 +162,13 @@ def export_mesh(path: str | os.PathLike, vertices: np.ndarray, triangles: np.nda
             c = (np.clip(c, 0, 1) * 255 + 0.5).astype(np.uint8)
         mesh.visual.vertex_colors = c
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        if suffix == ".obj":
-            data = trimesh.exchange.obj.export_obj(mesh, include_texture=uv is not None,
-                                                   include_normals=False, write_texture=False)
-            tmp.write_text(data)
-        else:
-            tmp.write_bytes(trimesh.exchange.ply.export_ply(mesh, encoding="binary"))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    from facecorpus.core import atomic
+
+    if suffix == ".obj":
+        atomic.write_text(path, trimesh.exchange.obj.export_obj(
+            mesh, include_texture=uv is not None, include_normals=False, write_texture=False))
+    else:
+        atomic.write_bytes(path, trimesh.exchange.ply.export_ply(mesh, encoding="binary"))
     return path
 
 

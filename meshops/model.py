@@ -213,11 +213,9 @@ class MorphableModel:
                 arrays[f] = np.ascontiguousarray(arr)
         for name, idx in self.regions.items():
             arrays[f"regions__{name}"] = np.asarray(idx, dtype=np.int32)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-        return path
+        from facecorpus.core import atomic
+
+        return atomic.save_npz(path, arrays, compressed=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MorphableModel:

@@ -94,7 +94,7 @@ def write_preview(model, path: str | os.PathLike, *, size: int = 128) -> Path:
 
     rows, labels = preview_images(model, size)
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")  # PIL picks the format by suffix
     contact_sheet(rows, tmp, cell=size, labels=labels)
     os.replace(tmp, path)
     return path

@@ -366,7 +366,8 @@ def save_prepared(prepared: PreparedSources, folder: str | Path) -> Path:
     atomically, ``done.json`` last; :func:`load_prepared` memory-maps them, so worker
     processes share one copy through the page cache and nobody re-encodes."""
     import json
-    import os
+
+    from facecorpus.core import atomic
 
     d = Path(folder)
     d.mkdir(parents=True, exist_ok=True)
@@ -377,16 +378,12 @@ def save_prepared(prepared: PreparedSources, folder: str | Path) -> Path:
     for name, a in arrays.items():
         if a is None:
             continue
-        tmp = d / f".{name}.npy.tmp{os.getpid()}"
-        with open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(a), allow_pickle=False)
-        os.replace(tmp, d / f"{name}.npy")
+        atomic.write_with(d / f"{name}.npy",
+                          lambda fh, a=a: np.save(fh, np.ascontiguousarray(a), allow_pickle=False))
     meta = {"subject_ids": list(subj.subject_ids), "groups": list(subj.groups),
             "source_uris": list(subj.source_uris)}
     for name, text in (("meta.json", json.dumps(meta)), ("done.json", json.dumps({"n": len(subj)}))):
-        tmp = d / f".{name}.tmp{os.getpid()}"
-        tmp.write_text(text)
-        os.replace(tmp, d / name)
+        atomic.write_text(d / name, text)
     return d
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,11 +67,10 @@ class PredictReport:
 
 
 def _save_png(arr: np.ndarray, path: Path) -> None:
+    from facecorpus.core import atomic
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic.write_with(path, lambda fh: Image.fromarray(arr).save(fh, format="PNG"))
 
 
 def _write_prediction(pred: np.ndarray, info: FieldInfo, stem: str, task: str, out: Path) -> str:
@@ -85,10 +83,10 @@ def _write_prediction(pred: np.ndarray, info: FieldInfo, stem: str, task: str, o
         hi = pred.reshape(-1, pred.shape[-1]).max(0)
         vis = (pred - lo) / np.maximum(hi - lo, 1e-6)
         _save_png((vis * 255 + 0.5).astype(np.uint8), png)
-        tmp = out / f".{stem}.{task}.npy.tmp"
-        with open(tmp, "wb") as f:
-            np.save(f, pred.astype(np.float32), allow_pickle=False)
-        os.replace(tmp, out / f"{stem}.{task}.npy")
+        from facecorpus.core import atomic
+
+        atomic.write_with(out / f"{stem}.{task}.npy",
+                          lambda fh: np.save(fh, pred.astype(np.float32), allow_pickle=False))
     return str(png)
 
 

@@ -128,10 +128,9 @@ def _tuplify(x):
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from facecorpus.core import atomic
+
+    atomic.write_with(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -461,9 +460,9 @@ class Trainer:
         if not (self.dist.main and p.exists()):
             return
         keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        tmp = p.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep))
-        os.replace(tmp, p)
+        from facecorpus.core import atomic
+
+        atomic.write_text(p, "".join(ln + "\n" for ln in keep))
 
     def fit(self, resume: str | Path | None = None) -> list[dict]:
         """Train to ``cfg.steps`` (from a checkpoint if given); returns the metrics records."""
