@@ -33,7 +33,10 @@ def make(root, rank, batched=True):
 
 
 def loader(ds, workers, batched=True):
-    return DataLoader(ds, batch_size=None if batched else 3, num_workers=workers)
+    # forkserver, as the trainer does: forking a pytest process that earlier tests left with
+    # Prefect/zarr threads can kill the workers
+    return DataLoader(ds, batch_size=None if batched else 3, num_workers=workers,
+                      multiprocessing_context="forkserver" if workers else None)
 
 
 def batches(dl, limit=None) -> list[list[int]]:
