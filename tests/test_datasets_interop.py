@@ -81,3 +81,25 @@ def test_polars_counts_frontal_samples_per_split(root):
     want = expected_counts(root)
     assert dict(zip(got["split"].to_list(), got["len"].to_list(), strict=True)) == \
         {k: v for k, v in want.items() if v}
+
+
+@pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
+def test_readme_interop_block_runs_as_written(root, capsys):
+    import re
+    from pathlib import Path
+
+    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
+    section = text.split("## Object stores and interop", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert 'root = "runs/pseudo_gt/dataset"' in block
+    env: dict = {}
+    exec(block.replace('root = "runs/pseudo_gt/dataset"', f"root = {root!r}"), env)  # noqa: S102
+    ds = open_dataset(root)
+    idx = ds.manifest["index"].to_numpy()
+    assert sorted(env["index"].to_series().to_list()) == sorted(idx.tolist())
+    order = env["index"].to_series().to_numpy()
+    assert np.array_equal(env["images"], ds.read("image", order))
+    out = capsys.readouterr().out
+    for split, n in expected_counts(root).items():
+        if n:
+            assert f"('{split}', {n})" in out
