@@ -157,6 +157,12 @@ def time_loader(make_loader, n_expected: int, epochs: int = 1) -> tuple[float, f
     return best_wall, best_cpu
 
 
+def _no_pool(worker_id: int) -> None:
+    from facecorpus.datasets.reader import _ShmPool
+
+    _ShmPool.SLOTS = 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4096)
@@ -219,6 +225,9 @@ def main() -> None:
             cases = {
                 "store iterable, batched in dataset": lambda kw=kw: DataLoader(
                     ShardIterableDataset(root, shuffle=True, batch_size=args.batch), batch_size=None, **kw),
+                "store iterable, batched, sha256 on 1st read": lambda kw=kw: DataLoader(
+                    ShardIterableDataset(root, shuffle=True, batch_size=args.batch, verify_checksums=True),
+                    batch_size=None, **kw),
                 "store iterable, batched, 2 threads": lambda kw=kw: DataLoader(
                     ShardIterableDataset(root, shuffle=True, batch_size=args.batch, decode_threads=2),
                     batch_size=None, **kw),
@@ -229,16 +238,21 @@ def main() -> None:
                 "PNG files + PIL (reference)": lambda kw=kw: DataLoader(
                     PngDataset(dirs), batch_size=args.batch, shuffle=True, **kw),
             }
+            if w:
+                # the hand-off before pooled buffers: fresh shared memory for every batch
+                cases["store iterable, batched, fresh shm (before)"] = lambda kw=kw: DataLoader(
+                    ShardIterableDataset(root, shuffle=True, batch_size=args.batch), batch_size=None,
+                    worker_init_fn=_no_pool, **kw)
             for name, make in cases.items():
                 wall, cpu = time_loader(make, n, args.epochs)
                 rows.append((name, w, wall, cpu))
-                print(f"  {name:36s} workers={w}: {wall:8.0f} samples/s wall, "
+                print(f"  {name:44s} workers={w}: {wall:8.0f} samples/s wall, "
                       f"{cpu:8.0f} samples per CPU-second", flush=True)
         png = {w: (a, b) for name, w, a, b in rows if name.startswith("PNG")}
         print("\nspeed-up over PNG (same workers; wall, per CPU-second):")
         for name, w, wall, cpu in rows:
             if not name.startswith("PNG"):
-                print(f"  {name:36s} workers={w}: {wall / png[w][0]:5.1f}x, {cpu / png[w][1]:5.1f}x")
+                print(f"  {name:44s} workers={w}: {wall / png[w][0]:5.1f}x, {cpu / png[w][1]:5.1f}x")
 
 if __name__ == "__main__":
     main()

@@ -76,3 +76,23 @@ def test_remote_shard_cache_is_bounded_lru_and_never_stale(tmp_path):
         if p.is_file():
             p.unlink()
     assert np.array_equal(ds2.read_shard(3)["image"], image(3))
+
+
+@pytest.mark.parametrize("keep", ["batches", "views"])
+def test_pooled_worker_buffers_never_overwrite_batches_still_held(tmp_path, keep):
+    """Workers refill shared-memory buffers only once the main process dropped them: batches
+    (or views into them) kept for the whole epoch still hold their own samples at the end."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    root = tmp_path / "ds"
+    write(root, shards=range(5))
+    ds = ShardIterableDataset(root, shuffle=True, seed=2, batch_size=1, buffer_size=8)
+    kept = []
+    for b in DataLoader(ds, batch_size=None, num_workers=2):  # 40 batches per worker > the pool
+        kept.append(b if keep == "batches" else {"index": b["index"].clone(), "image": b["image"][:1]})
+        del b
+    assert sorted(int(b["index"]) for b in kept) == list(range(5 * SPS))
+    for b in kept:
+        s, r = divmod(int(b["index"]), SPS)
+        assert torch.equal(b["image"][0], torch.from_numpy(image(s)[r]))
