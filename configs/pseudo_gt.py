@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 from facecorpus.configs.base import RunnerFields, StrictConfig
+from facecorpus.configs.occlusion import OcclusionConfig
 from pydantic import Field, model_validator
 
 
@@ -26,6 +27,10 @@ class LandmarksConfig(StrictConfig):
         "box_template", description="without a mediapipe model: LBP face box + the model's "
                                     "landmark template (coarse), or reject")
     crop_size: Literal[224, 256] = 256
+    min_face_px: float = Field(40.0, gt=0, description="faces whose landmark box's longer "
+                               "side is smaller (pixels of the photo) are dropped")
+    max_faces: int = Field(8, ge=1, description="at most this many faces per photo (largest "
+                                                "first), each its own sample")
 
 
 class FitConfig(StrictConfig):
@@ -48,8 +53,9 @@ class UnwrapConfig(StrictConfig):
     min_cos: float = Field(0.15, ge=0, lt=1, description="grazing texels are not visible")
     face_region: str | None = Field("face", description="model region sampled into UV")
     occlusion_threshold: float | None = Field(
-        0.3, gt=0, description="drop visible texels whose colour differs from the fitted "
-                               "prior by more than this (mean L1); None: off")
+        None, gt=0, description="legacy rule (replaced by the ``occlusion`` section): also "
+                                "drop visible texels whose colour differs from the fitted "
+                                "prior by more than this (mean L1); None: off")
 
 
 class PriorConfig(StrictConfig):
@@ -88,5 +94,6 @@ class PseudoGTConfig(RunnerFields):
     fit: FitConfig = FitConfig()
     unwrap: UnwrapConfig = UnwrapConfig()
     prior: PriorConfig = PriorConfig()
+    occlusion: OcclusionConfig = OcclusionConfig()
     blend: BlendConfig = BlendConfig()
     output: OutputConfig = OutputConfig()

@@ -129,7 +129,10 @@ def build(cfg, state, analysis_paths: list[str]) -> tuple[object, int]:
             if local.size:
                 with _npz(p) as z:
                     vis.append(z["uv_visible"][local].astype(np.float32))
-                    msk.append(z["uv_visible_mask"][local])
+                    m = z["uv_visible_mask"][local]
+                    if "uv_occlusion_mask" in z.files:  # occluded texels: not face colour
+                        m = m & ~z["uv_occlusion_mask"][local]
+                    msk.append(m)
     vis, msk = np.concatenate(vis), np.concatenate(msk)
     if needs_corpus(cfg, state.model) and not len(vis):
         from facecorpus.core.errors import InputError

@@ -77,7 +77,11 @@ def pseudo_gt_summary(job, specs, stats, *, skipped: int) -> dict:
     committed = set(ds.shards) & planned
     inputs = sum(len(s.items) for s in specs if s.id in committed)
     # several faces of one photo are several accepted rows of one input
-    accepted_inputs = len(set(man.column("source_uri").to_pylist())) if man.num_rows else 0
+    accepted_uris = set(man.column("source_uri").to_pylist()) if man.num_rows else set()
+    accepted_inputs = len(accepted_uris)
+    # ... and a photo with one face accepted and another rejected is an accepted input
+    rejected_inputs = (len(set(rej.column("source_uri").to_pylist()) - accepted_uris)
+                       if rej.num_rows else 0)
     st, reasons = rejections(rej)
     hist, medians = histograms(man, PGT_METRICS)
     conv = man.column("converged").to_pylist() if man.num_rows else []
@@ -85,7 +89,8 @@ def pseudo_gt_summary(job, specs, stats, *, skipped: int) -> dict:
         "out": str(out), "shards": len(specs), "shards_committed": len(committed),
         "shards_run": len(stats), "shards_skipped": skipped,
         "inputs": inputs, "accepted": man.num_rows, "rejected": rej.num_rows,
-        "counts_add_up": inputs == accepted_inputs + rej.num_rows,
+        "accepted_inputs": accepted_inputs, "rejected_inputs": rejected_inputs,
+        "counts_add_up": inputs == accepted_inputs + rejected_inputs,
         "converged_fraction": round(float(np.mean(conv)), 4) if conv else None,
         "rejected_by_stage": st, "rejected_by_reason": reasons,
         "landmark_sources": value_counts(man, "landmark_source"),

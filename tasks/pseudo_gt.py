@@ -30,11 +30,12 @@ from facecorpus.tasks import ingest as ingest_mod
 from facecorpus.tasks import isolation
 from facecorpus.tasks import landmarks as lm_mod
 from facecorpus.tasks import masks as masks_mod
+from facecorpus.tasks import occlusion as occ_mod
 from facecorpus.tasks import unwrap as unwrap_mod
 
 METRICS = ("landmark_rmse", "landmark_nme", "photometric_error", "rerender_l1",
            "rerender_psnr", "rerender_ssim", "visible_fraction")
-CODE_VERSION = 1  # bump when the bytes these stages write change without a release
+CODE_VERSION = 2  # bump when the bytes these stages write change without a release
 
 
 def options(cls, section):
@@ -54,7 +55,9 @@ class Stages:
     seg_mask: Callable = masks_mod.segmentation_mask
     unwrap: Callable = unwrap_mod.unwrap_one
     refine: Callable = fit_mod.refine_photometric
-    occlusion: Callable = unwrap_mod.reject_occlusions
+    occlusion: Callable = unwrap_mod.reject_occlusions  # the legacy colour rule
+    image_occlusion: Callable = occ_mod.image_occlusion
+    uv_outliers: Callable = occ_mod.cross_fitted_outliers
     blend: Callable = blend_mod.blend_batch
 
 
@@ -153,7 +156,8 @@ _SHAPES = {"image": ((None, None, 3), np.uint8), "mask": ((None, None), bool),
            "seg_mask": ((None, None), bool), "landmarks": ((68, 2), np.float32),
            "affine": ((2, 3), np.float32), "uv_visible": ((0, 0, 3), np.float16),
            "uv_visible_mask": ((0, 0), bool), "uv_sampling_map": ((0, 0, 2), np.float16),
-           "uv_view_weight": ((0, 0), np.float16)}
+           "uv_view_weight": ((0, 0), np.float16), "occlusion_mask": ((None, None), bool),
+           "uv_occlusion_mask": ((0, 0), bool)}
 
 
 def _stack(parts: list, key: str, S: int, T: int) -> np.ndarray:
@@ -173,26 +177,45 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
         r = p.rejection()
         (rejected.append(r) if r else todo.append(p))
     uris = [p.source_uri for p in todo]
-    iopts = options(ingest_mod.IngestOptions, cfg.ingest)
 
     def read(p):
         lm = None if p.landmarks is None else np.asarray(p.landmarks, np.float32)
         return stages.ingest(ingest_mod.InputRecord(p.source_uri, lm, p.mask_uri,
-                                                    p.subject_id, p.sha256), iopts)
+                                                    p.subject_id, p.sha256), cfg.ingest)
 
     kept, ings, rej = isolation.each("ingest", uris, read, todo)
     rejected += rej
     todo, uris = [todo[i] for i in kept], [uris[i] for i in kept]
     det = state.detector()
 
-    def locate(p, ing):
-        with state.detect_lock:
-            lm = det.detect(ing.image, p.source_uri, given=ing.record.landmarks)
-        return stages.align(ing.image, lm, S, mask=ing.mask)
+    lc = cfg.landmarks
 
-    kept, aligned, rej = isolation.each("landmarks", uris, locate, todo, ings)
+    def find(p, ing):
+        with state.detect_lock:
+            return det.detect_all(ing.image, p.source_uri, given=ing.record.landmarks,
+                                  min_face_px=lc.min_face_px, max_faces=lc.max_faces)
+
+    kept, found, rej = isolation.each("landmarks", uris, find, todo, ings)
     rejected += rej
-    todo, ings, uris = [todo[i] for i in kept], [ings[i] for i in kept], [uris[i] for i in kept]
+    _ptodo, _pings, _puris = todo, ings, uris
+    # several faces per photo: each face is its own sample (same source_uri, face_index k)
+    todo, ings, uris, faces, fidx = [], [], [], [], []
+    for i, fl in zip(kept, found, strict=True):
+        for k, lm in enumerate(fl):
+            for xs, x in ((todo, _ptodo[i]), (ings, _pings[i]), (uris, _puris[i]),
+                          (faces, lm), (fidx, k)):
+                xs.append(x)
+
+    # the photo's URI in align's own errors (a replaced align stage may not take it)
+    named = _accepts(stages.align, "source_uri")
+
+    def locate(p, ing, lm):
+        kw = {"source_uri": p.source_uri} if named else {}
+        return stages.align(ing.image, lm, S, mask=ing.mask, **kw)
+
+    kept, aligned, rej = isolation.each("landmarks", uris, locate, todo, ings, faces)
+    rejected += _tag(rej, kept, fidx)
+    todo, ings, uris, fidx = ([xs[i] for i in kept] for xs in (todo, ings, uris, fidx))
     fopts = options(fit_mod.FitOptions, cfg.fit)
     lms = np.stack([a.landmarks for a in aligned]) if aligned else np.zeros((0, 68, 2))
 
@@ -201,14 +224,14 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
         return [f.select([k]) for k in range(len(idx))]
 
     kept, fits, rej = isolation.batched("fit", uris, fit_some, len(todo))
-    rejected += rej
+    rejected += _tag(rej, kept, fidx)
     sel = lambda xs: [xs[i] for i in kept]
-    todo, ings, aligned, uris = sel(todo), sel(ings), sel(aligned), sel(uris)
+    todo, ings, aligned, uris, fidx = sel(todo), sel(ings), sel(aligned), sel(uris), sel(fidx)
     fit = _concat_fits(fits)
     good, rej = _fit_checks("fit", uris, fit, cfg.fit.max_nme)
-    rejected += rej
+    rejected += _tag(rej, good, fidx)
     sel = lambda xs: [xs[i] for i in good]
-    todo, ings, aligned, uris = sel(todo), sel(ings), sel(aligned), sel(uris)
+    todo, ings, aligned, uris, fidx = sel(todo), sel(ings), sel(aligned), sel(uris), sel(fidx)
     fit = fit.select(good) if fit is not None else None
 
     uc = cfg.unwrap
@@ -224,9 +247,24 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
         return fm, seg, u
 
     kept, outs, rej = isolation.each("unwrap", uris, unwrap, list(range(len(todo))), aligned)
-    rejected += rej
+    rejected += _tag(rej, kept, fidx)
     sel = lambda xs: [xs[i] for i in kept]
-    todo, ings, aligned = sel(todo), sel(ings), sel(aligned)
+    todo, ings, aligned, uris, fidx = sel(todo), sel(ings), sel(aligned), sel(uris), sel(fidx)
+    fit = fit.select(kept) if fit is not None else None
+
+    def image_occlusion(a, o):
+        with state.detect_lock:  # mediapipe graphs: one at a time per process
+            io = stages.image_occlusion(a.image, o[0], cfg.occlusion)
+        io = _trust_person(io)
+        uv_occ = (occ_mod.image_mask_to_uv(io.occlusion_mask, o[2].uv_sampling_map[0])
+                  & o[2].uv_visible_mask[0])
+        return io, uv_occ
+
+    kept, occs, rej = isolation.each("occlusion", uris, image_occlusion, aligned, outs)
+    rejected += _tag(rej, kept, fidx)
+    sel = lambda xs: [xs[i] for i in kept]
+    todo, ings, aligned, uris, fidx, outs = (sel(xs) for xs in (todo, ings, aligned, uris,
+                                                                fidx, outs))
     fit = fit.select(kept) if fit is not None else None
     cols = {"image": [a.image for a in aligned], "mask": [o[0] for o in outs],
             "seg_mask": [o[1] for o in outs], "landmarks": [a.landmarks for a in aligned],
@@ -234,12 +272,17 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
             "uv_visible": [o[2].uv_visible[0] for o in outs],
             "uv_visible_mask": [o[2].uv_visible_mask[0] for o in outs],
             "uv_sampling_map": [o[2].uv_sampling_map[0] for o in outs],
-            "uv_view_weight": [o[2].uv_view_weight[0] for o in outs]}
+            "uv_view_weight": [o[2].uv_view_weight[0] for o in outs],
+            "occlusion_mask": [io.occlusion_mask for io, _ in occs],
+            "uv_occlusion_mask": [uo for _, uo in occs]}
     out = {k: _stack(v, k, S, T) for k, v in cols.items()}
     out["sample_uri"] = np.array([p.source_uri for p in todo], dtype=np.str_)
     out["sha256"] = np.array([ing.sha256 for ing in ings], dtype=np.str_)
     out["subject_id"] = np.array([p.subject_id for p in todo], dtype=np.str_)
     out["landmark_source"] = np.array([a.source for a in aligned], dtype=np.str_)
+    out["face_index"] = np.array(fidx, np.int32)
+    out["occlusion_skipped"] = np.array([",".join(sorted(io.skipped)) for io, _ in occs],
+                                        dtype=np.str_)
     out["orig_size"] = np.array([ing.image.shape[:2] for ing in ings], np.int32).reshape(-1, 2)
     n = len(todo)
     if n:
@@ -248,6 +291,48 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
             out["fit_" + f] = np.asarray(getattr(fit, f))
         out["fit_translation"] = fit.translation.reshape(n, -1)
     return Analysis(out, rejected)
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        ps = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in ps or any(p.kind is p.VAR_KEYWORD for p in ps.values())
+
+
+MAX_BACKGROUND = 0.5  # person segmentation calling more of the face region background: failed
+
+
+def _trust_person(io):
+    """Drop the person-segmentation cue when it calls most of the fitted face region
+    background: it found no person at all (measured: a rendered procedural face, 97 % of its
+    face region), not an occluder; the other cues stay and ``skipped`` says why."""
+    region = io.face_region
+    if not io.background.any() or (io.background & region).sum() <= MAX_BACKGROUND * max(
+            int(region.sum()), 1):
+        return io
+    union = (io.hands | io.padding | io.saturated) & region
+    none = np.zeros_like(io.background)
+    return dataclasses.replace(io, occlusion_mask=union, background=none, skipped={
+        **io.skipped, "background": f"person segmentation called > {MAX_BACKGROUND:.0%} of "
+                                    "the face region background (no person found)"})
+
+
+def _tag(rejected: list[RejectedRow], kept: list[int], fidx: list[int]) -> list[RejectedRow]:
+    """The rejected rows of one per-face step (in sample order, as ``tasks.isolation``
+    returns them) with their face: ``face k`` in the reason for k > 0 (``face_index`` is
+    the manifest's column; the photo's first face keeps the plain reason)."""
+    gone = sorted(set(range(len(fidx))) - set(kept))
+    if len(gone) != len(rejected):
+        return rejected
+    out = []
+    for i, r in zip(gone, rejected, strict=True):
+        k = int(fidx[i])
+        out.append(dataclasses.replace(r, reason=f"{r.reason} (face {k})") if k else r)
+    return out
 
 
 def _concat_fits(fits: list):
@@ -383,6 +468,64 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
     n = len(keep)
     if n == 0:
         return Finished(_empty(schema_fields), [], rejected, [])
+    fidx = [int(x) for x in a.get("face_index", np.zeros(n, np.int32))]
+    seen_mask = uv_mask.copy()  # visible before occlusion removal
+    uv_occ = np.zeros_like(uv_mask)
+    T = uc.uv_size
+    oc = cfg.occlusion
+    lit = fc.photometric_iters > 0
+
+    def shading(j):  # SH irradiance of the stage-2 light, or the normals the EM fits it on
+        v, rot = fit.vertices(model, j), fit.camera_for(j).rotation
+        if lit:
+            return occ_mod.uv_irradiance(model, v, rot, sh[j], T)
+        return occ_mod.uv_normals(model, v, rot, T)
+
+    def image_occ(j):  # the image-space cues moved into UV with the final sampling map
+        return occ_mod.image_mask_to_uv(a["occlusion_mask"][j], uv_map[j]) & uv_mask[j]
+
+    need_em = oc.enabled and oc.outliers and n >= oc.min_images
+    k5, occ_in, rej = isolation.each(
+        "occlusion", uris, lambda j: (image_occ(j), shading(j) if need_em else None),
+        list(range(n)))
+    rejected += _tag(rej, k5, fidx)
+    if len(k5) < n:
+        a, fit, sh = select_arrays(a, k5), fit.select(k5), sh[k5]
+        uv_vis, uv_mask, uv_map, uv_w = uv_vis[k5], uv_mask[k5], uv_map[k5], uv_w[k5]
+        seen_mask, per_image = seen_mask[k5], per_image[k5]
+        uris, fidx = [uris[i] for i in k5], [fidx[i] for i in k5]
+        n = len(k5)
+        if n == 0:
+            return Finished(_empty(schema_fields), [], rejected, [])
+    uv_occ_img = (np.stack([o[0] for o in occ_in]) if occ_in
+                  else np.zeros_like(uv_mask))
+    uv_occ = uv_occ_img.copy()
+    if need_em and n >= oc.min_images:
+        shade = np.stack([o[1] for o in occ_in])
+
+        def outliers_some(idx):
+            r = stages.uv_outliers(uv_vis[idx], uv_mask[idx], state.mirror_map, oc,
+                                   uv_shading=shade[idx] if lit else None,
+                                   uv_normals=None if lit else shade[idx],
+                                   uv_occlusion_mask=uv_occ_img[idx])
+            return list(r.uv_outliers)
+
+        k6, outl, rej = isolation.batched("occlusion", uris, outliers_some, n)
+        rejected += _tag(rej, k6, fidx)
+        if len(k6) < n:
+            a, fit, sh = select_arrays(a, k6), fit.select(k6), sh[k6]
+            uv_vis, uv_mask, uv_map, uv_w = uv_vis[k6], uv_mask[k6], uv_map[k6], uv_w[k6]
+            seen_mask, per_image, uv_occ = seen_mask[k6], per_image[k6], uv_occ[k6]
+            uris, fidx = [uris[i] for i in k6], [fidx[i] for i in k6]
+            n = len(k6)
+            if n == 0:
+                return Finished(_empty(schema_fields), [], rejected, [])
+        uv_occ = uv_occ | np.stack(outl)
+    occluded = occ_mod.occluded_fraction(uv_occ, seen_mask, state.layout)
+    if uv_occ.any():
+        uv_mask = uv_mask & ~uv_occ
+        uv_vis = np.where(uv_mask[..., None], uv_vis, 0).astype(np.float32)
+        per_image = prior.fit_to_visible(uv_vis, uv_mask)
     if uc.occlusion_threshold is not None:
         uv_mask = stages.occlusion(uv_vis, uv_mask, per_image, uc.occlusion_threshold)
         uv_vis = np.where(uv_mask[..., None], uv_vis, 0).astype(np.float32)
@@ -396,15 +539,17 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
         return list(zip(b.uv_pseudo_gt, b.uv_source, strict=True))
 
     keep, blended, rej = isolation.batched("blend", uris, blend_some, n)
-    rejected += rej
+    rejected += _tag(rej, keep, fidx)
 
     def describe(j, i):
-        return _row_and_sheet(state, cfg, fit, a, i, blended[j][0], uv_vis[i], uv_mask[i],
-                              prior_version)
+        row, sheet = _row_and_sheet(state, cfg, fit, a, i, blended[j][0], uv_vis[i],
+                                    uv_mask[i], prior_version, uv_occ[i])
+        row["occluded_fraction"] = float(occluded[i])
+        return row, sheet
 
     k4, made, rej = isolation.each("metrics", [uris[i] for i in keep], describe,
                                    list(range(len(keep))), keep)
-    rejected += rej
+    rejected += _tag(rej, k4, [fidx[i] for i in keep])
     keep, blended = [keep[i] for i in k4], [blended[i] for i in k4]
     if not keep:
         return Finished(_empty(schema_fields), [], rejected, [])
@@ -425,6 +570,8 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
         "uv_view_weight": _to_u8(uv_w[k][..., None]),
         "uv_pseudo_gt": (_to_u8(np.stack([b[0] for b in blended])) if n
                          else np.zeros((0, T, T, 3), np.uint8)),
+        "occlusion_mask": a["occlusion_mask"][k][..., None].astype(np.uint8),
+        "uv_occlusion_mask": uv_occ[k][..., None].astype(np.uint8),
         "uv_source": (np.stack([b[1] for b in blended])[..., None] if n
                       else np.zeros((0, T, T, 1))).astype(np.uint8),
         "id_coeffs": _pad_cols(fk.alpha if fk is not None else None, n),
@@ -440,12 +587,14 @@ def _empty(schema_fields: dict | None) -> dict:
     return {k: np.zeros((0, *f.shape), f.dtype) for k, f in schema_fields.items()}
 
 
-def _row_and_sheet(state, cfg, fit, a, i, uv_pseudo_gt, uv_vis, uv_mask, prior_version):
+def _row_and_sheet(state, cfg, fit, a, i, uv_pseudo_gt, uv_vis, uv_mask, prior_version,
+                   uv_occ=None):
     m = rerender_metrics(state, fit, i, a["image"][i], a["mask"][i], uv_pseudo_gt)
     rerendered = m.pop("_rerender")
     uri = str(a["sample_uri"][i])
-    sid = str(a["sha256"][i])[:16]
-    row = {"sample_id": sid, "source_uri": uri, "subject_id": str(a["subject_id"][i]) or sid,
+    k = int(a["face_index"][i]) if "face_index" in a else 0
+    sid = str(a["sha256"][i])[:16] + (f"-f{k}" if k else "")
+    row = {"sample_id": sid, "source_uri": uri, "face_index": k, "subject_id": str(a["subject_id"][i]) or sid,
            "group": "", "yaw": float(fit.yaw[i]), "pitch": float(fit.pitch[i]),
            "roll": float(fit.roll[i]), "split": split(sid, cfg.output.val_fraction),
            "sha256": str(a["sha256"][i]), "landmark_source": str(a["landmark_source"][i]),
@@ -455,7 +604,9 @@ def _row_and_sheet(state, cfg, fit, a, i, uv_pseudo_gt, uv_vis, uv_mask, prior_v
            "iterations": int(fit.iterations[i]), "converged": bool(fit.converged[i]),
            "camera": fit.camera, "scale": float(fit.scale[i]), "focal": float(fit.focal[i]),
            "visible_fraction": float(uv_mask[state.layout].mean()),
-           "orig_height": int(a["orig_size"][i][0]), "orig_width": int(a["orig_size"][i][1])}
+           "orig_height": int(a["orig_size"][i][0]), "orig_width": int(a["orig_size"][i][1]),
+           "occlusion_skipped": str(a["occlusion_skipped"][i]) if "occlusion_skipped" in a
+           else ""}
     t = np.zeros(3)
     t[:fit.translation.shape[1]] = fit.translation[i]
     row.update(tx=float(t[0]), ty=float(t[1]), tz=float(t[2]))
@@ -465,7 +616,10 @@ def _row_and_sheet(state, cfg, fit, a, i, uv_pseudo_gt, uv_vis, uv_mask, prior_v
     row.update(m)
     if prior_version:
         row["prior_version"] = prior_version
-    sheet = [a["image"][i], overlay(state, fit, i, a["image"][i], a["landmarks"][i]), uv_vis,
+    occ = np.zeros(uv_vis.shape[:2], bool) if uv_occ is None else uv_occ
+    # occluded texels red over the (occlusion-removed) visible map
+    occ_view = np.where(occ[..., None], np.array([1.0, 0.0, 0.0], np.float32), uv_vis)
+    sheet = [a["image"][i], overlay(state, fit, i, a["image"][i], a["landmarks"][i]), occ_view,
              uv_pseudo_gt, rerendered]
     return row, sheet
 
@@ -533,7 +687,8 @@ def overlay(state, fit, i, image, landmarks) -> np.ndarray:
     return img
 
 
-SHEET_LABELS = ["input", "fitted overlay", "uv_visible", "uv_pseudo_gt", "re-render"]
+SHEET_LABELS = ["input", "fitted overlay", "uv_visible (occluded red)", "uv_pseudo_gt",
+                "re-render"]
 
 
 # --------------------------------------------------------------------------- dataset
@@ -558,6 +713,11 @@ def schema(state: State, cfg, content_config: dict, layout_hash: str):
                                      "normalised image x, y per texel (align_corners=False), "
                                      "-2 outside the layout"),
         "uv_view_weight": FieldSpec((T, T, 1), "uint8", "cos*255", "view-angle cosine"),
+        "occlusion_mask": FieldSpec((S, S, 1), "uint8", "0/1", "image-space occlusion cues "
+                                    "(hands, background, padding, saturation) in the crop"),
+        "uv_occlusion_mask": FieldSpec((T, T, 1), "uint8", "0/1", "occluded texels (image "
+                                       "cues in UV | cross-fitted outliers), removed from "
+                                       "uv_visible_mask and filled like invisible ones"),
         "uv_pseudo_gt": FieldSpec((T, T, 3), "uint8", "srgb", "complete pseudo-GT UV map"),
         "uv_source": FieldSpec((T, T, 1), "uint8", "0 prior/1 visible/2 mirrored",
                                "where each uv_pseudo_gt texel came from"),
