@@ -89,7 +89,8 @@ def test_pooled_worker_buffers_never_overwrite_batches_still_held(tmp_path, keep
     write(root, shards=range(5))
     ds = ShardIterableDataset(root, shuffle=True, seed=2, batch_size=1, buffer_size=8)
     kept = []
-    for b in DataLoader(ds, batch_size=None, num_workers=2):  # 40 batches per worker > the pool
+    # 40 batches per worker > the pool; forkserver: the suite's Prefect threads break fork
+    for b in DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="forkserver"):
         kept.append(b if keep == "batches" else {"index": b["index"].clone(), "image": b["image"][:1]})
         del b
     assert sorted(int(b["index"]) for b in kept) == list(range(5 * SPS))
