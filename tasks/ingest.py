@@ -127,31 +127,18 @@ def list_inputs(spec: str | os.PathLike) -> list[InputRecord]:
 
 
 def _list_parquet(path: str) -> list[InputRecord]:
-    import pyarrow.parquet as pq
+    """A Parquet listing's rows (read by :func:`facecorpus.tasks.inputs.parquet_rows`, the
+    one reader of listings); here an unusable row is an error, the flows reject it instead."""
     from facecorpus.core.errors import InputError
+    from facecorpus.tasks.inputs import parquet_rows
 
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # noqa: BLE001 - any decoder failure is a rejection
-        raise InputError(f"{path}: not a readable Parquet table ({e})") from None
-    col = "source_uri" if "source_uri" in table.column_names else "uri"
-    if col not in table.column_names:
-        raise InputError(f"{path}: needs a 'source_uri' or 'uri' column, has {table.column_names}")
-    base = os.path.dirname(os.path.abspath(path))
-    cols = table.to_pydict()
     out = []
-    for i, uri in enumerate(cols[col]):
-        lm = None
-        if cols.get("landmarks") is not None and cols["landmarks"][i] is not None:
-            arr = np.asarray(cols["landmarks"][i], dtype=np.float32)
-            if arr.size != 136:
-                raise InputError(f"{path}: row {i} landmarks have {arr.size} values, need 136")
-            lm = arr.reshape(68, 2)
-        mask = cols.get("mask_uri", [None] * (i + 1))[i]
+    for r in parquet_rows(path):
+        if r.listing_error:
+            raise InputError(f"{path}: {r.listing_error}")
         out.append(InputRecord(
-            source_uri=_resolve(uri, base), landmarks=lm,
-            mask_uri=_resolve(mask, base) if mask else None,
-            subject_id=str(cols.get("subject_id", [""] * (i + 1))[i] or "")))
+            source_uri=r.source_uri, mask_uri=r.mask_uri, subject_id=r.subject_id,
+            landmarks=None if r.landmarks is None else np.asarray(r.landmarks, np.float32)))
     return out
 
 

@@ -48,7 +48,8 @@ def _resolve(uri: str, base: str) -> str:
     return os.path.join(base, uri)
 
 
-def _parquet_rows(path: str) -> list[PlannedInput]:
+def parquet_rows(path: str) -> list[PlannedInput]:
+    """Every row of a Parquet listing, an unusable one with its ``listing_error``."""
     import pyarrow.parquet as pq
 
     try:
@@ -93,7 +94,7 @@ def list_planned(spec: str | os.PathLike) -> list[PlannedInput]:
 
     s = os.fspath(spec)
     if s.endswith(".parquet"):
-        rows = _parquet_rows(s)
+        rows = parquet_rows(s)
     else:
         rows = [PlannedInput(r.source_uri) for r in list_inputs(s)]
     seen, out = set(), []

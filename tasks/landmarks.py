@@ -146,6 +146,17 @@ def mediapipe_solutions_dir() -> Path | None:
     solutions *and* their bundled models (mediapipe >=0.10,<0.10.22), else None.
 
     Checked on files, without importing mediapipe (cheap, and safe in any process)."""
+    return mediapipe_dir_with(
+        "python/solutions/face_mesh.py", "python/solutions/face_detection.py",
+        "modules/face_landmark/face_landmark_front_cpu.binarypb",
+        "modules/face_landmark/face_landmark_with_attention.tflite",
+        "modules/face_detection/face_detection_short_range.tflite",
+        "modules/face_detection/face_detection_full_range_sparse.tflite")
+
+
+def mediapipe_dir_with(*files: str) -> Path | None:
+    """The installed mediapipe package folder when every one of ``files`` (relative to it)
+    exists, else None; checked on files, without importing mediapipe."""
     import importlib.util
 
     try:
@@ -155,12 +166,7 @@ def mediapipe_solutions_dir() -> Path | None:
     if spec is None or not spec.origin:
         return None
     root = Path(spec.origin).parent
-    need = ("python/solutions/face_mesh.py", "python/solutions/face_detection.py",
-            "modules/face_landmark/face_landmark_front_cpu.binarypb",
-            "modules/face_landmark/face_landmark_with_attention.tflite",
-            "modules/face_detection/face_detection_short_range.tflite",
-            "modules/face_detection/face_detection_full_range_sparse.tflite")
-    return root if all((root / n).is_file() for n in need) else None
+    return root if all((root / n).is_file() for n in files) else None
 
 
 def _box_area(p: np.ndarray) -> float:

@@ -44,7 +44,6 @@ Shapes: H x W image pixels, N images, T x T UV texels, R PCA modes.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,14 +69,9 @@ def mediapipe_occlusion_dir() -> Path | None:
     """The mediapipe package folder when it has the legacy Hands and SelfieSegmentation
     solutions with their bundled models (mediapipe >=0.10,<0.10.22), else None. Checked on
     files, without importing mediapipe."""
-    try:
-        spec = importlib.util.find_spec("mediapipe")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin:
-        return None
-    root = Path(spec.origin).parent
-    return root if all((root / f).is_file() for f in MEDIAPIPE_FILES) else None
+    from facecorpus.tasks.landmarks import mediapipe_dir_with
+
+    return mediapipe_dir_with(*MEDIAPIPE_FILES)
 
 
 # --------------------------------------------------------------------------- image space
