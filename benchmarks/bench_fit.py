@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--photometric-iters", type=int, default=40)
     args = ap.parse_args()
+    from facecorpus.configs.fit import FitConfig
     from facecorpus.renderers.cameras import euler_to_rotation, rotation_to_euler
     from facecorpus.tasks import fit as F
     from facecorpus.tasks.masks import erode
@@ -125,7 +126,7 @@ def main() -> None:
           f"model {model.name} ({model.n_vertices} vertices, K={model.n_id}, E={model.n_exp});"
           f" {N} images {S}x{S}")
     sb = F.synthetic_batch(model, N, S, seed=11, noise_px=1.0)
-    opts = F.FitOptions(slide_min_yaw=90)
+    opts = FitConfig(slide_min_yaw=90)
     F.fit_landmarks(model, sb.noisy_landmarks[:2], S, opts)  # warm-up
     t0 = time.perf_counter()
     fit = F.fit_landmarks(model, sb.noisy_landmarks, S, opts)
@@ -182,7 +183,7 @@ def main() -> None:
     albedo = np.repeat(sb.uv_texture[None], N, 0)
     t0 = time.perf_counter()
     fit2 = F.refine_photometric(model, fit, sb.image, sb.mask, albedo, sb.noisy_landmarks,
-                                F.PhotometricOptions(iters=args.photometric_iters))
+                                FitConfig(photometric_iters=args.photometric_iters))
     t_ph = time.perf_counter() - t0
     print(f"stage 2 ({args.photometric_iters} Adam steps at 128 px): {N / t_ph:.2f} images/s; "
           f"median rotation error {np.median(F.rotation_error_deg(fit2, sb.truth)):.2f} deg, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 from facecorpus.configs.base import RunnerFields, StrictConfig
+from facecorpus.configs.fit import FitConfig
 from facecorpus.configs.occlusion import OcclusionConfig
 from pydantic import Field, model_validator
 
@@ -31,20 +32,6 @@ class LandmarksConfig(StrictConfig):
                                "side is smaller (pixels of the photo) are dropped")
     max_faces: int = Field(8, ge=1, description="at most this many faces per photo (largest "
                                                 "first), each its own sample")
-
-
-class FitConfig(StrictConfig):
-    camera: Literal["orthographic", "perspective"] = "orthographic"
-    fov_deg: float = Field(12.0, gt=0, lt=120)
-    n_id: int | None = Field(None, ge=0, description="identity modes fitted (None: all)")
-    n_exp: int | None = Field(None, ge=0, description="expression modes fitted (None: all)")
-    rounds: int = Field(4, ge=1)
-    iters_per_round: int = Field(100, ge=1)
-    slide_min_yaw: float = Field(20.0, ge=0, le=90)
-    max_nme: float = Field(0.2, gt=0, description="landmark error / inter-ocular distance "
-                                                  "above which the fit is rejected (diverged)")
-    photometric_iters: int = Field(40, ge=0, description="stage-2 Adam steps (0: off)")
-    photometric_lr: float = Field(0.01, gt=0)
 
 
 class UnwrapConfig(StrictConfig):

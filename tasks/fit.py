@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
+from facecorpus.configs.fit import FitConfig
 from facecorpus.meshops.model import MorphableModel
 from facecorpus.renderers.cameras import Camera, euler_to_rotation, rotation_to_euler
 
@@ -38,23 +39,6 @@ CameraKind = Literal["orthographic", "perspective"]
 JAW_RIGHT = np.arange(0, 8)
 JAW_LEFT = np.arange(9, 17)
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FitOptions:
-    camera: CameraKind = "orthographic"
-    fov_deg: float = 12.0  # perspective: fixed vertical field of view
-    n_id: int | None = None  # identity modes used (None: all)
-    n_exp: int | None = None
-    sigma_px: float | None = None  # landmark noise scale; None: 1% of the image size
-    huber_delta: float = 2.0  # in units of sigma
-    jaw_weight: float = 0.5
-    slide_min_yaw: float = 20.0  # jaw landmarks slide on the side turned away beyond this yaw
-    rounds: int = 4  # correspondence updates (sliding jaw), after one pose-only round
-    iters_per_round: int = 100  # Levenberg-Marquardt iterations per round and image
-    tol: float = 1e-6  # an image's round ends when a step lowers E by < tol * (1 + E)
-    settle_rel: float = 1e-2  # or: two rounds' energies differ by less than this (relative)
-    max_nme: float = 0.2  # above this landmark error / inter-ocular distance: diverged
 
 
 @dataclass
@@ -73,7 +57,7 @@ class FitResult:
 
     1. its landmarks passed :func:`validate_landmarks`;
     2. its last Levenberg-Marquardt round stopped on its own criterion - an accepted step
-       lowered the energy by no more than ``FitOptions.tol`` x (1 + energy), or no step
+       lowered the energy by no more than ``FitConfig.tol`` x (1 + energy), or no step
        could lower it - before ``iters_per_round`` iterations;
     3. the sliding-jaw correspondences settled: unchanged by one more update, or the energy
        changed by < ``settle_rel`` x (1 + energy) between the last two rounds;
@@ -81,7 +65,7 @@ class FitResult:
     5. ``landmark_nme < max_nme``;
 
     and, after :func:`refine_photometric`, its stage-2 parameters are finite and its
-    recomputed ``landmark_nme`` is still below ``PhotometricOptions.max_nme``.
+    recomputed ``landmark_nme`` is still below ``FitConfig.max_nme``.
     ``failure`` (N,) object: None, or why the image must not be used (the first check that
     failed, e.g. ``"non-finite parameters after stage 2"``); see :func:`fit_failures`.
     A False ``converged`` with ``failure`` None means only the solver budget ran out (the
@@ -274,11 +258,11 @@ def _slide_jaw(proj_cand: np.ndarray, cand_r: np.ndarray, cand_l: np.ndarray,
 
 
 def fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int,
-                  opts: FitOptions | None = None, weights: np.ndarray | None = None
+                  opts: FitConfig | None = None, weights: np.ndarray | None = None
                   ) -> FitResult:
     """Stage 1 (see :func:`_fit_landmarks`), run with one torch thread."""
     with torch_threads(1):
-        return _fit_landmarks(model, landmarks, image_size, opts or FitOptions(), weights)
+        return _fit_landmarks(model, landmarks, image_size, opts or FitConfig(), weights)
 
 
 def validate_landmarks(landmarks, image_size: int, min_extent_px: float = 2.0) -> str | None:
@@ -479,7 +463,7 @@ def _levenberg_marquardt(prob: _LandmarkProblem, p, lm_pos, target, w, free, max
 
 
 def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int,
-                   opts: FitOptions, weights: np.ndarray | None = None) -> FitResult:
+                   opts: FitConfig, weights: np.ndarray | None = None) -> FitResult:
     """Stage 1: fit pose, camera, identity and expression to 68 landmarks per image.
 
     Args:
@@ -713,22 +697,9 @@ def rotation_error_deg(a: FitResult, b: FitResult) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ stage 2
-@dataclass
-class PhotometricOptions:
-    iters: int = 40
-    lr: float = 0.01
-    w_landmarks: float = 0.05  # weight of the stage-1 landmark term (keeps the fit anchored)
-    w_prior: float = 1e-3  # weight of |alpha/std|^2 + |beta/std|^2 (per mode)
-    charbonnier_eps: float = 0.02
-    fit_shape: bool = True
-    render_size: int | None = 128  # photometric term at this resolution (None: full size)
-    threads: int | None = 1  # torch threads (measured: 1 beats 2 on the shared 2-core box)
-    max_nme: float = 0.2  # after stage 2: above this landmark error / inter-ocular: failed
-
-
 def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray,
                        masks: np.ndarray, albedo_uv: np.ndarray, landmarks: np.ndarray,
-                       opts: PhotometricOptions | None = None) -> FitResult:
+                       opts: FitConfig | None = None) -> FitResult:
     """Stage 2: refine pose, shape, expression and SH light against the photo.
 
     Colour model (Deep3DFaceRecon-style): ``albedo_uv`` looked up through the model's UV
@@ -754,7 +725,7 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
         landmark error recomputed, ``converged`` and ``failure`` re-checked per image (see
         :class:`FitResult`).
     """
-    opts = opts or PhotometricOptions()
+    opts = opts or FitConfig()
     torch = _torch()
     import cv2
     from facecorpus.renderers import diff
@@ -766,7 +737,7 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     dt = torch.float32
     # the photometric term runs at render_size: screen xy scale exactly by k (pixel edges at
     # integers), the photo is area-averaged and the mask keeps only fully covered pixels
-    R_ = int(opts.render_size or S)
+    R_ = int(opts.photometric_render_size or S)
     k = R_ / S
     imgs = np.asarray(images, np.float32) / (255.0 if images.dtype == np.uint8 else 1.0)
     msk = np.asarray(masks, bool)
@@ -795,8 +766,8 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     trans = torch.tensor(fit.translation / t_scale, dtype=dt, requires_grad=True)
     sf0 = fit.focal if persp else fit.scale
     log_sf = torch.tensor(np.log(sf0), dtype=dt, requires_grad=not persp)
-    a_w = torch.tensor(fit.alpha / model.id_std[:K], dtype=dt, requires_grad=opts.fit_shape)
-    b_w = torch.tensor(fit.beta / model.exp_std[:E], dtype=dt, requires_grad=opts.fit_shape)
+    a_w = torch.tensor(fit.alpha / model.id_std[:K], dtype=dt, requires_grad=opts.photometric_fit_shape)
+    b_w = torch.tensor(fit.beta / model.exp_std[:E], dtype=dt, requires_grad=opts.photometric_fit_shape)
     # light: start ambient, matched to the photo's brightness over the mask
     from facecorpus.renderers.shading import A0, C0
 
@@ -810,12 +781,12 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
         else:
             sh0[i, 0::9] = 1.0 / (A0 * C0)
     sh = torch.tensor(sh0, requires_grad=True)
-    groups = [{"params": [angles], "lr": opts.lr}, {"params": [trans], "lr": opts.lr * 0.5},
-              {"params": [sh], "lr": opts.lr * 2}]
+    groups = [{"params": [angles], "lr": opts.photometric_lr}, {"params": [trans], "lr": opts.photometric_lr * 0.5},
+              {"params": [sh], "lr": opts.photometric_lr * 2}]
     if not persp:
-        groups.append({"params": [log_sf], "lr": opts.lr * 0.5})
-    if opts.fit_shape:
-        groups.append({"params": [a_w, b_w], "lr": opts.lr * 5})
+        groups.append({"params": [log_sf], "lr": opts.photometric_lr * 0.5})
+    if opts.photometric_fit_shape:
+        groups.append({"params": [a_w, b_w], "lr": opts.photometric_lr * 5})
     optim = torch.optim.Adam(groups)
     c = S / 2.0
 
@@ -839,8 +810,8 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     params = [angles, trans, sh, log_sf, a_w, b_w]
     dead = torch.zeros(N, dtype=torch.bool)  # non-finite energy/gradient: frozen from then on
     dead_step = np.full(N, -1)
-    with torch_threads(opts.threads):
-        for _step in range(opts.iters + 1):
+    with torch_threads(opts.photometric_threads):
+        for _step in range(opts.photometric_iters + 1):
             X, R, sv_full = forward()
             sv = sv_full * scale_xy
             with torch.no_grad():
@@ -855,18 +826,18 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
             m = mask_t & torch.as_tensor(p2f >= 0)
             d = (colour - photo)[m]
             cnt = m.flatten(1).sum(1).clamp(min=1)
-            per_pix = torch.sqrt(d**2 + opts.charbonnier_eps**2).sum(-1)
+            per_pix = torch.sqrt(d**2 + opts.photometric_charbonnier_eps**2).sum(-1)
             img_idx = torch.nonzero(m, as_tuple=True)[0]
             photo_e = torch.zeros(N).index_add(0, img_idx, per_pix) / cnt
             with torch.no_grad():
                 l1 = torch.zeros(N).index_add(0, img_idx, d.abs().mean(-1)) / cnt
                 err = l1.numpy().astype(np.float32)
-            if _step == opts.iters:
+            if _step == opts.photometric_iters:
                 break
             lm_xy = sv_full[:, lm_idx, :2]
             lm_e = (((lm_xy - lm_t) / S) ** 2).sum(-1).mean(-1)
             prior = ((a_w**2).sum(1) + (b_w**2).sum(1))
-            loss = (photo_e + opts.w_landmarks * 1e3 * lm_e + opts.w_prior * prior).sum()
+            loss = (photo_e + opts.photometric_w_landmarks * 1e3 * lm_e + opts.photometric_w_prior * prior).sum()
             optim.zero_grad()
             loss.backward()
             with torch.no_grad():
@@ -903,7 +874,7 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
         beta=(b_w * ex_std).detach().numpy().astype(np.float32),
         sh=sh.detach().numpy().astype(np.float32), photometric_error=err,
         landmark_rmse=rmse.astype(np.float32), landmark_nme=nme.astype(np.float32),
-        iterations=fit.iterations + np.where(dead_step >= 0, dead_step, opts.iters))
+        iterations=fit.iterations + np.where(dead_step >= 0, dead_step, opts.photometric_iters))
     d = dead.numpy()
     if d.any():
         # a frozen image's numbers are not a fit: NaN them, so that any consumer checking

@@ -38,12 +38,6 @@ METRICS = ("landmark_rmse", "landmark_nme", "photometric_error", "rerender_l1",
 CODE_VERSION = 2  # bump when the bytes these stages write change without a release
 
 
-def options(cls, section):
-    """An options dataclass of a stage filled from its config section (same field names)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in section.model_dump().items() if k in names})
-
-
 @dataclass(frozen=True)
 class Stages:
     """The stage functions a shard runs (module-level functions: picklable to workers)."""
@@ -216,11 +210,10 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
     kept, aligned, rej = isolation.each("landmarks", uris, locate, todo, ings, faces)
     rejected += _tag(rej, kept, fidx)
     todo, ings, uris, fidx = ([xs[i] for i in kept] for xs in (todo, ings, uris, fidx))
-    fopts = options(fit_mod.FitOptions, cfg.fit)
     lms = np.stack([a.landmarks for a in aligned]) if aligned else np.zeros((0, 68, 2))
 
     def fit_some(idx):
-        f = stages.fit(model, lms[idx], S, fopts)
+        f = stages.fit(model, lms[idx], S, cfg.fit)
         return [f.select([k]) for k in range(len(idx))]
 
     kept, fits, rej = isolation.batched("fit", uris, fit_some, len(todo))
@@ -416,14 +409,12 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
     fc, uc = cfg.fit, cfg.unwrap
     sh = np.zeros((n, 27), np.float32)
     if fc.photometric_iters > 0 and len(keep):
-        popts = fit_mod.PhotometricOptions(iters=fc.photometric_iters, lr=fc.photometric_lr,
-                                            max_nme=fc.max_nme)
         sub = fit.select(keep)
 
         def refine_some(idx):
             ii = np.asarray(keep)[idx]
             r = stages.refine(model, sub.select(idx), a["image"][ii], a["mask"][ii],
-                              per_image[ii], a["landmarks"][ii], popts)
+                              per_image[ii], a["landmarks"][ii], fc)
             return [r.select([k]) for k in range(len(idx))]
 
         kuris = [uris[i] for i in keep]

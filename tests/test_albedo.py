@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from facecorpus.configs.fit import FitConfig
 from facecorpus.tasks.albedo import albedo_prior, delight, face_mask_image, relight
 from facecorpus.tasks.fit import synthetic_batch
 from facecorpus.tasks.masks import erode
@@ -111,8 +112,6 @@ def test_delight_with_the_fitted_light(model):
     """The pipeline's own fits: stage-1 landmarks, stage-2 photometric SH (shape frozen, the
     true texture as the albedo prior, as a model with an albedo has), then de-lit."""
     from facecorpus.tasks.fit import (
-        FitOptions,
-        PhotometricOptions,
         fit_landmarks,
         refine_photometric,
     )
@@ -124,9 +123,9 @@ def test_delight_with_the_fitted_light(model):
     masks = np.stack([erode(p.mask[0], 1) for p in parts])
     lms = np.concatenate([p.landmarks for p in parts])
     tex = parts[0].uv_texture
-    fit = fit_landmarks(model, lms, 256, FitOptions(slide_min_yaw=90))
+    fit = fit_landmarks(model, lms, 256, FitConfig(slide_min_yaw=90))
     fit2 = refine_photometric(model, fit, images, masks, np.stack([tex, tex]), lms,
-                              PhotometricOptions(iters=60, fit_shape=False, render_size=None))
+                              FitConfig(photometric_iters=60, photometric_fit_shape=False, photometric_render_size=None))
     u = unwrap_batch(images, model, fit2, T, masks)
     verts = np.stack([fit2.vertices(model, i) for i in range(2)])
     rots = np.stack([fit2.camera_for(i).rotation for i in range(2)])

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from facecorpus.configs.fit import FitConfig
 from facecorpus.tasks.fit import (
-    FitOptions,
     fit_landmarks,
     init_pose,
     project_landmarks,
@@ -29,7 +29,7 @@ def test_landmark_fit_recovers_pose(model, camera):
     assert np.abs(sb.truth.yaw).max() > 55  # the batch really spans +-60 degrees
     # synthetic landmarks are fixed-vertex projections: no sliding correspondences
     fit = fit_landmarks(model, sb.noisy_landmarks, 256,
-                        FitOptions(camera=camera, slide_min_yaw=90))
+                        FitConfig(camera=camera, slide_min_yaw=90))
     err = rotation_error_deg(fit, sb.truth)
     assert np.median(err) < 3.0, err
     assert np.abs(fit.yaw - sb.truth.yaw).max() < 6.0, (fit.yaw, sb.truth.yaw)
@@ -56,7 +56,7 @@ def test_closed_form_init_is_exact_without_noise(model):
 def test_diverged_fit_is_flagged(model):
     rng = np.random.default_rng(0)
     garbage = rng.uniform(0, 256, (2, 68, 2)).astype(np.float32)
-    fit = fit_landmarks(model, garbage, 256, FitOptions(rounds=1, iters_per_round=20))
+    fit = fit_landmarks(model, garbage, 256, FitConfig(rounds=1, iters_per_round=20))
     assert not fit.converged.any() and (fit.landmark_nme > 0.2).all()
 
 
@@ -69,7 +69,7 @@ def test_landmark_fit_ict(shared, monkeypatch):
 
     ict = load_ict_facekit()
     sb = synthetic_batch(ict, 7, 256, seed=1, noise_px=1.0)
-    fit = fit_landmarks(ict, sb.noisy_landmarks, 256, FitOptions(slide_min_yaw=90))
+    fit = fit_landmarks(ict, sb.noisy_landmarks, 256, FitConfig(slide_min_yaw=90))
     err = rotation_error_deg(fit, sb.truth)
     rmse = np.sqrt(((project_landmarks(ict, fit) - sb.landmarks) ** 2).sum(-1).mean(-1))
     assert np.median(err) < 3.0, err
@@ -90,7 +90,7 @@ def test_sliding_jaw_follows_the_silhouette(model):
         near = np.abs(cand[:, 1] - lm[k, 1]) < 6
         if near.any():
             lm[k] = cand[near][cand[near, 0].argmax()]
-    fits = {s: fit_landmarks(model, lm[None], 256, FitOptions(slide_min_yaw=s))
+    fits = {s: fit_landmarks(model, lm[None], 256, FitConfig(slide_min_yaw=s))
             for s in (20.0, 90.0)}
     assert fits[20.0].landmark_rmse[0] < fits[90.0].landmark_rmse[0]
     assert abs(fits[20.0].yaw[0] - 50) < abs(fits[90.0].yaw[0] - 50) + 0.5
@@ -98,15 +98,15 @@ def test_sliding_jaw_follows_the_silhouette(model):
 
 @pytest.mark.slow
 def test_photometric_refinement_improves_fit(model):
-    from facecorpus.tasks.fit import PhotometricOptions, refine_photometric
+    from facecorpus.tasks.fit import refine_photometric
 
     sb = synthetic_batch(model, 3, 192, seed=3, noise_px=3.0)  # noisier landmarks
-    fit1 = fit_landmarks(model, sb.noisy_landmarks, 192, FitOptions(slide_min_yaw=90))
+    fit1 = fit_landmarks(model, sb.noisy_landmarks, 192, FitConfig(slide_min_yaw=90))
     albedo = np.repeat(sb.uv_texture[None], 3, 0)
     before = refine_photometric(model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks,
-                                PhotometricOptions(iters=0, render_size=96))
+                                FitConfig(photometric_iters=0, photometric_render_size=96))
     fit2 = refine_photometric(model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks,
-                              PhotometricOptions(iters=30, render_size=96))
+                              FitConfig(photometric_iters=30, photometric_render_size=96))
     assert (fit2.photometric_error < 0.5 * before.photometric_error).all()
     e1, e2 = rotation_error_deg(fit1, sb.truth), rotation_error_deg(fit2, sb.truth)
     assert np.median(e2) <= np.median(e1) and np.median(e2) < 2.0, (e1, e2)

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from facecorpus.configs.fit import FitConfig
 from facecorpus.tasks.fit import (
-    FitOptions,
-    PhotometricOptions,
     fit_failures,
     fit_landmarks,
     refine_photometric,
@@ -50,7 +49,7 @@ def assert_same_fit(a, i, b, j, rtol=1e-4):
 def test_fit_does_not_depend_on_batch_mates(model, faces, slide_min_yaw):
     rng = np.random.default_rng(1)
     garbage = rng.uniform(0, 256, (1, 68, 2))
-    opts = FitOptions(slide_min_yaw=slide_min_yaw)
+    opts = FitConfig(slide_min_yaw=slide_min_yaw)
     lm = faces.noisy_landmarks
     mixed = np.concatenate([garbage, lm[[0]], lm[1:]])  # outlier first, then real faces
     batch = fit_landmarks(model, mixed, 256, opts)
@@ -63,7 +62,7 @@ def test_fit_does_not_depend_on_batch_mates(model, faces, slide_min_yaw):
 
 
 def test_converged_means_something(model, faces):
-    fit = fit_landmarks(model, faces.noisy_landmarks, 256, FitOptions(slide_min_yaw=90))
+    fit = fit_landmarks(model, faces.noisy_landmarks, 256, FitConfig(slide_min_yaw=90))
     assert fit.converged.all(), (fit.converged, fit.landmark_nme, fit.iterations)
     assert all(f is None for f in fit.failure)
     assert fit.iterations.min() > 0
@@ -81,7 +80,7 @@ def test_converged_means_something(model, faces):
 
     # a budget too small to finish is not convergence, even on clean faces
     short = fit_landmarks(model, faces.noisy_landmarks, 256,
-                          FitOptions(slide_min_yaw=90, rounds=1, iters_per_round=1))
+                          FitConfig(slide_min_yaw=90, rounds=1, iters_per_round=1))
     assert not short.converged.any()
 
 
@@ -97,12 +96,12 @@ def test_degenerate_landmarks_fail_alone(model, faces):
     assert "68 x 2" in validate_landmarks(np.zeros((5, 2)), 256)
 
     batch = fit_landmarks(model, np.stack([equal, lm[0], nan, line, lm[2]]), 256,
-                          FitOptions(slide_min_yaw=90))
+                          FitConfig(slide_min_yaw=90))
     assert list(batch.failure[[0, 2, 3]]) == [reasons[0], reasons[1], reasons[2]]
     assert not batch.converged[[0, 2, 3]].any()
     for name in PARAMS:  # failed images keep a finite stand-in, never NaN
         assert np.isfinite(getattr(batch, name)).all(), name
-    good = fit_landmarks(model, lm[[0, 2]], 256, FitOptions(slide_min_yaw=90))
+    good = fit_landmarks(model, lm[[0, 2]], 256, FitConfig(slide_min_yaw=90))
     assert_same_fit(good, 0, batch, 1)
     assert_same_fit(good, 1, batch, 4)
     assert good.converged.all()
@@ -111,9 +110,9 @@ def test_degenerate_landmarks_fail_alone(model, faces):
 @pytest.mark.slow
 def test_stage2_nan_is_reported_for_that_image_only(model):
     sb = synthetic_batch(model, 3, 128, seed=4, noise_px=1.0)
-    fit1 = fit_landmarks(model, sb.noisy_landmarks, 128, FitOptions(slide_min_yaw=90))
+    fit1 = fit_landmarks(model, sb.noisy_landmarks, 128, FitConfig(slide_min_yaw=90))
     albedo = np.repeat(sb.uv_texture[None], 3, 0)
-    opts = PhotometricOptions(iters=6, render_size=64)
+    opts = FitConfig(photometric_iters=6, photometric_render_size=64)
     clean = refine_photometric(model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks, opts)
     assert all(f is None for f in clean.failure) and clean.converged.all()
 
@@ -136,12 +135,12 @@ def test_stage2_nan_is_reported_for_that_image_only(model):
 def test_stage2_rechecks_landmark_error(model):
     """A stage-2 result whose landmarks drifted is caught by the recomputed NME."""
     sb = synthetic_batch(model, 2, 128, seed=5, noise_px=1.0)
-    fit1 = fit_landmarks(model, sb.noisy_landmarks, 128, FitOptions(slide_min_yaw=90))
+    fit1 = fit_landmarks(model, sb.noisy_landmarks, 128, FitConfig(slide_min_yaw=90))
     albedo = np.repeat(sb.uv_texture[None], 2, 0)
     far = sb.noisy_landmarks.copy()
     far[1] += 40.0  # stage 2 anchored to landmarks 40 px away: its fit cannot match them
     out = refine_photometric(model, fit1, sb.image, sb.mask, albedo, far,
-                             PhotometricOptions(iters=2, render_size=64, max_nme=0.2))
+                             FitConfig(photometric_iters=2, photometric_render_size=64, max_nme=0.2))
     assert out.failure[0] is None and out.converged[0]
     assert "inter-ocular" in out.failure[1] and not out.converged[1]
     assert out.landmark_nme[1] > 0.2

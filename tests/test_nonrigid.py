@@ -9,9 +9,10 @@ import dataclasses
 
 import numpy as np
 import pytest
+from facecorpus.configs.fit import FitConfig
 from facecorpus.configs.nonrigid import NonrigidConfig
 from facecorpus.meshops.laplacian import flipped_fraction, stiffness
-from facecorpus.tasks.fit import FitOptions, fit_landmarks, smooth_uv_texture
+from facecorpus.tasks.fit import fit_landmarks, smooth_uv_texture
 from facecorpus.tasks.nonrigid import refine_nonrigid
 from facecorpus.tasks.unwrap import psnr, unwrap_one
 
@@ -19,7 +20,7 @@ S = T = 256
 AMBIENT = np.zeros(27, np.float32)
 AMBIENT[0::9] = 2 / np.sqrt(np.pi)  # irradiance exactly 1: the image is the texture
 CFG = NonrigidConfig(slide_min_yaw=90)  # landmarks are fixed vertices, hidden or not
-FIT = FitOptions(camera="perspective", fov_deg=40, slide_min_yaw=90, n_id=0)
+FIT = FitConfig(camera="perspective", fov_deg=40, slide_min_yaw=90, n_id=0)
 
 
 def smooth_field(vertices: np.ndarray, rng) -> np.ndarray:
@@ -193,7 +194,7 @@ def test_ict_facekit(ict_archive):
     sc = make_scene(m, n=2, seed=1)
     # with all 53 blendshapes the fit absorbs most of the field (ICT's blendshapes are
     # local); without them the field is off the model space and must be recovered
-    for opts in (FIT, dataclasses.replace(FIT, n_exp=0)):
+    for opts in (FIT, FIT.model_copy(update={"n_exp": 0})):
         fit = fit_landmarks(m, sc["landmarks"], S, opts)
         nr = refine_nonrigid(m, fit, sc["landmarks"], S, CFG)
         assert all(f is None for f in nr.failure)
@@ -231,7 +232,7 @@ def test_sliding_contour_follows_the_silhouette(model):
         uvc = cam.project(vd[cand])[:, :2]
         # the true silhouette point: the candidate nearest each fixed-vertex projection
         lm[i, side] = uvc[np.linalg.norm(lm[i, side, None] - uvc[None], axis=-1).argmin(1)]
-    fit = fit_landmarks(model, lm, S, dataclasses.replace(FIT, slide_min_yaw=20))
+    fit = fit_landmarks(model, lm, S, FIT.model_copy(update={"slide_min_yaw": 20}))
     nr = refine_nonrigid(model, fit, lm, S, NonrigidConfig())
     assert all(f is None for f in nr.failure)
     assert (nr.landmark_rmse_after < nr.landmark_rmse_before).all()

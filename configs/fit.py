@@ -1,0 +1,47 @@
+"""Typed config of 3DMM fitting (the ``fit`` section of the pseudo-GT config): stage 1
+(landmarks, per-image Levenberg-Marquardt with sliding jaw contours) and stage 2 (the
+photometric refinement, keys prefixed ``photometric_``). The stage functions in
+``tasks/fit.py`` take this section whole.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from facecorpus.configs.base import StrictConfig
+from pydantic import Field
+
+
+class FitConfig(StrictConfig):
+    camera: Literal["orthographic", "perspective"] = "orthographic"
+    fov_deg: float = Field(12.0, gt=0, lt=120, description="perspective: vertical field of view")
+    n_id: int | None = Field(None, ge=0, description="identity modes fitted (None: all)")
+    n_exp: int | None = Field(None, ge=0, description="expression modes fitted (None: all)")
+    sigma_px: float | None = Field(None, gt=0, description="landmark noise scale in pixels "
+                                                           "(None: 1% of the image size)")
+    huber_delta: float = Field(2.0, gt=0, description="Huber threshold, in units of sigma")
+    jaw_weight: float = Field(0.5, ge=0)
+    slide_min_yaw: float = Field(20.0, ge=0, le=90, description="jaw landmarks slide on the "
+                                 "side turned away beyond this yaw (degrees)")
+    rounds: int = Field(4, ge=1, description="correspondence updates (sliding jaw), after one "
+                                             "pose-only round")
+    iters_per_round: int = Field(100, ge=1, description="LM iterations per round and image")
+    tol: float = Field(1e-6, gt=0, description="an image's round ends when a step lowers the "
+                                               "energy by < tol x (1 + energy)")
+    settle_rel: float = Field(1e-2, gt=0, description="or when two rounds' energies differ by "
+                                                      "less than this (relative)")
+    max_nme: float = Field(0.2, gt=0, description="landmark error / inter-ocular distance "
+                                                  "above which a fit is rejected (diverged), "
+                                                  "after stage 1 and after stage 2")
+    photometric_iters: int = Field(40, ge=0, description="stage-2 Adam steps (0: off)")
+    photometric_lr: float = Field(0.01, gt=0)
+    photometric_w_landmarks: float = Field(0.05, ge=0, description="weight of the stage-1 "
+                                           "landmark term (keeps the fit anchored)")
+    photometric_w_prior: float = Field(1e-3, ge=0, description="weight of |alpha/std|^2 + "
+                                       "|beta/std|^2 (per mode)")
+    photometric_charbonnier_eps: float = Field(0.02, gt=0)
+    photometric_fit_shape: bool = True
+    photometric_render_size: int | None = Field(128, ge=16, description="photometric term at "
+                                                "this resolution (None: the crop's size)")
+    photometric_threads: int | None = Field(1, ge=1, description="torch threads in stage 2 "
+                                            "(measured: 1 beats 2 on a 2-core box)")
