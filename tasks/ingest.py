@@ -78,16 +78,6 @@ class IngestBatch:
     rejected: list[dict] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class IngestOptions:
-    """Deprecated duplicate of :class:`IngestConfig` (same fields), still accepted because
-    ``tasks/pseudo_gt.py`` builds one from the config section; pass the section itself."""
-
-    max_megapixels: float = 40.0
-    grayscale: Literal["reject", "convert"] = "reject"
-    alpha: Literal["reject", "flatten"] = "reject"
-
-
 DEFAULT_INGEST = IngestConfig()
 
 
@@ -188,7 +178,7 @@ def _png_bit_depth(data: bytes) -> int | None:
 
 
 def decode_image(data: bytes, source_uri: str,
-                 opts: IngestConfig | IngestOptions = DEFAULT_INGEST) -> np.ndarray:
+                 opts: IngestConfig = DEFAULT_INGEST) -> np.ndarray:
     """Decode bytes into an (H, W, 3) uint8 RGB array or raise
     :class:`~facecorpus.core.errors.SampleRejected` (stage ``ingest``)."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -284,7 +274,7 @@ def decode_mask(uri: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 def ingest_one(record: InputRecord,
-               opts: IngestConfig | IngestOptions = DEFAULT_INGEST) -> IngestedImage:
+               opts: IngestConfig = DEFAULT_INGEST) -> IngestedImage:
     """Read and decode one input; raises :class:`SampleRejected` with the reason."""
     try:
         data = read_bytes(record.source_uri)
@@ -299,7 +289,7 @@ def ingest_one(record: InputRecord,
 
 
 def ingest_batch(records: list[InputRecord],
-                 opts: IngestConfig | IngestOptions = DEFAULT_INGEST) -> IngestBatch:
+                 opts: IngestConfig = DEFAULT_INGEST) -> IngestBatch:
     """Decode a batch; bad inputs become rejection rows, duplicates (by content) too."""
     out = IngestBatch()
     seen: dict[str, str] = {}

@@ -11,7 +11,6 @@ import pytest
 from facecorpus.configs.pseudo_gt import IngestConfig
 from facecorpus.core.errors import SampleRejected
 from facecorpus.tasks.ingest import (
-    IngestOptions,
     decode_image,
     deduplicate,
     ingest_batch,
@@ -62,7 +61,7 @@ def test_bad_inputs_rejected_with_reasons(tmp_path, rgb):
     records = list_inputs(tmp_path)
     assert len(records) == 9
     unique, dup_rows = deduplicate(records)
-    batch = ingest_batch(unique, IngestOptions(max_megapixels=40))
+    batch = ingest_batch(unique, IngestConfig(max_megapixels=40))
     rejected = dup_rows + batch.rejected
     assert len(batch.images) + len(rejected) == len(records)
     got = {r["source_uri"].rsplit("/", 1)[-1]: r["reason"] for r in rejected}
@@ -90,10 +89,10 @@ def test_huge_image_rejected_before_decoding():
 
 
 def test_grayscale_and_alpha_options(rgb):
-    gray = decode_image(_png(rgb[..., 1]), "g.png", IngestOptions(grayscale="convert"))
+    gray = decode_image(_png(rgb[..., 1]), "g.png", IngestConfig(grayscale="convert"))
     np.testing.assert_array_equal(gray, np.repeat(rgb[..., 1:2], 3, -1))
     rgba = np.concatenate([rgb, np.zeros(rgb.shape[:2] + (1,), np.uint8)], -1)
-    flat = decode_image(_png(rgba), "a.png", IngestOptions(alpha="flatten"))
+    flat = decode_image(_png(rgba), "a.png", IngestConfig(alpha="flatten"))
     assert flat.max() == 0  # fully transparent over black
 
 
