@@ -33,7 +33,6 @@ import io
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 from facecorpus.configs.pseudo_gt import IngestConfig
