@@ -19,6 +19,7 @@ CONFIG_KINDS: dict[str, str] = {
     "pseudo_gt": "facecorpus.configs.pseudo_gt:PseudoGTConfig",
     "synthesis": "facecorpus.configs.synthesis:SynthesisConfig",
     "train": "facecorpus.configs.train:TrainConfig",
+    "rotate_render": "facecorpus.configs.rotate_render:RotateRenderConfig",
 }
 
 CONFIG_DIR = Path(__file__).resolve().parent  # the shipped YAML defaults live here

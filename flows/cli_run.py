@@ -1,4 +1,4 @@
-"""`facecorpus run pseudo-gt | synthesis`: argument parsing only; a flow is imported when it
+"""`facecorpus run pseudo-gt | synthesis | rotate-render`: argument parsing only; a flow is imported when it
 runs. Both flows take the same runner options (one parser, one meaning)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _runner_options(p) -> None:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("run", help="run a flow (pseudo-gt, synthesis)")
+    p = sub.add_parser("run", help="run a flow (pseudo-gt, synthesis, rotate-render)")
     flows = p.add_subparsers(dest="flow", metavar="FLOW")
     pg = flows.add_parser(
         "pseudo-gt", help="photos -> fitted 3DMM + UV maps + pseudo-GT UV textures",
@@ -55,6 +55,18 @@ def register(sub) -> None:
     sy.add_argument("--out", required=True, help="output folder or fsspec URL")
     _runner_options(sy)
     sy.set_defaults(func=_run_synthesis)
+    rr = flows.add_parser(
+        "rotate-render", help="pseudo-GT samples re-rendered at large yaw over their photos",
+        description="Re-render near-frontal pseudo-GT samples (|yaw| < max_abs_yaw) at yaw "
+                    "offsets with their own fitted shape, camera and uv_pseudo_gt, composited "
+                    "over the photo (holes inpainted, marked in hole_mask); writes OUT/views, "
+                    "OUT/summary.json, sheets.")
+    rr.add_argument("--source", required=True, help="pseudo-GT dataset (OUT of run pseudo-gt)")
+    rr.add_argument("--out", required=True, help="output folder or fsspec URL")
+    rr.add_argument("--config", default=None,
+                    help="rotate-render YAML (default: the shipped configs/rotate_render.yaml)")
+    _runner_options(rr)
+    rr.set_defaults(func=_run_rotate_render)
 
 
 def _overrides(args, **extra) -> dict:
@@ -107,4 +119,20 @@ def _run_synthesis(args) -> int:
     else:
         s = synthesis.run_synthesis(cfg, args.out, max_shards=args.max_shards)
     print(summary.format_synthesis(s))
+    return 0
+
+
+def _run_rotate_render(args) -> int:
+    from facecorpus.flows import rotate_render
+
+    cfg = rotate_render.load_config(args.config, _overrides(args, source=args.source,
+                                                            out=args.out))
+    if args.serve_cron:
+        from prefect import serve
+
+        serve(rotate_render.make_deployment(cfg, args.out, args.serve_cron,
+                                            max_shards=args.max_shards))
+        return 0
+    run = rotate_render.run_local if args.no_prefect else rotate_render.run_rotate_render
+    print(rotate_render.format_summary(run(cfg, args.out, max_shards=args.max_shards)))
     return 0

@@ -50,7 +50,7 @@ def test_model_config_yaml_and_registry(tmp_path):
     msg = str(info.value)
     assert str(p) in msg and "3 error(s)" in msg
     assert all(k in msg for k in ("name:", "region:", "source:"))
-    assert set(CONFIG_KINDS) == {"model", "pseudo_gt", "synthesis", "train"}
+    assert set(CONFIG_KINDS) == {"model", "pseudo_gt", "synthesis", "train", "rotate_render"}
 
 
 def test_kind_handling_and_bad_files(tmp_path):
