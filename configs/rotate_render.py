@@ -43,6 +43,12 @@ class RotateRenderConfig(RunnerFields):
                                 "rendered mask by this much before cutting holes (the fitted "
                                 "mesh's outline misses the photo's face edge by a few px)")
     inpaint_radius: float = Field(5.0, gt=0)
+    lighting: Literal["baked", "relit"] = Field(
+        "baked", description="baked: unlit uv_pseudo_gt lookup like the pseudo-GT re-render "
+                             "(its shading turns with the face); relit: de-lit by the fitted "
+                             "sh at the source pose and lit by it at the new pose")
+    min_irradiance: float = Field(0.25, gt=0, description="relit: irradiance floor when "
+                                  "de-lighting (texels facing away from the light)")
     min_mask_px: int = Field(64, ge=1, description="a view whose rotated face covers fewer "
                              "pixels is a failed view (the sample is rejected)")
     sheets: bool = Field(True, description="PNG contact sheet per shard")

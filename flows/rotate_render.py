@@ -12,6 +12,7 @@ unchanged shards and a changed source shard recomputes only the shards over it.
 
 from __future__ import annotations
 
+import numpy as np
 from facecorpus.configs.base import content_config
 from facecorpus.configs.rotate_render import LOCATION_FIELDS, RotateRenderConfig
 from facecorpus.core import hashing
@@ -37,9 +38,11 @@ class RotateRenderJob(shards.ShardJob):
         if not cfg.source or not self._out:
             raise ConfigError("rotate-render needs a source (--source) and an out (--out)")
         self.cfg, self._writer = cfg, None
-        self.fingerprint = hashing.digest(cfg.source, cfg.model, n=24)
-        st = self.state  # the source and model are checked here, before any work
-        self.root, ds = st.root, st.ds
+        self.root, ds = rr.open_source(cfg.source)  # checked here, before any work
+        # a process keeps the source it opened only while its commits are the same
+        self.fingerprint = hashing.digest(self.root, cfg.model, sorted(
+            (s, i.key, i.checksums) for s, i in ds.shards.items()), n=24)
+        st = shards.worker_state(self.fingerprint, lambda: _State(self.root, cfg.model, ds))
         self.content = {k: v for k, v in content_config(cfg).items() if k not in LOCATION_FIELDS}
         self.model_hash = st.model.content_hash()
         self.K = cfg.samples_per_shard or ds.schema.samples_per_shard
@@ -51,7 +54,7 @@ class RotateRenderJob(shards.ShardJob):
 
     @property
     def state(self):  # (model, source dataset), once per process
-        return shards.worker_state(self.fingerprint, lambda: _State(self.cfg.source, self.cfg.model))
+        return shards.worker_state(self.fingerprint, lambda: _State(self.root, self.cfg.model))
 
     def writer(self):
         if self._writer is None:
@@ -89,6 +92,7 @@ class RotateRenderJob(shards.ShardJob):
         res = rr.rotate_batch(st.model, batch, offsets, max_abs_yaw=c.max_abs_yaw,
                               hole_fill=c.hole_fill, hole_dilate_px=c.hole_dilate_px,
                               inpaint_radius=c.inpaint_radius, min_mask_px=c.min_mask_px,
+                              lighting=c.lighting, min_irradiance=c.min_irradiance,
                               sheets=c.sheets)
         stats = ShardStats(spec.id, inputs=len(batch), accepted=len(res.accepted),
                            rejected=len(res.rejected), extra={"views": len(res.rows)})
@@ -113,7 +117,8 @@ class RotateRenderJob(shards.ShardJob):
         ds = open_dataset(shards.join(self.out, VIEWS))
         planned = {s.id for s in specs}
         committed = set(ds.shards) & planned
-        man, rej = ds.manifest, ds.rejected
+        man, rej = (t.filter(np.isin(t.column("shard").to_numpy(), sorted(committed)))
+                    if t.num_rows else t for t in (ds.manifest, ds.rejected))
         accepted = len(set(man.column("source_sample_id").to_pylist())) if len(man) else 0
         inputs = sum(len(s.items) for s in specs if s.id in committed)
         by_stage, reasons = summary.rejections(rej)
@@ -131,26 +136,22 @@ class RotateRenderJob(shards.ShardJob):
 
 
 class _State:
-    def __init__(self, source: str, model_spec: str | None):
-        self.root, self.ds = rr.open_source(source)
+    def __init__(self, root: str, model_spec: str | None, ds=None):
+        self.ds = ds if ds is not None else rr.open_source(root)[1]
         self.model = rr.load_model(self.ds, model_spec)
 
 
 def format_summary(s: dict) -> str:
+    ok = "ok" if s["counts_add_up"] else "MISMATCH"
     lines = [f"rotate-render {s['source']} -> {s['out']}",
-             f"  shards: {s['shards_committed']}/{s['shards']} committed ({s['shards_run']} "
-             f"run now, {s['shards_skipped']} already done)",
-             f"  source samples {s['inputs']} = accepted {s['accepted']} + rejected "
-             f"{s['rejected']} ({'ok' if s['counts_add_up'] else 'MISMATCH'}); views "
-             f"{s['views']} ({s['views_this_run']} this run)  rejected by stage "
-             f"{s['rejected_by_stage']}"]
+             (f"  shards: {s['shards_committed']}/{s['shards']} committed ({s['shards_run']} run"
+              f" now, {s['shards_skipped']} already done)"),
+             (f"  source samples {s['inputs']} = accepted {s['accepted']} + rejected "
+              f"{s['rejected']} ({ok}); views {s['views']} ({s['views_this_run']} this run)"),
+             f"  rejected by stage {s['rejected_by_stage']}"]
     lines += [f"    {c:6d}  {r}" for r, c in list(s["rejected_by_reason"].items())[:8]]
-    if s["medians"]:
-        lines.append("  medians: " + ", ".join(f"{k} {v:g}" for k, v in s["medians"].items()))
-    if s["sheets"]:
-        lines.append(f"  sheets: {s['sheets'][0]}" + (f" (+{len(s['sheets']) - 1})"
-                                                     if len(s["sheets"]) > 1 else ""))
-    return "\n".join(lines)
+    lines += ["  medians: " + ", ".join(f"{k} {v:g}" for k, v in s["medians"].items())]
+    return "\n".join(lines + [f"  sheets: {p}" for p in s["sheets"][:3]])
 
 
 # --------------------------------------------------------------------------- entry points

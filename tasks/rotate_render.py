@@ -19,11 +19,20 @@ camera (scale / focal, translation) and ``uv_pseudo_gt``, and composited over it
   GAN-style refiner).
 
 Shading: ``uv_pseudo_gt`` is the photo sampled into UV and completed, so it already carries
-the photo's shading under the fitted light. The views are rendered unlit exactly like the
-pseudo-GT re-render (:func:`facecorpus.tasks.pseudo_gt.rerender_metrics`: irradiance 1, one
-texture lookup); applying the fitted ``sh`` again would light the face twice. The baked
-shading therefore turns with the face (the light moves with the head). At offset 0 a view
-is the pseudo-GT re-render bit for bit (``tests/test_rotate_render.py``).
+the photo's shading under the fitted light.
+
+- ``lighting="baked"`` (default): rendered unlit exactly like the pseudo-GT re-render
+  (:func:`facecorpus.tasks.pseudo_gt.rerender_metrics`: irradiance 1, one texture lookup);
+  applying the fitted ``sh`` again would light the face twice. The baked shading turns with
+  the face (the light moves with the head). At offset 0 a view is the pseudo-GT re-render
+  bit for bit (``tests/test_rotate_render.py``).
+- ``lighting="relit"``: the map is de-lit by the fitted light's irradiance at the source pose
+  (:func:`facecorpus.tasks.occlusion.uv_irradiance`, floored at ``min_irradiance`` so texels
+  facing away from the light, mostly prior-filled, do not blow up) and the rotated face is
+  lit by the same camera-space ``sh``: the light stays with the camera. At offset 0 this is
+  the baked view up to per-texel vs per-vertex irradiance (measured in the test, not exact).
+  A sample without a fitted light (``sh`` all 0: stage 2 off) is rendered baked; the
+  manifest's ``lighting`` column says which.
 
 Every random draw of a sample comes from ``(seed, sample_id)`` only: views do not depend on
 which shard, worker or run computes them. A view inherits its source's ``split`` and
@@ -46,7 +55,7 @@ from facecorpus.tasks import isolation
 CODE_VERSION = 1  # bump when the bytes these stages write change without a release
 STAGE = "rotate"
 ELIGIBILITY = "eligibility"
-SOURCE_FIELDS = ("image", "uv_pseudo_gt", "id_coeffs", "exp_coeffs")
+SOURCE_FIELDS = ("image", "uv_pseudo_gt", "id_coeffs", "exp_coeffs")  # + "sh" when stored
 # the manifest columns a view is made from (and that key a shard)
 SOURCE_COLUMNS = ("sample_id", "source_uri", "subject_id", "group", "split", "camera", "yaw",
                   "pitch", "roll", "scale", "focal", "tx", "ty", "tz")
@@ -62,13 +71,15 @@ UNLIT_SH[0::9] = 2 / np.sqrt(np.pi)
 class SourceBatch:
     """N stored pseudo-GT samples: ``image`` (N, S, S, 3) uint8 photo crop,
     ``uv_pseudo_gt`` (N, T, T, 3) uint8, ``id_coeffs`` (N, K_id) and ``exp_coeffs`` (N, K_exp)
-    float32, ``rows`` N manifest rows (at least :data:`SOURCE_COLUMNS`)."""
+    float32, ``rows`` N manifest rows (at least :data:`SOURCE_COLUMNS`), ``sh`` (N, 27)
+    fitted light (0 without stage 2) or None."""
 
     image: np.ndarray
     uv_pseudo_gt: np.ndarray
     id_coeffs: np.ndarray
     exp_coeffs: np.ndarray
     rows: list[dict]
+    sh: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -104,7 +115,7 @@ def source_fit(row: dict, id_coeffs: np.ndarray, exp_coeffs: np.ndarray, image_s
 
     ortho = row["camera"] == "orthographic"
     t = [row["tx"], row["ty"]] if ortho else [row["tx"], row["ty"], row["tz"]]
-    one = lambda x: np.array([x], np.float64)  # noqa: E731
+    one = lambda x: np.array([x], np.float64)
     return FitResult(camera=row["camera"], image_size=int(image_size),
                      yaw=one(row["yaw"] + yaw_offset), pitch=one(row["pitch"]),
                      roll=one(row["roll"]), translation=np.array([t], np.float64),
@@ -115,14 +126,15 @@ def source_fit(row: dict, id_coeffs: np.ndarray, exp_coeffs: np.ndarray, image_s
                      iterations=np.zeros(1, np.int32), converged=np.ones(1, bool))
 
 
-def render_view(model, vertices: np.ndarray, camera, uv_texture: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
+def render_view(model, vertices: np.ndarray, camera, uv_texture: np.ndarray,
+                sh: np.ndarray = UNLIT_SH) -> tuple[np.ndarray, np.ndarray]:
     """The pseudo-GT re-render's pass: (V, 3) mesh, a camera and a (T, T, 3) float texture
-    in [0, 1] -> (image (S, S, 3) float32 unlit texture lookup, mask (S, S) bool)."""
+    -> (image (S, S, 3) float32, mask (S, S) bool); with the default ``sh`` an unlit texture
+    lookup, else the texture lit by the (27,) camera-space ``sh``."""
     from facecorpus.renderers.render import render
 
     r = render(vertices, model.triangles, camera, outputs=("image",), uv=model.uv,
-               uv_triangles=model.uv_triangles, uv_texture=uv_texture, sh=UNLIT_SH)
+               uv_triangles=model.uv_triangles, uv_texture=uv_texture, sh=sh)
     return r.image[0], r.mask[0]
 
 
@@ -165,13 +177,27 @@ def _to_u8(x: np.ndarray) -> np.ndarray:
     return (np.clip(np.asarray(x, np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
 
 
+def delit_texture(model, vertices: np.ndarray, rotation: np.ndarray, sh: np.ndarray,
+                  uv_texture: np.ndarray, min_irradiance: float = 0.25) -> np.ndarray:
+    """(T, T, 3) float32 albedo: ``uv_texture`` / the irradiance of ``sh`` (27,) on the mesh
+    seen with ``rotation`` (3, 3), floored at ``min_irradiance`` (off-layout texels kept)."""
+    from facecorpus.tasks.occlusion import uv_irradiance
+
+    irr = uv_irradiance(model, vertices, rotation, sh, uv_texture.shape[0])
+    on = (irr != 0).any(-1, keepdims=True)
+    return np.where(on, uv_texture / np.maximum(irr, np.float32(min_irradiance)),
+                    uv_texture).astype(np.float32)
+
+
 def rotate_sample(model, batch: SourceBatch, i: int, offsets, *, hole_fill: str = "inpaint",
                   hole_dilate_px: int = 3, inpaint_radius: float = 5.0,
-                  min_mask_px: int = 64) -> dict:
+                  min_mask_px: int = 64, lighting: str = "baked",
+                  min_irradiance: float = 0.25) -> dict:
     """All views of source sample ``i`` at yaw + ``offsets`` (K,) degrees.
 
     Returns ``image`` (K, S, S, 3) uint8, ``mask`` / ``hole_mask`` (K, S, S) bool, the float
-    renders ``render`` (K, S, S, 3) and ``render0`` / ``mask0`` at the source pose.
+    renders ``render`` (K, S, S, 3), ``render0`` / ``mask0`` (the baked re-render at the
+    source pose) and ``lighting`` (what was used: "relit" needs a fitted, non-zero sh).
     Raises :class:`SampleRejected` (with the reason) when a view cannot be used."""
     row, photo = batch.rows[i], batch.image[i]
     S, uri = photo.shape[0], batch.uri(i)
@@ -185,6 +211,13 @@ def rotate_sample(model, batch: SourceBatch, i: int, offsets, *, hole_fill: str 
         raise SampleRejected(uri, STAGE, f"the face covers {int(m0.sum())} px at its own pose "
                                          f"(< min_mask_px {min_mask_px})")
     grown = _dilate(m0, hole_dilate_px)
+    sh = None if batch.sh is None else np.asarray(batch.sh[i], np.float32)
+    lit = lighting == "relit" and sh is not None and np.isfinite(sh).all() and bool(sh.any())
+    if lit:
+        tex_k, sh_k = delit_texture(model, v, fit0.camera_for(0).rotation, sh, tex,
+                                    min_irradiance), sh
+    else:
+        tex_k, sh_k = tex, UNLIT_SH
     if hole_fill == "inpaint":
         import cv2
 
@@ -195,7 +228,7 @@ def rotate_sample(model, batch: SourceBatch, i: int, offsets, *, hole_fill: str 
     out = {k: [] for k in ("image", "mask", "hole_mask", "render")}
     for k, off in enumerate(np.asarray(offsets, np.float64)):
         fk = source_fit(row, batch.id_coeffs[i], batch.exp_coeffs[i], S, float(off))
-        img, m = render_view(model, v, fk.camera_for(0), tex)
+        img, m = render_view(model, v, fk.camera_for(0), tex_k, sh_k)
         if not np.isfinite(img).all():
             raise SampleRejected(uri, STAGE, f"view {k}: non-finite render")
         if m.sum() < min_mask_px:
@@ -212,12 +245,14 @@ def rotate_sample(model, batch: SourceBatch, i: int, offsets, *, hole_fill: str 
         out["render"].append(img)
     res = {k: np.stack(x) for k, x in out.items()}
     res["render0"], res["mask0"] = img0, m0
+    res["lighting"] = "relit" if lit else "baked"
     return res
 
 
 def rotate_batch(model, batch: SourceBatch, offsets: np.ndarray, *, max_abs_yaw: float = 30.0,
                  hole_fill: str = "inpaint", hole_dilate_px: int = 3,
                  inpaint_radius: float = 5.0, min_mask_px: int = 64,
+                 lighting: str = "baked", min_irradiance: float = 0.25,
                  sheets: bool = True) -> Rotated:
     """Eligibility, then every view of every eligible sample (``offsets`` (N, K) degrees),
     each sample isolated: an exception or a failed view rejects that sample (stage
@@ -226,7 +261,8 @@ def rotate_batch(model, batch: SourceBatch, offsets: np.ndarray, *, max_abs_yaw:
     K = offsets.shape[1] if offsets.ndim == 2 else 0
     keep, rejected = eligible(batch, max_abs_yaw)
     kw = {"hole_fill": hole_fill, "hole_dilate_px": hole_dilate_px,
-          "inpaint_radius": inpaint_radius, "min_mask_px": min_mask_px}
+          "inpaint_radius": inpaint_radius, "min_mask_px": min_mask_px,
+          "lighting": lighting, "min_irradiance": min_irradiance}
     kept, made, rej = isolation.each(
         STAGE, [batch.uri(i) for i in keep],
         lambda i: rotate_sample(model, batch, i, offsets[i], **kw), keep)
@@ -251,7 +287,7 @@ def rotate_batch(model, batch: SourceBatch, offsets: np.ndarray, *, max_abs_yaw:
                 "source_yaw": float(src["yaw"]), "yaw_offset": float(offsets[i, k]),
                 "camera": src["camera"], "scale": float(src["scale"]),
                 "focal": float(src["focal"]), "tx": float(src["tx"]), "ty": float(src["ty"]),
-                "tz": float(src["tz"]), "mask_px": n_face,
+                "tz": float(src["tz"]), "mask_px": n_face, "lighting": m["lighting"],
                 "hole_px": int(m["hole_mask"][k].sum())})
         if sheets:
             photo = batch.image[i]
@@ -259,7 +295,7 @@ def rotate_batch(model, batch: SourceBatch, offsets: np.ndarray, *, max_abs_yaw:
                              m["image"][0])
             r0 = np.where(m["mask0"][..., None], m["render0"], photo / 255.0 * 0.3)
             res.sheet_rows.append([photo, r0, *m["image"], holes])
-    z = lambda shape: np.zeros((0, *shape), np.uint8)  # noqa: E731
+    z = lambda shape: np.zeros((0, *shape), np.uint8)
     res.arrays = {"image": np.concatenate(cols["image"]) if made else z((S, S, 3)),
                   "mask": np.concatenate(cols["mask"]) if made else z((S, S, 1)),
                   "hole_mask": np.concatenate(cols["hole_mask"]) if made else z((S, S, 1))}
@@ -319,8 +355,9 @@ def read_sources(ds, indices) -> SourceBatch:
     """The :class:`SourceBatch` of the given global indices."""
     idx = np.asarray(list(indices), np.int64)
     a = {f: ds.read(f, idx) for f in SOURCE_FIELDS}
+    sh = ds.read("sh", idx) if "sh" in ds.schema.fields else None
     return SourceBatch(a["image"], a["uv_pseudo_gt"], a["id_coeffs"], a["exp_coeffs"],
-                       source_rows(ds, idx))
+                       source_rows(ds, idx), sh)
 
 
 def shard_content(ds, lo: int, hi: int) -> tuple[list[int], str]:

@@ -6,6 +6,7 @@ run (procedural model, six rendered faces at yaw -40 .. 40)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -105,6 +106,31 @@ def test_offset_zero_is_the_pseudo_gt_rerender_bit_for_bit(source):
         assert ref["rerender_psnr"] > 20
 
 
+def test_relit_keeps_the_light_with_the_camera(source):
+    """relit: de-lit at the source pose, lit by the same camera-space sh at the new one; at
+    offset 0 it is the baked re-render up to per-texel vs per-vertex irradiance."""
+    _, ds = rr.open_source(str(source))
+    model = rr.load_model(ds, None)
+    batch = rr.read_sources(ds, ds.manifest.column("index").to_numpy())
+    assert batch.sh is not None and np.abs(batch.sh).sum(1).min() > 0  # stage 2 fitted light
+    for i in range(len(batch)):
+        baked = rr.rotate_sample(model, batch, i, [0.0, 35.0])
+        relit = rr.rotate_sample(model, batch, i, [0.0, 35.0], lighting="relit")
+        assert (baked["lighting"], relit["lighting"]) == ("baked", "relit")
+        m = baked["mask"][0]
+        d = baked["render"][0][m] - relit["render"][0][m]
+        assert 10 * np.log10(1 / np.mean(d ** 2)) > 35
+        assert np.array_equal(baked["mask"], relit["mask"])  # shading never moves the face
+        m1 = baked["mask"][1]
+        assert np.isfinite(relit["render"]).all()
+        assert np.abs(baked["render"][1] - relit["render"][1])[m1].mean() > 1e-3
+    # without a fitted light relit falls back to baked, and says so
+    nolight = dataclasses.replace(batch, sh=np.zeros_like(batch.sh))
+    r = rr.rotate_sample(model, nolight, 0, [20.0], lighting="relit")
+    assert r["lighting"] == "baked"
+    assert np.array_equal(r["image"], rr.rotate_sample(model, batch, 0, [20.0])["image"])
+
+
 def test_offsets_are_stable_and_in_range():
     a = rr.draw_offsets(3, ["x", "y", "z"], 4, 15, 60)
     b = rr.draw_offsets(3, ["z", "x"], 4, 15, 60)
@@ -119,6 +145,7 @@ def test_offsets_are_stable_and_in_range():
 def test_flow_views_rejections_rerun_and_changed_source(source, tmp_path):
     from facecorpus.cli import main
 
+    source = shutil.copytree(source, tmp_path / "src")  # changed in place below
     src_man = open_dataset(str(source / "dataset")).manifest
     src = {r["sample_id"]: r for r in src_man.to_pylist()}
     yaws = {k: r["yaw"] for k, r in src.items()}
@@ -164,8 +191,8 @@ def test_flow_views_rejections_rerun_and_changed_source(source, tmp_path):
     assert files(out / "views") == before
     # a bad source sample (non-finite coefficients) in shard 1: rejected with its reason,
     # the other samples of that shard commit, shard 0 is not touched
-    bad_src = tmp_path / "src2"
-    shutil.copytree(source / "dataset", bad_src)
+    # (in place, same path, same process: the cached source state must not be reused)
+    bad_src = source / "dataset"
     sds = open_dataset(str(bad_src))
     shard1 = [r for r in sds.manifest.to_pylist() if r["shard"] == 1]
     victim = next(r for r in shard1 if abs(r["yaw"]) < 30)
