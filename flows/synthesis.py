@@ -47,7 +47,15 @@ class SynthesisJob(shards.ShardJob):
                       "sources": stages_mod.sources_content(cfg)}
         recipe = {k: self.parts[k] for k in ("model", "sources")}
         recipe["subjects"], recipe["seed"] = self.content["subjects"], cfg.seed
-        self.sources_dir = shards.join(self._out, ".sources", hashing.digest(recipe, n=16))
+        digest = hashing.digest(recipe, n=16)
+        if shards.is_url(self._out):
+            # memory-mapping needs local files: on an object store each process prepares
+            # the sources once into its machine's cache (same recipe digest, same bytes)
+            from facecorpus.meshops.assets import cache_dir
+
+            self.sources_dir = str(cache_dir() / "sources" / digest)
+        else:
+            self.sources_dir = shards.join(self._out, ".sources", digest)
         self.key = shards.stage_key("synthesis.shard", stages_mod.CODE_VERSION,
                                     **self.parts).key
         self.fingerprint = hashing.digest(self.key, self.sources_dir, n=24)

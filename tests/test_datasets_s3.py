@@ -27,6 +27,7 @@ from facecorpus.datasets.verify import verify_dataset  # noqa: E402
 
 SPS, SPC = 8, 4
 BUCKET = "facecorpus-test"
+SECRET = "fc-s3-secret-" + uuid.uuid4().hex
 
 
 def schema() -> DatasetSchema:
@@ -55,7 +56,7 @@ def s3():
     for k in [k for k in os.environ if k.startswith("AWS_")]:
         mp.delenv(k)  # never a real profile or key
     mp.setenv("AWS_ACCESS_KEY_ID", "testing")
-    mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", SECRET)  # distinctive: grepped for in what runs write
     mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
     mp.setenv("AWS_CONFIG_FILE", os.devnull)
     mp.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
@@ -211,3 +212,212 @@ def test_two_dask_worker_processes_write_disjoint_shards_to_s3(s3):
     assert rep.ok, rep.problems
     assert (rep.n_shards, rep.n_samples) == (7, 7 * SPS)
     check_both_readers(root, list(range(7)))
+
+
+# --------------------------------------------------------------------------- both flows on s3
+# A CLI run in a child process that SIGKILLs itself when the second commit of ``dataset``
+# starts (the first shard is committed, the second's data may have landed). The child uses the
+# parent's code digest: the keys must not change between the two processes because someone
+# edited the working tree meanwhile (the code is the same; only the digest is computed twice).
+KILLED_CLI = textwrap.dedent("""
+    import os, signal, sys
+    from facecorpus.core import hashing
+    from facecorpus.datasets import store
+    hashing._SOURCE[hashing.source_digest.__defaults__[0]] = sys.argv[1]
+    dataset, seen, real = sys.argv[2], [0], store.DatasetWriter._before_commit
+
+    def hook(self, shard_id):
+        if self.url.rstrip("/").endswith("/" + dataset):
+            seen[0] += 1
+            if seen[0] == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        real(self, shard_id)
+
+    store.DatasetWriter._before_commit = hook
+    from facecorpus.cli import main
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def run_killed(dataset: str, args: list[str]) -> subprocess.CompletedProcess:
+    from facecorpus.core import hashing
+
+    proc = subprocess.run([sys.executable, "-c", KILLED_CLI, hashing.source_digest(), dataset,
+                           *args], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ))
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return proc
+
+
+def objects(url: str) -> dict[str, bytes]:
+    """Every object under ``url`` (relative key -> bytes)."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(use_listings_cache=False)
+    base = url.split("://", 1)[1].rstrip("/")
+    return {k[len(base) + 1:]: fs.cat_file(k) for k in fs.find(base)}
+
+
+def s3_json(url: str) -> dict:
+    import json
+
+    import s3fs
+
+    return json.loads(s3fs.S3FileSystem(use_listings_cache=False).cat_file(url.split("://", 1)[1]))
+
+
+def no_secret(*texts) -> None:
+    for t in texts:
+        b = t if isinstance(t, bytes) else str(t).encode()
+        assert SECRET.encode() not in b
+
+
+def data_objects(objs: dict[str, bytes], *datasets: str) -> dict[str, bytes]:
+    """A dataset's own objects (arrays, manifest, rejected, schema), not run files."""
+    return {k: v for k, v in objs.items() if k.split("/", 1)[0] in datasets}
+
+
+def readers_give_stored_values(root: str, field: str) -> None:
+    """Both torch readers deliver every committed sample once, with the stored values."""
+    import torch
+    from facecorpus.datasets.reader import ShardDataset, ShardIterableDataset
+    from torch.utils.data import DataLoader
+
+    ds = open_dataset(root)
+    want = sorted(ds.manifest.column("index").to_pylist())
+    assert want
+    got = []
+    for batch in DataLoader(ShardDataset(root, fields=(field,), columns=("sample_id",)),
+                            batch_size=2, shuffle=True):
+        idx = batch["index"].numpy()
+        assert torch.equal(batch[field], torch.from_numpy(ds.read(field, idx)))
+        got += idx.tolist()
+    assert sorted(got) == want
+    got = []
+    it = ShardIterableDataset(root, fields=(field,), shuffle=True, seed=3, batch_size=3,
+                              verify_checksums=True)
+    for batch in DataLoader(it, batch_size=None):
+        idx = batch["index"].numpy()
+        assert torch.equal(batch[field], torch.from_numpy(ds.read(field, idx)))
+        got += idx.tolist()
+    assert sorted(got) == want
+
+
+PGT_SMALL = {"model": "procedural", "output.samples_per_shard": 2, "unwrap.uv_size": 64,
+             "fit.photometric_iters": 3, "fit.rounds": 2, "fit.iters_per_round": 30,
+             "prior.pca_rank": 0, "prior.kind": "corpus", "workers": 1,
+             "task_runner": "threads", "retries": 0, "landmarks.crop_size": 224}
+
+
+@pytest.mark.slow
+def test_pseudo_gt_cli_writes_to_s3_resumes_and_reruns_nothing(s3, tmp_path, capfd,
+                                                                monkeypatch):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from facecorpus.cli import main
+    from facecorpus.meshops.procedural import procedural_model
+    from facecorpus.tasks.fit import synthetic_batch
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)  # a local-path slip would land here as a folder "s3:"
+    sb = synthetic_batch(procedural_model(n=41), 5, 200, seed=3, yaw_max=35, fill=0.6)
+    src = tmp_path / "photos"
+    src.mkdir()
+    rows = []
+    for i, a in enumerate((np.clip(sb.image, 0, 1) * 255 + 0.5).astype(np.uint8)):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        (src / f"face{i}.png").write_bytes(buf.getvalue())
+        rows.append({"source_uri": f"face{i}.png", "landmarks": sb.landmarks[i].reshape(-1).tolist()})
+    pq.write_table(pa.table({k: [r[k] for r in rows] for k in rows[0]}), src / "inputs.parquet")
+    out = f"{fresh(s3)}/pgt"
+    args = ["run", "pseudo-gt", "--input", str(src / "inputs.parquet"), "--out", out, "--no-prefect"]
+    for k, v in PGT_SMALL.items():
+        args += ["--set", f"{k}={v}"]
+
+    killed = run_killed("dataset", args)  # 3 shards of 2, 2, 1 photos; dies in shard 1's commit
+    no_secret(killed.stdout, killed.stderr)
+    assert sorted(open_dataset(f"{out}/dataset").shards) == [0]
+    first = data_objects(objects(out), "dataset")
+
+    assert main(args) == 0
+    s = s3_json(f"{out}/summary.json")
+    assert s["shards_run_ids"] == [1, 2] and s["shards_skipped"] == 1, s["shards_run_why"]
+    assert s["inputs"] == 5 and s["counts_add_up"] and s["shards_committed"] == 3
+    objs = objects(out)
+    for k, v in first.items():  # the shard committed before the kill was not rewritten
+        if "/c/0/" in k or k.endswith("shard-000000.parquet"):
+            assert objs[k] == v, k
+    for k in ("_work/membership.json", "prior/current.json", "_stats/shard-000002.json",
+              "sheets/shard-00002.png", "dataset/uv_regions.npz"):
+        assert k in objs, sorted(objs)
+    assert sum(k.startswith("_work/analysis-") for k in objs) == 3
+    assert s["sheets"] == [f"{out}/sheets/shard-{i:05d}.png" for i in range(3)]
+
+    assert main(["data", "verify", f"{out}/dataset"]) == 0
+    readers_give_stored_values(f"{out}/dataset", "uv_pseudo_gt")
+
+    assert main(args) == 0  # nothing to do: every object but the summary stays as it was
+    s = s3_json(f"{out}/summary.json")
+    assert s["shards_run"] == 0 and s["shards_skipped"] == 3
+    again = objects(out)
+    assert {k: v for k, v in again.items() if k != "summary.json"} == \
+        {k: v for k, v in objs.items() if k != "summary.json"}
+    assert not list(tmp_path.glob("s3*"))
+    captured = capfd.readouterr()
+    no_secret(captured.out, captured.err, *again.values())
+
+
+SYN_SMALL = {"kind": "synthesis", "model": "procedural", "seed": 11,
+             "subjects": {"n_random": 10, "n_groups": 2, "texture_size": 32},
+             "augment": {"n_faces": 6, "group_ratios": {"g0": 0.5, "g1": 0.5}},
+             "poses": {"yaw_step": 30.0},
+             "output": {"image_size": 48, "uv_size": 32, "faces_per_shard": 2}}
+
+
+@pytest.mark.slow
+def test_synthesis_cli_writes_to_s3_like_a_local_run(s3, tmp_path, capfd, monkeypatch):
+    import yaml
+    from facecorpus.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FACECORPUS_CACHE", str(tmp_path / "cache"))
+    cfg = tmp_path / "syn.yaml"
+    cfg.write_text(yaml.safe_dump(SYN_SMALL))
+    out = f"{fresh(s3)}/syn"
+
+    def args(o):
+        return ["run", "synthesis", "--config", str(cfg), "--out", str(o), "--no-prefect"]
+
+    killed = run_killed("views", args(out))  # shard 0 committed; dies in shard 1's views commit
+    no_secret(killed.stdout, killed.stderr)
+    assert sorted(open_dataset(f"{out}/views").shards) == [0]
+    assert main(args(out)) == 0
+    s = s3_json(f"{out}/summary.json")
+    assert s["shards_run_ids"] == [1, 2] and s["shards_skipped"] == 1, s["shards_run_why"]
+    assert s["pairs"] == 6 * 7 and s["faces"] == 6
+    # the DR-encoded sources are memory-mapped from this machine's cache, not the bucket
+    assert len(list((tmp_path / "cache" / "sources").glob("*/done.json"))) == 1
+    assert not list(tmp_path.glob("s3*"))
+
+    local = tmp_path / "local"
+    assert main(args(local)) == 0
+    objs = objects(out)
+    remote = data_objects(objs, "views", "faces")
+    here = {str(p.relative_to(local)): p.read_bytes() for sub in ("views", "faces")
+            for p in (local / sub).rglob("*") if p.is_file()}
+    assert remote == here  # killed + resumed on s3 == one local run, byte for byte
+    for d in ("views", "faces"):
+        assert main(["data", "verify", f"{out}/{d}"]) == 0
+    readers_give_stored_values(f"{out}/views", "image")
+
+    assert main(args(out)) == 0
+    s = s3_json(f"{out}/summary.json")
+    assert s["shards_run"] == 0 and s["shards_skipped"] == 3
+    again = objects(out)
+    assert {k: v for k, v in again.items() if k != "summary.json"} == \
+        {k: v for k, v in objs.items() if k != "summary.json"}
+    captured = capfd.readouterr()
+    no_secret(captured.out, captured.err, *again.values())
