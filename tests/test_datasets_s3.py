@@ -421,3 +421,42 @@ def test_synthesis_cli_writes_to_s3_like_a_local_run(s3, tmp_path, capfd, monkey
         {k: v for k, v in objs.items() if k != "summary.json"}
     captured = capfd.readouterr()
     no_secret(captured.out, captured.err, *again.values())
+
+
+# --------------------------------------------------------------------------- interop on s3
+@pytest.mark.filterwarnings("ignore:Object at .* is not recognized:UserWarning")
+def test_readme_bucket_block_runs_as_written(s3, capsys):
+    """duckdb (s3fs registered), polars and xarray/zarr on the bucket: the README's block."""
+    import re
+
+    pytest.importorskip("duckdb")
+    pytest.importorskip("polars")
+    pytest.importorskip("xarray")
+    root = fresh(s3)
+    w = DatasetWriter(root, schema())
+    for s, n in ((0, SPS), (2, SPS), (3, 5)):  # a gap and a short last shard
+        a, rows = shard_data(s, n)
+        for r in rows:  # yaws over the whole range, so the filter drops some rows
+            r["yaw"] = float((int(r["sample_id"][1:]) * 7 % 13 - 6) * 10)
+        w.write_shard(s, a, rows, key=f"k{s}")
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## Object stores and interop", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    block = next(b for b in blocks if "s3://" in b)
+    line = 'root = "s3://my-bucket/runs/pseudo_gt/dataset"'
+    assert line in block
+    env: dict = {}
+    exec(block.replace(line, f"root = {root!r}"), env)  # noqa: S102
+    ds = open_dataset(root)
+    m = ds.manifest
+    yaw, split = m["yaw"].to_numpy(), np.asarray(m["split"].to_pylist())
+    want = {sp: int(((np.abs(yaw) <= 30) & (split == sp)).sum()) for sp in np.unique(split)}
+    assert 0 < sum(want.values()) < m.num_rows and all(want.values())
+    out = capsys.readouterr().out
+    for sp, n in want.items():
+        assert f"('{sp}', {n})" in out  # duckdb's rows
+        assert re.search(rf"│ {sp}\s+┆ {n}\s+│", out)  # polars' table
+    order = env["index"].to_series().to_numpy()
+    assert sorted(order.tolist()) == sorted(m["index"].to_pylist())
+    assert np.array_equal(env["images"], ds.read("image", order))
+    assert order.size == 2 * SPS + 5
