@@ -42,7 +42,9 @@ class RotateRenderConfig(RunnerFields):
     hole_dilate_px: int = Field(3, ge=0, le=32, description="grow the original face's "
                                 "rendered mask by this much before cutting holes (the fitted "
                                 "mesh's outline misses the photo's face edge by a few px)")
-    inpaint_radius: float = Field(5.0, gt=0)
+    inpaint_radius: float = Field(5.0, gt=0, description="Telea radius, full-resolution px")
+    inpaint_downscale: int = Field(2, ge=1, le=8, description="inpaint at 1/this resolution "
+                                   "(the fill is a smooth guess; 1: full resolution)")
     lighting: Literal["baked", "relit"] = Field(
         "baked", description="baked: unlit uv_pseudo_gt lookup like the pseudo-GT re-render "
                              "(its shading turns with the face); relit: de-lit by the fitted "

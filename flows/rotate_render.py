@@ -91,7 +91,8 @@ class RotateRenderJob(shards.ShardJob):
                                   c.views_per_sample, *c.yaw_offset_range)
         res = rr.rotate_batch(st.model, batch, offsets, max_abs_yaw=c.max_abs_yaw,
                               hole_fill=c.hole_fill, hole_dilate_px=c.hole_dilate_px,
-                              inpaint_radius=c.inpaint_radius, min_mask_px=c.min_mask_px,
+                              inpaint_radius=c.inpaint_radius,
+                              inpaint_downscale=c.inpaint_downscale, min_mask_px=c.min_mask_px,
                               lighting=c.lighting, min_irradiance=c.min_irradiance,
                               sheets=c.sheets)
         stats = ShardStats(spec.id, inputs=len(batch), accepted=len(res.accepted),

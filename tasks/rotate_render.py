@@ -7,13 +7,17 @@ camera (scale / focal, translation) and ``uv_pseudo_gt``, and composited over it
 - ``mask``: where the rotated face covers; there the pixel is the render.
 - ``hole_mask``: where the original face was (its own render at the source pose, grown by
   ``hole_dilate_px``: the mesh outline misses the photo's face edge by a few pixels) and the
-  rotated face (grown by the same margin) is not. The photo there shows the *old* face, so
-  it is not background: ``hole_fill="inpaint"`` takes those pixels from an OpenCV Telea
-  inpainting of the whole grown original-face region from the photo around it (so no
-  old-face colour bleeds in); ``"keep"`` leaves the photo's pixels (a ghost face, for
-  inspection). Either way they are not real background: a loss should ignore ``hole_mask``.
-  The ``hole_dilate_px`` band just outside the rotated face keeps the photo (old-face edge
-  pixels can show there, at most that many pixels wide); at offset 0 there is no hole.
+  rotated face is not. The photo there shows the *old* face, so it is not background:
+  ``hole_fill="inpaint"`` takes those pixels from an OpenCV Telea inpainting of the whole
+  grown original-face region from the photo around it (no old-face colour bleeds in; at
+  1/``inpaint_downscale`` resolution); ``"keep"`` leaves the photo's pixels (a ghost face,
+  for inspection). Either way they are not real background: a loss should ignore
+  ``hole_mask``. The mesh's openings (eyes, mouth: holes of its silhouette) count as face:
+  photo pixels in them are the old face's too, so a rotated opening over the old face is a
+  hole. Two things keep the photo: pixels of the margin band (grown, outside the original
+  face) within ``hole_dilate_px`` of the rotated face (the photo's face edge can show
+  there, at most that many pixels wide), and pixels in an opening of both faces (the old
+  mouth seen through the new mouth); so at offset 0 there is no hole at all.
 - elsewhere: the photo unchanged. Hair, ears, neck and shoulders outside the fitted mesh do
   not rotate; they stay where the photo has them (the trick's known limit without a
   GAN-style refiner).
@@ -189,8 +193,29 @@ def delit_texture(model, vertices: np.ndarray, rotation: np.ndarray, sh: np.ndar
                     uv_texture).astype(np.float32)
 
 
+def inpaint(image: np.ndarray, region: np.ndarray, radius: float = 5.0, downscale: int = 2
+            ) -> np.ndarray:
+    """(S, S, 3) uint8 ``image`` with the (S, S) bool ``region`` filled by OpenCV Telea from
+    the pixels around it, at 1/``downscale`` resolution and resized back (Telea's cost grows
+    with the region's pixels; the fill is a smooth guess at any scale; docs/benchmarks.md
+    gives both); pixels outside ``region`` are the image's own."""
+    import cv2
+
+    img = np.ascontiguousarray(image)
+    if downscale <= 1:
+        return cv2.inpaint(img, region.astype(np.uint8), float(radius), cv2.INPAINT_TELEA)
+    H, W = region.shape
+    h, w = max(H // downscale, 1), max(W // downscale, 1)
+    small = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    # a low-res pixel touched by the region is filled (no region colour leaks into the fill)
+    m = cv2.resize(region.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0
+    fill = cv2.resize(cv2.inpaint(small, m.astype(np.uint8), max(radius / downscale, 1.0),
+                                  cv2.INPAINT_TELEA), (W, H), interpolation=cv2.INTER_LINEAR)
+    return np.where(region[..., None], fill, img)
+
+
 def rotate_sample(model, batch: SourceBatch, i: int, offsets, *, hole_fill: str = "inpaint",
-                  hole_dilate_px: int = 3, inpaint_radius: float = 5.0,
+                  hole_dilate_px: int = 3, inpaint_radius: float = 5.0, inpaint_downscale: int = 2,
                   min_mask_px: int = 64, lighting: str = "baked",
                   min_irradiance: float = 0.25) -> dict:
     """All views of source sample ``i`` at yaw + ``offsets`` (K,) degrees.
@@ -210,7 +235,13 @@ def rotate_sample(model, batch: SourceBatch, i: int, offsets, *, hole_fill: str 
     if m0.sum() < min_mask_px:
         raise SampleRejected(uri, STAGE, f"the face covers {int(m0.sum())} px at its own pose "
                                          f"(< min_mask_px {min_mask_px})")
-    grown = _dilate(m0, hole_dilate_px)
+    from scipy.ndimage import binary_fill_holes
+
+    # the mesh's openings (eyes, mouth) belong to the face: their photo pixels are the old
+    # face's too
+    m0f = binary_fill_holes(m0)
+    grown = _dilate(m0f, hole_dilate_px)
+    ring, open0 = grown & ~m0f, m0f & ~m0
     sh = None if batch.sh is None else np.asarray(batch.sh[i], np.float32)
     lit = lighting == "relit" and sh is not None and np.isfinite(sh).all() and bool(sh.any())
     if lit:
@@ -218,13 +249,8 @@ def rotate_sample(model, batch: SourceBatch, i: int, offsets, *, hole_fill: str 
                                     min_irradiance), sh
     else:
         tex_k, sh_k = tex, UNLIT_SH
-    if hole_fill == "inpaint":
-        import cv2
-
-        background = cv2.inpaint(np.ascontiguousarray(photo), grown.astype(np.uint8),
-                                 float(inpaint_radius), cv2.INPAINT_TELEA)
-    else:
-        background = photo
+    background = (inpaint(photo, grown, inpaint_radius, inpaint_downscale)
+                  if hole_fill == "inpaint" else photo)
     out = {k: [] for k in ("image", "mask", "hole_mask", "render")}
     for k, off in enumerate(np.asarray(offsets, np.float64)):
         fk = source_fit(row, batch.id_coeffs[i], batch.exp_coeffs[i], S, float(off))
@@ -235,9 +261,11 @@ def rotate_sample(model, batch: SourceBatch, i: int, offsets, *, hole_fill: str 
             raise SampleRejected(uri, STAGE, f"view {k} (yaw {row['yaw'] + off:+.1f}): the "
                                              f"rotated face covers {int(m.sum())} px (< "
                                              f"min_mask_px {min_mask_px})")
-        # a band of hole_dilate_px around the rotated face keeps the photo (the same
-        # margin the original face got), so offset 0 leaves no hole at all
-        hole = grown & ~_dilate(m, hole_dilate_px)
+        # the original face's margin band keeps the photo where it also borders the rotated
+        # face, and an opening of both faces at one pixel keeps it too (so offset 0 leaves
+        # no hole at all); the old face itself never stays
+        opened = binary_fill_holes(m) & ~m
+        hole = grown & ~m & ~(ring & _dilate(m, hole_dilate_px)) & ~(open0 & opened)
         out["image"].append(np.where(m[..., None], _to_u8(img),
                                      np.where(hole[..., None], background, photo)))
         out["mask"].append(m)
@@ -251,7 +279,7 @@ def rotate_sample(model, batch: SourceBatch, i: int, offsets, *, hole_fill: str 
 
 def rotate_batch(model, batch: SourceBatch, offsets: np.ndarray, *, max_abs_yaw: float = 30.0,
                  hole_fill: str = "inpaint", hole_dilate_px: int = 3,
-                 inpaint_radius: float = 5.0, min_mask_px: int = 64,
+                 inpaint_radius: float = 5.0, inpaint_downscale: int = 2, min_mask_px: int = 64,
                  lighting: str = "baked", min_irradiance: float = 0.25,
                  sheets: bool = True) -> Rotated:
     """Eligibility, then every view of every eligible sample (``offsets`` (N, K) degrees),
@@ -261,7 +289,8 @@ def rotate_batch(model, batch: SourceBatch, offsets: np.ndarray, *, max_abs_yaw:
     K = offsets.shape[1] if offsets.ndim == 2 else 0
     keep, rejected = eligible(batch, max_abs_yaw)
     kw = {"hole_fill": hole_fill, "hole_dilate_px": hole_dilate_px,
-          "inpaint_radius": inpaint_radius, "min_mask_px": min_mask_px,
+          "inpaint_radius": inpaint_radius, "inpaint_downscale": inpaint_downscale,
+          "min_mask_px": min_mask_px,
           "lighting": lighting, "min_irradiance": min_irradiance}
     kept, made, rej = isolation.each(
         STAGE, [batch.uri(i) for i in keep],
