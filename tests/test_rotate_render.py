@@ -141,7 +141,6 @@ def test_offsets_are_stable_and_in_range():
     assert not np.array_equal(a, rr.draw_offsets(4, ["x", "y", "z"], 4, 15, 60))
 
 
-@pytest.mark.slow
 def test_flow_views_rejections_rerun_and_changed_source(source, tmp_path):
     from facecorpus.cli import main
 
@@ -165,6 +164,7 @@ def test_flow_views_rejections_rerun_and_changed_source(source, tmp_path):
     idx = ds.manifest.column("index").to_numpy()
     img, mask, hole = (ds.read(k, idx) for k in ("image", "mask", "hole_mask"))
     photos = open_dataset(str(source / "dataset"))
+    model = rr.load_model(photos, None)
     for k, r in enumerate(man):
         s0 = src[r["source_sample_id"]]
         # the manifest's yaw/pitch/roll columns are float32 (the store's required type)
@@ -175,6 +175,17 @@ def test_flow_views_rejections_rerun_and_changed_source(source, tmp_path):
         m, h = mask[k, ..., 0].astype(bool), hole[k, ..., 0].astype(bool)
         assert set(np.unique(mask[k])) <= {0, 1} and m.sum() >= 64 and r["mask_px"] == m.sum()
         assert not (m & h).any() and h.sum() == r["hole_px"] > 0  # a turned face uncovers
+        # the image is at the pose its row says: the fitted mesh rendered with the row's
+        # camera covers the same pixels (the row's angles are float32)
+        fit = rr.source_fit(r, *(photos.read(f, [s0["index"]])[0]
+                                 for f in ("id_coeffs", "exp_coeffs")), m.shape[0])
+        _, m_row = rr.render_view(model, fit.vertices(model, 0), fit.camera_for(0),
+                                  np.zeros((8, 8, 3), np.float32))
+        assert (m & m_row).sum() / (m | m_row).sum() > 0.995
+        f0 = rr.source_fit(s0, fit.alpha[0], fit.beta[0], m.shape[0])
+        _, m_src = rr.render_view(model, f0.vertices(model, 0), f0.camera_for(0),
+                                  np.zeros((8, 8, 3), np.float32))
+        assert (m & m_src).sum() / (m | m_src).sum() < 0.98  # ... and not at the source's
         photo = photos.read("image", [s0["index"]])[0]
         # the photo untouched away from the rotated face and the holes; the face is new
         away = ~m & ~h
