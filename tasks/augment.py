@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from facecorpus.core.errors import InputError
+from facecorpus.core.errors import InputError, RejectedRow
 from facecorpus.meshops.model import MorphableModel
 
 # Independent random streams per face: augmentation draws never shift render draws.
@@ -127,19 +127,10 @@ class FaceSample:
     attempt: int
 
 
-@dataclass(frozen=True)
-class Rejection:
-    index: int
-    attempt: int
-    group: str
-    reason: str
-    parents: tuple[int, ...] = ()
-
-
 @dataclass
 class SampleResult:
     face: FaceSample | None
-    rejections: list[Rejection] = field(default_factory=list)
+    rejections: list[RejectedRow] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------- textures
@@ -450,9 +441,10 @@ def closest_subject(candidates: np.ndarray, prepared: PreparedSources, vertices:
 def sample_face(index: int, group: str, prepared: PreparedSources, *, seed: int, m: int = 5,
                 r_range: tuple[float, float] = (0.6, 1.3), theta_max: float = np.pi / 2,
                 max_flip_ratio: float = 0.01, self_intersection: bool = False,
-                max_attempts: int = 4) -> SampleResult:
+                max_attempts: int = 4, uri: str = "") -> SampleResult:
     """Draw new face ``index`` of ``group``: up to ``max_attempts`` draws; each rejected draw
-    is recorded with its reason.
+    is a :class:`RejectedRow` (``{uri}/attempt/{k}``, stage ``augment``) whose ``parents``
+    column names the drawn subjects.
 
     Only subjects of ``group`` are ever drawn (with replacement only when the group has
     fewer than m members).
@@ -479,8 +471,10 @@ def sample_face(index: int, group: str, prepared: PreparedSources, *, seed: int,
         except (np.linalg.LinAlgError, FloatingPointError, ValueError) as e:
             reason = f"decode failed: {e}"
         if reason:
-            out.rejections.append(Rejection(index, attempt, group, str(reason),
-                                            tuple(int(p) for p in parents)))
+            ids = ",".join(str(prepared.subjects.subject_ids[p]) for p in parents)
+            out.rejections.append(RejectedRow(f"{uri}/attempt/{attempt}", "augment", str(reason),
+                                              "check", {"face_index": index, "group": group,
+                                                        "parents": ids}))
             continue
         emb = None
         if prepared.subjects.embeddings is not None:

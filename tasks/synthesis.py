@@ -73,7 +73,6 @@ def synthesize(state: State, cfg, lo: int, hi: int, uri_prefix: str,
                stages: Stages = STAGES) -> Shard:
     """Augment and render faces ``lo .. hi-1`` (see the module docstring)."""
     a, oc = cfg.augment, cfg.output
-    subj = state.prepared.subjects
     out = Shard()
     views = {k: [] for k in ("image", "pncc", "mask", "depth")}
     faces = {k: [] for k in ("vertices", "uv_texture", "uv_position")}
@@ -81,18 +80,15 @@ def synthesize(state: State, cfg, lo: int, hi: int, uri_prefix: str,
         group = str(state.groups[i])
         uri = f"{uri_prefix}/face/{i}"
         extra = {"face_index": i, "group": group}
-        sres, rej = isolation.one("augment", uri, lambda i=i, group=group: stages.sample(
+        sres, rej = isolation.one("augment", uri, lambda i=i, group=group, uri=uri: stages.sample(
             i, group, state.prepared, seed=cfg.seed, m=a.m, r_range=(a.r_min, a.r_max),
             theta_max=a.theta_max, max_flip_ratio=a.max_flip_ratio,
-            self_intersection=a.self_intersection, max_attempts=a.max_attempts))
+            self_intersection=a.self_intersection, max_attempts=a.max_attempts, uri=uri))
         if rej:
             out.rejected += [RejectedRow(r.source_uri, r.stage, r.reason, r.error,
                                          {**extra, "parents": ""}) for r in rej]
             continue
-        for r in sres.rejections:
-            out.rejected.append(RejectedRow(
-                f"{uri}/attempt/{r.attempt}", "augment", r.reason, "check",
-                {**extra, "parents": ",".join(str(subj.subject_ids[p]) for p in r.parents)}))
+        out.rejected += sres.rejections
         face = sres.face
         if face is None:
             out.rejected.append(RejectedRow(uri, "augment", f"all {a.max_attempts} draws "

@@ -48,8 +48,10 @@ def test_every_sample_comes_from_its_group(prepared):
     for i in range(24):
         g = f"g{i % 3}"
         res = augment.sample_face(i, g, prepared, seed=5, m=5)
+        ids = list(prepared.subjects.subject_ids)
         for r in res.rejections:
-            assert set(groups[list(r.parents)]) == {g}
+            parents = [ids.index(p) for p in r.extra["parents"].split(",")]
+            assert set(groups[parents]) == {g}
         if res.face is None:
             continue
         n_acc += 1
@@ -93,7 +95,7 @@ def test_rejected_draws_are_recorded_with_reasons(prepared, monkeypatch):
     assert [r.reason for r in res.rejections] == ["flipped triangles 0.1200 > 0.01"]
     monkeypatch.setattr(dr, "check_mesh", lambda *a, **k: dr.MeshCheck(False, "NaN vertices"))
     res = augment.sample_face(1, "g0", prepared, seed=0, max_attempts=3)
-    assert res.face is None and [r.attempt for r in res.rejections] == [0, 1, 2]
+    assert res.face is None and [r.source_uri.rsplit("/", 1)[1] for r in res.rejections] == ["0", "1", "2"]
 
 
 def test_closest_subject_by_shape_and_by_embedding(prepared):
