@@ -110,6 +110,7 @@ class _ShmPool:
     """
 
     SLOTS = 48
+    TAKE_MODE = "clip"  # bench_read sets "raise" in its workers: the hand-off before
     _current: _ShmPool | None = None
 
     def __init__(self):
@@ -143,7 +144,9 @@ class _ShmPool:
         else:
             self.flags[slot] = 1
             out = self.bufs[slot][:nbytes].view(ttype).view(shape)
-        np.take(a, idx, axis=0, out=out.numpy())
+        # mode='clip': with the default mode='raise' numpy gathers into a temporary and
+        # copies that into ``out`` (a second pass over the batch); idx is in range here
+        np.take(a, idx, axis=0, out=out.numpy(), mode=self.TAKE_MODE)
         return out
 
     def lease_out(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -400,10 +403,13 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
                 skip: int) -> Iterator[dict[str, np.ndarray]]:
         """The chunks of :meth:`_emission` with their data, minus the first ``skip`` samples.
 
-        Runs are read in plan order (decoded ahead in threads with ``decode_threads``); each
-        sample waits in an arena slot until its chunk leaves. Each sample is copied twice
-        (into the arena, out of it); batches leaving a DataLoader worker are gathered straight
-        into shared memory."""
+        Runs are read in plan order (decoded ahead in threads with ``decode_threads``) straight
+        into arena slots, where each sample waits until its chunk leaves: a stored chunk is
+        decoded into a small buffer and scattered from the CPU cache, and a leaving chunk is
+        gathered once, into shared memory when it leaves a DataLoader worker."""
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
         first = 0
         while first < len(chunks) and skip >= chunks[first].size:
             skip -= chunks[first].size
@@ -419,28 +425,68 @@ class ShardIterableDataset(torch.utils.data.IterableDataset):
             keep = pos[needed[pos]]
             if keep.size:
                 runs.append((k, s, keep))
-        blocks = self._blocks([(s, keep) for _, s, keep in runs])
         shm = torch.utils.data.get_worker_info() is not None and bool(self.batch_size)
-        cap = self.buffer_size + max(c.size for c in todo) + max(r[2].size for r in runs)
-        arena: dict[str, np.ndarray] | None = None
+        ahead = self.decode_threads if self.decode_threads > 1 and len(runs) > 1 else 0
+        longest = max(r[2].size for r in runs)
+        cap = self.buffer_size + max(c.size for c in todo) + (1 + ahead) * longest
+        spec = self.store.schema.fields
+        arena = {f: np.empty((cap, *spec[f].shape), np.dtype(spec[f].dtype)) for f in self.fields}
+        arena["index"] = np.empty(cap, np.int64)
+        for c, v in self.columns.items():
+            arena[c] = np.empty(cap, v.dtype)
         slot_of = np.full(self._index.size, -1, np.int64)
-        free = list(range(cap - 1, -1, -1))
-        r = 0
-        for chunk, need in zip(todo, after, strict=True):
-            while r < len(runs) and runs[r][0] < need:
-                block = next(blocks)
-                keep = runs[r][2]
-                r += 1
-                if arena is None:
-                    arena = {key: np.empty((cap, *v.shape[1:]), v.dtype) for key, v in block.items()}
-                slots = np.array([free.pop() for _ in range(keep.size)], np.int64)
-                for key, v in block.items():
-                    arena[key][slots] = v
-                slot_of[keep] = slots
-            slots = slot_of[chunk]
-            out = {key: _take(v, slots, shm) for key, v in arena.items()}
-            free.extend(slots.tolist())
-            yield out
+        free = list(range(cap))
+        pool = None
+        if ahead:
+            for f in self.fields:  # open readers once, before threads race to do it
+                self.store.read_rows(f, runs[0][1], 0, 0)
+            pool = ThreadPoolExecutor(ahead, thread_name_prefix="shard-decode")
+        reading: deque = deque()  # (plan step, shard, positions, slots, future) in plan order
+        nxt = [0]  # the next run to start
+
+        def start() -> None:
+            if nxt[0] == len(runs):
+                return
+            k, s, keep = runs[nxt[0]]
+            nxt[0] += 1
+            slots = np.array(free[-keep.size:], np.int64)
+            del free[-keep.size:]
+            job = (None if pool is None
+                   else pool.submit(self._fill, arena, s, keep, slots))
+            reading.append((k, s, keep, slots, job))
+
+        try:
+            for _ in range(ahead):
+                start()
+            for chunk, need in zip(todo, after, strict=True):
+                while (reading[0][0] if reading else
+                       runs[nxt[0]][0] if nxt[0] < len(runs) else need) < need:
+                    if not reading:  # read in this thread: slots are taken only when read
+                        start()
+                    _, s, keep, slots, job = reading.popleft()
+                    if job is None:
+                        self._fill(arena, s, keep, slots)
+                    else:
+                        job.result()
+                        start()  # keep ``ahead`` runs decoding
+                    slot_of[keep] = slots
+                slots = slot_of[chunk]
+                out = {key: _take(v, slots, shm) for key, v in arena.items()}
+                free.extend(slots.tolist())
+                yield out
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    def _fill(self, arena: dict[str, np.ndarray], s: int, keep: np.ndarray,
+              slots: np.ndarray) -> None:
+        """Samples ``keep`` (positions into the selection) of shard ``s`` into arena ``slots``."""
+        rows = self._index[keep] - s * self.store.schema.samples_per_shard
+        for f in self.fields:
+            self.store.read_rows_into(f, s, rows, arena[f], slots)
+        arena["index"][slots] = self._index[keep]
+        for c, v in self.columns.items():
+            arena[c][slots] = v[keep]
 
     def _worker(self) -> tuple[int, int, int, int, int]:
         """(rank, world, this worker's slice, workers, samples of the slice to skip)."""

@@ -97,3 +97,56 @@ def test_pooled_worker_buffers_never_overwrite_batches_still_held(tmp_path, keep
     for b in kept:
         s, r = divmod(int(b["index"]), SPS)
         assert torch.equal(b["image"][0], torch.from_numpy(image(s)[r]))
+
+
+def test_rows_read_into_arena_slots_equal_plain_reads(tmp_path):
+    """``read_rows_into`` (the shuffle buffer's fill) gives the bytes of ``read``: any
+    ascending rows, scattered slots, float fields, all-zero chunks zarr does not store, a
+    shard with no file at all, and through the first-read checksum path."""
+    root = tmp_path / "ds"
+    w = DatasetWriter(root, DatasetSchema(fields={"image": FieldSpec((6, 6, 3), "uint8"),
+                                                  "depth": FieldSpec((5,), "float32")},
+                                          samples_per_shard=SPS, samples_per_chunk=SPC))
+    rng = np.random.default_rng(7)
+    for s in range(3):
+        img = rng.integers(1, 256, (SPS, 6, 6, 3), dtype=np.uint8)
+        dep = rng.normal(size=(SPS, 5)).astype(np.float32)
+        if s == 1:
+            img[SPC:2 * SPC] = 0  # one all-fill chunk
+        if s == 2:
+            img[:] = 0  # an all-fill shard: zarr writes no file for it
+        w.write_shard(s, {"image": img, "depth": dep}, [{"sample_id": f"{s}-{i}"} for i in range(SPS)])
+    assert not (root / "image" / "c" / "2" / "0" / "0" / "0").exists()
+    for verify in (False, True):
+        ds = open_dataset(root, verify_checksums=verify)
+        for name in ("image", "depth"):
+            for s in range(3):
+                for rows in (np.arange(SPS), np.array([0, 3, 5, 6, 7, 13]), np.array([9])):
+                    spec = ds.schema.fields[name]
+                    arena = np.full((40, *spec.shape), 77, spec.dtype)  # stale data everywhere
+                    slots = rng.permutation(40)[:rows.size]
+                    ds.read_rows_into(name, s, rows, arena, slots)
+                    want = ds.read(name, s * SPS + rows)
+                    assert np.array_equal(arena[slots], want), (name, s, rows)
+                    untouched = np.setdiff1d(np.arange(40), slots)
+                    assert (arena[untouched] == 77).all()
+
+
+def test_shuffled_batches_are_the_same_with_decode_threads(tmp_path):
+    root = tmp_path / "ds"
+    write(root, shards=range(6))
+    runs = []
+    for threads in (1, 3):
+        it = ShardIterableDataset(root, shuffle=True, seed=5, batch_size=7, buffer_size=20,
+                                  decode_threads=threads)
+        runs.append([{k: v.clone() for k, v in b.items()} for b in it])
+    a, b = runs
+    assert len(a) == len(b) and sum(x["index"].numel() for x in a) == 6 * SPS
+    for x, y in zip(a, b, strict=True):
+        assert x["index"].tolist() == y["index"].tolist()
+        assert np.array_equal(x["image"].numpy(), y["image"].numpy())
+    idx = np.concatenate([x["index"].numpy() for x in a])
+    assert sorted(idx.tolist()) == list(range(6 * SPS))
+    got = np.concatenate([x["image"].numpy() for x in a])
+    want = np.concatenate([image(s) for s in range(6)])
+    assert np.array_equal(got, want[idx])
