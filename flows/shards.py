@@ -17,97 +17,43 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from facecorpus.core import hashing
 from facecorpus.core.errors import RejectedRow
+from facecorpus.flows.executors import (  # noqa: F401  (re-exported: flows import them here)
+    DaskExecutor,
+    Executor,
+    LocalExecutor,
+    PrefectExecutor,
+    Progress,
+    ThreadExecutor,
+    make_executor,
+    map_with_progress,
+)
+from facecorpus.flows.keys import (  # noqa: F401
+    StageKey,
+    made_by,
+    part_digests,
+    stage_key,
+    why_runs,
+)
+from facecorpus.flows.storage import (  # noqa: F401
+    exists,
+    get_bytes,
+    is_url,
+    join,
+    put_bytes,
+    write_sheet,
+)
 
 log = logging.getLogger("facecorpus.shards")
 
 STATS_DIR = "_stats"
-
-
-# --------------------------------------------------------------------------- keys
-@dataclass(frozen=True)
-class StageKey:
-    """What one stage's output for one shard depends on, in one readable record.
-
-    ``parts`` maps a name (``config``, ``model``, ``inputs``, ``landmark_backend``,
-    ``prior``, ``code`` ...) to a JSON-able value or a digest of it; the key is the digest
-    of all of them. Changing any part changes the key; nothing else does.
-    """
-
-    stage: str
-    parts: dict
-
-    @property
-    def key(self) -> str:
-        return hashing.digest(self.stage, self.parts, n=40)
-
-    def changed(self, old_parts: dict | None) -> list[str]:
-        """Names of the parts that differ from an older record (all when unknown)."""
-        if not old_parts:
-            return ["new"]
-        names = sorted(set(self.parts) | set(old_parts))
-        return [n for n in names if hashing.stable_json(self.parts.get(n))
-                != hashing.stable_json(old_parts.get(n))] or ["none"]
-
-
-def stage_key(stage: str, code_version: int, **parts) -> StageKey:
-    """A :class:`StageKey` that always covers the code: the package version, the stage's own
-    code version and a digest of the source of every package that makes the bytes (so an
-    edited stage never reuses shards made by the old code)."""
-    return StageKey(stage, {"code": {"package": hashing.package_version(),
-                                     "stage": int(code_version),
-                                     "source": hashing.source_digest()}, **parts})
-
-
-def part_digests(parts: dict) -> dict:
-    """A short digest per key part (``inputs`` may be a dict of per-input digests)."""
-    out = {}
-    for k, v in parts.items():
-        out[k] = ({u: hashing.digest(d, n=12) for u, d in v.items()} if isinstance(v, dict)
-                  and k == "inputs" else hashing.digest(v, n=12))
-    return out
-
-
-def why_runs(spec: ShardSpec, committed_key: str | None, old_stats: dict | None) -> str:
-    """Why a shard must run: "new", "" (it need not), or which key parts changed since the
-    commit (inputs: how many were added, removed, changed), from the stats of that commit."""
-    if committed_key is None:
-        return "new"
-    if committed_key == spec.key:
-        return ""
-    old = ((old_stats or {}).get("extra") or {}).get("key_parts")
-    if not old:
-        return "key changed"
-    out = []
-    for k in sorted(set(spec.explain) | set(old)):
-        a, b = old.get(k), spec.explain.get(k)
-        if a == b:
-            continue
-        if k == "inputs" and isinstance(a, dict) and isinstance(b, dict):
-            add = len(set(b) - set(a))
-            rem = len(set(a) - set(b))
-            chg = sum(a[u] != b[u] for u in set(a) & set(b))
-            out.append(f"inputs (+{add} -{rem} ~{chg})")
-        else:
-            out.append(k)
-    return "changed: " + ", ".join(out) if out else "key changed"
-
-
-def made_by(model_hash: str) -> dict:
-    """Provenance of a commit (``verify`` reports datasets whose shards disagree on it)."""
-    return {"package": hashing.package_version(), "model": model_hash[:16],
-            "code": hashing.source_digest()}
 
 
 # --------------------------------------------------------------------------- records
@@ -290,284 +236,6 @@ def read_stats(out: str) -> dict[int, dict]:
                 d = json.load(fh)
             res[int(d["shard"])] = d
     return res
-
-
-def is_url(path: str) -> bool:
-    return "://" in str(path) and not str(path).startswith("file://")
-
-
-def put_bytes(path: str, data: bytes) -> None:
-    """Write a file of a run folder whole: temp + rename locally, one PUT on object stores."""
-    if is_url(path):
-        import fsspec
-
-        with fsspec.open(path, "wb") as fh:
-            fh.write(data)
-    else:
-        from facecorpus.core import atomic
-
-        atomic.write_bytes(path, data)
-
-
-def get_bytes(path: str) -> bytes | None:
-    """A run-folder file's bytes, or None when it does not exist."""
-    import fsspec
-
-    try:
-        with fsspec.open(path, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        return None
-
-
-def write_sheet(path: str, rows: list, **kw) -> str:
-    """A PNG contact sheet (:func:`facecorpus.sheets.contact_sheet`) at a local path or an
-    fsspec URL (drawn locally, then put whole)."""
-    import tempfile
-
-    from facecorpus.sheets import contact_sheet
-
-    if not is_url(path):
-        return str(contact_sheet(rows, path, **kw))
-    with tempfile.TemporaryDirectory() as d:
-        tmp = contact_sheet(rows, os.path.join(d, "sheet.png"), **kw)
-        put_bytes(path, Path(tmp).read_bytes())
-    return path
-
-
-def exists(path: str) -> bool:
-    import fsspec
-
-    fs, p = fsspec.core.url_to_fs(path)
-    return fs.exists(p)
-
-
-def join(base: str, *parts: str) -> str:
-    base = str(base)
-    if is_url(base):
-        return "/".join([base.rstrip("/"), *parts])
-    return os.path.join(base, *parts)
-
-
-# --------------------------------------------------------------------------- executors
-class Executor:
-    """Runs ``fn(*args)`` for every args tuple; yields results as they complete.
-
-    ``retries``: a failed call is run again up to this many times (transient failures: I/O,
-    a lost worker); a call that still fails raises, failing the run with its message —
-    per-sample failures never get here, they are rejected rows inside the shard.
-    """
-
-    name = "executor"
-
-    def __init__(self, retries: int = 0):
-        self.retries = retries
-
-    def map(self, fn: Callable, calls: list[tuple], label: str = "") -> Iterator[Any]:
-        raise NotImplementedError
-
-    def close(self) -> None:
-        return None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _retrying(fn: Callable, retries: int, args: tuple):
-    for attempt in range(retries + 1):
-        try:
-            return fn(*args)
-        except Exception as e:  # infrastructure (I/O, storage): try again, then give up
-            if attempt == retries:
-                raise
-            log.warning("%s failed (%s: %s); retry %d/%d", getattr(fn, "__name__", fn),
-                        type(e).__name__, e, attempt + 1, retries)
-            time.sleep(min(2.0 ** attempt, 10.0))
-    raise AssertionError("unreachable")
-
-
-class LocalExecutor(Executor):
-    """In this process, one call after another (tests, benchmarks, debugging)."""
-
-    name = "local"
-
-    def map(self, fn, calls, label=""):
-        for args in calls:
-            yield _retrying(fn, self.retries, args)
-
-
-class ThreadExecutor(Executor):
-    """A thread pool in this process (the stages release the GIL in numba/torch)."""
-
-    name = "threads"
-
-    def __init__(self, workers: int, retries: int = 0):
-        super().__init__(retries)
-        self.workers = workers
-
-    def map(self, fn, calls, label=""):
-        from concurrent.futures import ThreadPoolExecutor, as_completed
-
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            futs = [pool.submit(_retrying, fn, self.retries, args) for args in calls]
-            for f in as_completed(futs):
-                yield f.result()
-
-
-class DaskExecutor(Executor):
-    """A Dask cluster: an existing scheduler (``address``) or a LocalCluster of
-    single-threaded worker processes. Dask reschedules the tasks of a worker that dies."""
-
-    name = "dask"
-
-    def __init__(self, workers: int, address: str | None = None, retries: int = 0):
-        super().__init__(retries)
-        self.workers, self.address = workers, address
-        self._client = self._cluster = None
-
-    def client(self):
-        if self._client is None:
-            from distributed import Client, LocalCluster
-
-            if self.address:
-                self._client = Client(self.address, timeout="60s")
-            else:
-                self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
-                                             processes=True, dashboard_address=None)
-                self._client = Client(self._cluster)
-        return self._client
-
-    def map(self, fn, calls, label=""):
-        from distributed import as_completed
-
-        c = self.client()
-        futs = [c.submit(fn, *args, pure=False, retries=self.retries,
-                         key=f"{label or 'shard'}-{i}-{os.urandom(4).hex()}")
-                for i, args in enumerate(calls)]
-        for f in as_completed(futs):
-            yield f.result()
-
-    def close(self):
-        if self._client is not None:
-            self._client.close()
-        if self._cluster is not None:
-            self._cluster.close()
-        self._client = self._cluster = None
-
-
-class PrefectExecutor(Executor):
-    """Each call a Prefect task run, submitted to a Prefect task runner (threads or Dask)
-    entered here, so the run's settings come from the job's config and not from how the flow
-    object was built (a served deployment keeps ``--dask-address``, workers, retries)."""
-
-    name = "prefect"
-
-    def __init__(self, task_runner, retries: int = 0):
-        super().__init__(retries)
-        self.task_runner = task_runner
-        self._entered = False
-
-    def map(self, fn, calls, label=""):
-        from prefect import task
-        from prefect.cache_policies import NO_CACHE
-        from prefect.futures import as_completed
-
-        if not self._entered:
-            self.task_runner.__enter__()
-            self._entered = True
-        t = task(fn, name=label or fn.__name__, cache_policy=NO_CACHE, retries=self.retries,
-                 retry_delay_seconds=1)
-        names = list(_param_names(fn))
-        futs = []
-        for args in calls:
-            tt = t.with_options(task_run_name=f"{label}-{_short(args)}") if label else t
-            futs.append(self.task_runner.submit(tt, dict(zip(names, args, strict=True))))
-        for f in as_completed(futs):
-            yield f.result()
-
-    def close(self):
-        if self._entered:
-            self.task_runner.__exit__(None, None, None)
-            self._entered = False
-
-
-def _param_names(fn):
-    import inspect
-
-    return inspect.signature(fn).parameters
-
-
-def _short(args: tuple) -> str:
-    for a in args:
-        if isinstance(a, ShardSpec):
-            return str(a.id)
-        if isinstance(a, int):
-            return str(a)
-    return ""
-
-
-def make_executor(kind: str, workers: int, dask_address: str | None = None, *,
-                  retries: int = 0, prefect: bool = False) -> Executor:
-    """``kind``: ``local`` | ``threads`` | ``dask``; ``prefect``: each shard a Prefect task
-    on the matching Prefect task runner."""
-    if dask_address:
-        kind = "dask"
-    if prefect:
-        from facecorpus.flows import runtime
-
-        return PrefectExecutor(runtime.make_task_runner(
-            "threads" if kind == "local" else kind, workers, dask_address), retries)
-    if kind == "dask":
-        return DaskExecutor(workers, dask_address, retries)
-    if kind == "threads" and workers > 1:
-        return ThreadExecutor(workers, retries)
-    return LocalExecutor(retries)
-
-
-# --------------------------------------------------------------------------- running
-class Progress:
-    """A log line per finished shard with counts, rate and ETA; a tqdm bar on a TTY."""
-
-    def __init__(self, phase: str, total: int, unit: str = "inputs"):
-        self.phase, self.total, self.done, self.unit = phase, total, 0, unit
-        self.items = 0
-        self.t0 = time.perf_counter()
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=phase, unit="shard")
-
-    def update(self, r: dict) -> None:
-        self.done += 1
-        self.items += int(r.get("inputs", 0))
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        eta = (self.total - self.done) * dt / max(self.done, 1)
-        if self.bar is not None:
-            self.bar.update(1)
-        log.info("%s: shard %s done (%d/%d; accepted %s, rejected %s%s); %.2f %s/s; ETA %.0f s",
-                 self.phase, r.get("shard"), self.done, self.total, r.get("accepted"),
-                 r.get("rejected"), f"; {r['why']}" if r.get("why") else "",
-                 self.items / dt, self.unit, eta)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def map_with_progress(ex: Executor, fn: Callable, calls: list[tuple], phase: str) -> list[dict]:
-    prog = Progress(phase, len(calls))
-    results = []
-    try:
-        for r in ex.map(fn, calls, phase):
-            prog.update(r)
-            results.append(r)
-    finally:
-        prog.close()
-    return results
 
 
 def execute(job: ShardJob, ex: Executor, *, max_shards: int | None = None) -> dict:
