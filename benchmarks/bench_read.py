@@ -6,6 +6,7 @@ then times one epoch of each reader with 0 and 2 DataLoader workers after a warm
 (files in the page cache: this measures decode + framework cost, not the disk).
 
     .venv/bin/python benchmarks/bench_read.py [--n 4096] [--workers 0 2] [--chunk 8]
+    .venv/bin/python benchmarks/bench_read.py --n 4096 --first-read --repeat 3   # #14 reader
 
 Images are crops of the shared photos when $FACECORPUS_ASSETS (or ../shared) has them,
 else smooth synthetic images; PNCC is a smooth per-sample colour field, the mask a disc.
@@ -171,6 +172,87 @@ def _buffered_take(worker_id: int) -> None:
     _ShmPool.TAKE_MODE = "raise"
 
 
+def _moto_server():
+    """A moto S3 server in a child process on 127.0.0.1 (its CPU is not this process's), with
+    fake credentials in the standard AWS variables of this process; returns (proc, url)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    for k in [k for k in os.environ if k.startswith("AWS_")]:
+        del os.environ[k]
+    url = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=url,
+                      AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull)
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("moto server did not start")
+
+
+def first_read(root: str, n: int, batch: int, repeat: int, tmp: str) -> None:
+    """One epoch of a *fresh* batched iterable reader (no shard seen before, 0 workers), with
+    and without ``verify_checksums``, on the local store and on a copy in a moto S3 bucket;
+    and the shard cache of the S3 copy: first epoch into an empty cache (misses), then a fresh
+    reader over the filled cache (hits). Interleaved ``repeat`` times; median and range."""
+    from facecorpus.datasets.reader import ShardIterableDataset
+
+    proc, _ = _moto_server()
+    try:
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("bench")
+        fs.put(root.rstrip("/") + "/", "bench/store/", recursive=True)
+        remote = "s3://bench/store"
+
+        def epoch(url, **kw):
+            ds = ShardIterableDataset(url, shuffle=True, batch_size=batch, **kw)  # opened untimed
+            t, c = time.perf_counter(), time.process_time()
+            count = sum(int(b["index"].numel()) for b in ds)
+            assert count == n, (count, n)
+            cache = ds.store.cache
+            return (n / (time.perf_counter() - t), n / (time.process_time() - c),
+                    None if cache is None else (cache.hits, cache.misses))
+
+        for url in (root, remote):  # untimed: imports, first connections, page cache
+            epoch(url)
+        res: dict[str, list] = {}
+        for rep in range(repeat):
+            cdir = Path(tmp) / f"cache-{rep}"
+            for name, url, kw in [
+                    ("local, verify_checksums off", root, {}),
+                    ("local, verify_checksums on", root, {"verify_checksums": True}),
+                    ("s3 (moto), verify_checksums off", remote, {}),
+                    ("s3 (moto), verify_checksums on", remote, {"verify_checksums": True}),
+                    ("s3 (moto), ShardCache empty (misses)", remote, {"cache_dir": cdir}),
+                    ("s3 (moto), ShardCache filled (hits)", remote, {"cache_dir": cdir})]:
+                wall, cpu, hm = epoch(url, **kw)
+                res.setdefault(name, []).append((wall, cpu))
+                print(f"  {name:40s} {wall:7.0f} samples/s wall, {cpu:7.0f} per CPU-second"
+                      + (f" (cache hits {hm[0]}, misses {hm[1]})" if hm else "")
+                      + f" (repeat {rep + 1})", flush=True)
+        print("\nfirst-read epoch, median [min-max] over repeats (wall /s; per CPU-s of this "
+              "process, the S3 server's CPU not included):")
+        for name, v in res.items():
+            w, c = np.array(v).T
+            print(f"  {name:40s} {np.median(w):7.0f} [{w.min():.0f}-{w.max():.0f}]   "
+                  f"{np.median(c):7.0f} [{c.min():.0f}-{c.max():.0f}]")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4096)
@@ -185,6 +267,9 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                     help="time only the readers whose name contains one of these (the PNG "
                          "reference always runs)")
+    ap.add_argument("--first-read", action="store_true",
+                    help="only the first-read cost of verify_checksums (local and a moto S3 "
+                         "bucket) and the ShardCache miss/hit rates (needs the s3 extra + moto)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="time every reader this many times, interleaved (the machine is shared:"
                          " a spread is more honest than one number)")
@@ -206,6 +291,10 @@ def main() -> None:
                             args.level, via_zarr=True)
         wrate = write_store(root, data, args.shard, args.chunk, args.compression, args.level)
         stored = sum(f.stat().st_size for f in Path(root).rglob("*") if f.is_file())
+        if args.first_read:
+            print(f"store {stored / 2**20:.0f} MiB on disk ({raw / stored:.2f}x), page-cached")
+            first_read(root, args.n, args.batch, args.repeat, tmp)
+            return
         t = time.process_time()
         dirs = write_pngs(Path(tmp) / "png", data)
         prate = args.n / (time.process_time() - t)

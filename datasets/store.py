@@ -1141,19 +1141,21 @@ class _FastShardReader:
         row_bytes = self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
         tmp = np.empty((self.spc, row_bytes), np.uint8)
         path = self._path(shard)
+        fs = self.ds.root.fs
         try:
             cached = self._cached(shard)
-            f = self.ds.root.fs.open(path, "rb") if cached is None else contextlib.nullcontext()
+            whole = whole or cached is not None
+            if whole:  # one GET on an object store (an open file adds a HEAD and read-ahead)
+                cached = fs.cat_file(path) if cached is None else cached
+                f = contextlib.nullcontext()
+            else:
+                f = fs.open(path, "rb")
         except FileNotFoundError:
             flat[dest(0, rows.size)] = 0  # zarr drops all-fill shards: fill value
             return out
-        whole = whole or cached is not None
         with f:
-            if cached is not None:
+            if whole:
                 blob = np.frombuffer(cached, np.uint8)
-                tail = blob[-self.index_nbytes:]
-            elif whole:
-                blob = np.frombuffer(f.read(), np.uint8)
                 tail = blob[-self.index_nbytes:]
             else:
                 f.seek(-self.index_nbytes, 2)
