@@ -1,6 +1,7 @@
 """Config of the non-rigid refinement after the 3DMM fit (issue #13 item 1, seed method 003).
 
-Defaults are the published weights; the pseudo-GT config hangs it as ``fit.nonrigid``.
+Defaults are the published weights; the pseudo-GT config hangs it as ``nonrigid``
+(``PseudoGTConfig.nonrigid``, next to ``fit``, not inside it).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from typing import Literal
 
 from facecorpus.configs.base import RunnerFields, StrictConfig
 from facecorpus.configs.fit import FitConfig
+from facecorpus.configs.nonrigid import NonrigidConfig
 from facecorpus.configs.occlusion import OcclusionConfig
 from pydantic import Field, model_validator
 
@@ -67,6 +68,19 @@ class BlendConfig(StrictConfig):
     mixed: bool = Field(False, description="mixed gradients (Pérez et al.)")
 
 
+class AlbedoConfig(StrictConfig):
+    """De-lit texture per sample (``tasks.albedo``): ``uv_albedo`` = ``uv_pseudo_gt`` / the
+    fitted SH irradiance, with ``uv_irradiance``, ``uv_mask`` (M_uv) and ``face_mask``
+    (M_face). Needs stage 2 (the SH light comes from it)."""
+
+    enabled: bool = Field(False, description="store uv_albedo, uv_irradiance, uv_mask, "
+                          "face_mask (off: the dataset's fields and bytes are unchanged)")
+    min_irradiance: float = Field(0.05, gt=0, description="the divisor is clamped below at "
+                                  "this; texels darker than it leave uv_mask")
+    max_albedo: float = Field(1.0, gt=0, le=1, description="albedo clipped to [0, this]; "
+                              "clipped texels leave uv_mask")
+
+
 class OutputConfig(StrictConfig):
     samples_per_shard: int = Field(16, ge=1)
     val_fraction: float = Field(0.0, ge=0, le=1)
@@ -84,3 +98,18 @@ class PseudoGTConfig(RunnerFields):
     occlusion: OcclusionConfig = OcclusionConfig()
     blend: BlendConfig = BlendConfig()
     output: OutputConfig = OutputConfig()
+    nonrigid: NonrigidConfig = Field(
+        NonrigidConfig(), description="non-rigid refinement after stage 2 (stage 1 when "
+        "stage 2 is off); enabled: unwrap and re-render with the refined mesh and camera, "
+        "store vertex_offsets")
+    albedo: AlbedoConfig = AlbedoConfig()
+    joint_subjects: bool = Field(
+        False, description="rows sharing a subject_id share identity coefficients in a joint "
+        "stage-1 fit, and a subject's photos stay in one shard")
+
+    @model_validator(mode="after")
+    def _check_albedo(self) -> PseudoGTConfig:
+        if self.albedo.enabled and self.fit.photometric_iters == 0:
+            raise ValueError("albedo.enabled needs stage 2 (fit.photometric_iters > 0): the "
+                             "SH light it divides by comes from it")
+        return self

@@ -85,8 +85,12 @@ class PseudoGTJob(shards.ShardJob):
         if self._writer is None:
             from facecorpus.datasets.store import DatasetWriter
 
-            layout = hashing.digest(self.cfg.landmarks.crop_size, self.cfg.unwrap.uv_size,
-                                    self.cfg.output.samples_per_shard, n=32)
+            c = self.cfg
+            # the switches that add fields, only when on (default layouts keep their hash)
+            extra = [k for k, on in (("nonrigid", c.nonrigid.enabled),
+                                     ("albedo", c.albedo.enabled)) if on]
+            layout = hashing.digest(c.landmarks.crop_size, c.unwrap.uv_size,
+                                    c.output.samples_per_shard, *extra, n=32)
             sch = stages_mod.schema(self.state, self.cfg, self.content, layout)
             self._writer = DatasetWriter(shards.join(self.out, DATASET), sch)
         return self._writer
@@ -227,7 +231,7 @@ class PseudoGTJob(shards.ShardJob):
         if self.cfg.output.sheets and output.extras["sheet_rows"]:
             shards.write_sheet(shards.join(self.out, "sheets", f"shard-{spec.id:05d}.png"),
                                output.extras["sheet_rows"], cell=128,
-                               labels=stages_mod.SHEET_LABELS)
+                               labels=stages_mod.sheet_labels(self.cfg))
 
     def export_uv_regions(self) -> None:
         """``dataset/uv_regions.npz``: layout, mirror map, centre/side masks (+ a PNG)."""

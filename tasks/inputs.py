@@ -26,13 +26,16 @@ class PlannedInput:
     mask_uri: str | None = None
     mask_sha256: str = ""
     subject_id: str = ""
+    group: str = ""  # the listing's ``group`` (same-group DR sampling downstream)
     duplicate_of: str | None = None  # a rejection decided at planning time
     listing_error: str | None = None  # the listing row itself was unusable
 
     def key_part(self) -> dict:
         return {"uri": self.source_uri, "sha256": self.sha256, "landmarks": self.landmarks,
                 "mask": self.mask_sha256, "subject": self.subject_id,
-                "dup": self.duplicate_of, "bad": self.listing_error}
+                "dup": self.duplicate_of, "bad": self.listing_error,
+                # only when set: listings without groups keep their keys
+                **({"group": self.group} if self.group else {})}
 
     def rejection(self) -> RejectedRow | None:
         if self.listing_error:
@@ -65,6 +68,7 @@ def parquet_rows(path: str) -> list[PlannedInput]:
     lms = cols.get("landmarks", [None] * n)
     masks = cols.get("mask_uri", [None] * n)
     subjects = cols.get("subject_id", [""] * n)
+    groups = cols.get("group", [""] * n)
     out = []
     for i in range(n):
         uri = cols[col][i]
@@ -72,7 +76,8 @@ def parquet_rows(path: str) -> list[PlannedInput]:
             out.append(PlannedInput(f"{path}#row={i}", listing_error=f"listing row {i}: no "
                                     f"{col}"))
             continue
-        p = PlannedInput(_resolve(str(uri), base), subject_id=str(subjects[i] or ""))
+        p = PlannedInput(_resolve(str(uri), base), subject_id=str(subjects[i] or ""),
+                         group=str(groups[i] or ""))
         if masks[i]:
             p.mask_uri = _resolve(str(masks[i]), base)
         if lms[i] is not None:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 from facecorpus.meshops.model import MorphableModel
 from facecorpus.renderers.cameras import Camera, rotation_to_euler
+from facecorpus.tasks.fit import FitResult
 
 log = logging.getLogger(__name__)
 _D = np.diag([1.0, -1.0, -1.0])  # OpenCV camera (y down, z forward) <-> ours (y up, -z)
@@ -106,6 +107,30 @@ class NonrigidResult:
             beta=self.beta.astype(np.float32), landmark_rmse=self.landmark_rmse_after,
             landmark_nme=self.landmark_nme_after,
             converged=np.asarray(fit.converged, bool) & ok, failure=self.failure.copy())
+
+
+def refined_fit(fit, nr: NonrigidResult) -> RefinedFit:
+    """``fit`` with the refinement's camera, ``beta`` and corrective field: a
+    :class:`RefinedFit` whose ``vertices(model, i)`` is the refined mesh."""
+    f = nr.as_fit_result(fit)
+    kw = {k: getattr(f, k) for k in f.__dataclass_fields__}
+    return RefinedFit(**kw, vertex_offsets=nr.vertex_offsets.astype(np.float32),
+                      focal_scale=nr.focal_scale.astype(np.float32))
+
+
+@dataclass
+class RefinedFit(FitResult):
+    """A :class:`facecorpus.tasks.fit.FitResult` (perspective) plus the corrective field:
+    ``vertex_offsets`` (N, V, 3) float32 mm, ``focal_scale`` (N,) fs. ``vertices`` is
+    ``P + B beta + dP``, so every consumer of a fit (unwrap, masks, shading, re-render)
+    uses the refined mesh; ``select`` and concatenation keep the extra arrays."""
+
+    vertex_offsets: np.ndarray = None  # type: ignore[assignment]
+    focal_scale: np.ndarray = None  # type: ignore[assignment]
+
+    def vertices(self, model: MorphableModel, i: int) -> np.ndarray:
+        return (model.shape(self.alpha[i], self.beta[i])
+                + self.vertex_offsets[i]).astype(np.float32)
 
 
 # ------------------------------------------------------------------ per-model precompute

@@ -23,13 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from facecorpus.core.errors import RejectedRow
+from facecorpus.core.errors import RejectedRow, SampleRejected
+from facecorpus.tasks import albedo as albedo_mod
 from facecorpus.tasks import blend as blend_mod
 from facecorpus.tasks import fit as fit_mod
 from facecorpus.tasks import ingest as ingest_mod
 from facecorpus.tasks import isolation
 from facecorpus.tasks import landmarks as lm_mod
 from facecorpus.tasks import masks as masks_mod
+from facecorpus.tasks import nonrigid as nonrigid_mod
 from facecorpus.tasks import occlusion as occ_mod
 from facecorpus.tasks import unwrap as unwrap_mod
 
@@ -53,6 +55,8 @@ class Stages:
     image_occlusion: Callable = occ_mod.image_occlusion
     uv_outliers: Callable = occ_mod.cross_fitted_outliers
     blend: Callable = blend_mod.blend_batch
+    nonrigid: Callable = nonrigid_mod.refine_nonrigid
+    delight: Callable = albedo_mod.delight
 
 
 STAGES = Stages()
@@ -272,6 +276,7 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
     out["sample_uri"] = np.array([p.source_uri for p in todo], dtype=np.str_)
     out["sha256"] = np.array([ing.sha256 for ing in ings], dtype=np.str_)
     out["subject_id"] = np.array([p.subject_id for p in todo], dtype=np.str_)
+    out["group"] = np.array([getattr(p, "group", "") for p in todo], dtype=np.str_)
     out["landmark_source"] = np.array([a.source for a in aligned], dtype=np.str_)
     out["face_index"] = np.array(fidx, np.int32)
     out["occlusion_skipped"] = np.array([",".join(sorted(io.skipped)) for io, _ in occs],
@@ -460,6 +465,18 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
     if n == 0:
         return Finished(_empty(schema_fields), [], rejected, [])
     fidx = [int(x) for x in a.get("face_index", np.zeros(n, np.int32))]
+    if cfg.nonrigid.enabled:
+        k7, fit, outs, rej = _nonrigid(state, cfg, stages, a, fit, uris)
+        rejected += _tag(rej, k7, fidx)
+        if not k7:
+            return Finished(_empty(schema_fields), [], rejected, [])
+        a, sh, per_image = select_arrays(a, k7), sh[k7], per_image[k7]
+        uris, fidx, n = [uris[i] for i in k7], [fidx[i] for i in k7], len(k7)
+        uv_vis = np.concatenate([o.uv_visible for o in outs])
+        uv_mask = np.concatenate([o.uv_visible_mask for o in outs])
+        uv_map = np.concatenate([o.uv_sampling_map for o in outs])
+        uv_w = np.concatenate([o.uv_view_weight for o in outs])
+        per_image = prior.fit_to_visible(uv_vis, uv_mask)
     seen_mask = uv_mask.copy()  # visible before occlusion removal
     uv_occ = np.zeros_like(uv_mask)
     T = uc.uv_size
@@ -531,17 +548,28 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
 
     keep, blended, rej = isolation.batched("blend", uris, blend_some, n)
     rejected += _tag(rej, keep, fidx)
+    albedo = [None] * len(keep)
+    if cfg.albedo.enabled:
+        ka, albedo, rej = isolation.each(
+            "albedo", [uris[i] for i in keep],
+            lambda j, i: _albedo(state, cfg, stages, fit, a, i, sh[i], blended[j][0]),
+            list(range(len(keep))), keep)
+        rejected += _tag(rej, ka, [fidx[i] for i in keep])
+        keep, blended = [keep[i] for i in ka], [blended[i] for i in ka]
 
     def describe(j, i):
         row, sheet = _row_and_sheet(state, cfg, fit, a, i, blended[j][0], uv_vis[i],
                                     uv_mask[i], prior_version, uv_occ[i])
         row["occluded_fraction"] = float(occluded[i])
+        if albedo[j] is not None:
+            sheet.append(albedo[j]["uv_albedo"].astype(np.float32) / 255.0)
         return row, sheet
 
     k4, made, rej = isolation.each("metrics", [uris[i] for i in keep], describe,
                                    list(range(len(keep))), keep)
     rejected += _tag(rej, k4, [fidx[i] for i in keep])
     keep, blended = [keep[i] for i in k4], [blended[i] for i in k4]
+    albedo = [albedo[i] for i in k4]
     if not keep:
         return Finished(_empty(schema_fields), [], rejected, [])
     rows = [m[0] for m in made]
@@ -569,7 +597,63 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
         "exp_coeffs": _pad_cols(fk.beta if fk is not None else None, n),
         "sh": sh[k].astype(np.float32),
     }
+    if cfg.nonrigid.enabled:
+        arrays["vertex_offsets"] = fk.vertex_offsets.astype(np.float32)
+    if cfg.albedo.enabled:
+        for name in ALBEDO_FIELDS:
+            arrays[name] = np.stack([x[name] for x in albedo])
     return Finished(arrays, rows, rejected, sheet_rows)
+
+
+ALBEDO_FIELDS = ("uv_albedo", "uv_irradiance", "uv_mask", "face_mask")
+
+
+def _albedo(state, cfg, stages, fit, a, i, sh_i, uv_pseudo_gt) -> dict:
+    """One sample's de-lit texture and masks, from the pseudo-GT as stored (8-bit), so the
+    stored ``uv_albedo x uv_irradiance`` reproduces the stored ``uv_pseudo_gt``."""
+    model, ac = state.model, cfg.albedo
+    v, cam = fit.vertices(model, i), fit.camera_for(i)
+    pgt = _to_u8(uv_pseudo_gt)[None]
+    al = stages.delight(pgt, np.asarray(sh_i, np.float32)[None], model, v[None],
+                        cam.rotation[None], min_irradiance=ac.min_irradiance,
+                        max_albedo=ac.max_albedo)
+    if not (np.isfinite(al.uv_albedo).all() and np.isfinite(al.uv_irradiance).all()):
+        raise ValueError("non-finite albedo")
+    proj = masks_mod.projected_region_mask(model, v, cam, cfg.unwrap.face_region)
+    fm = albedo_mod.face_mask_image(a["seg_mask"][i].astype(bool), proj,
+                                    a["occlusion_mask"][i].astype(bool))
+    return {"uv_albedo": _to_u8(al.uv_albedo[0]),
+            "uv_irradiance": al.uv_irradiance[0].astype(np.float16),
+            "uv_mask": al.uv_mask[0][..., None].astype(np.uint8),
+            "face_mask": fm[..., None].astype(np.uint8)}
+
+
+def sheet_labels(cfg) -> list[str]:
+    """The contact sheet's column labels for this config."""
+    return SHEET_LABELS + (["uv_albedo"] if cfg.albedo.enabled else [])
+
+
+def _nonrigid(state, cfg, stages, a, fit, uris):
+    """The non-rigid refinement of every sample (``tasks.nonrigid``) and the unwrap with the
+    refined mesh and camera: (kept indices, the :class:`~facecorpus.tasks.nonrigid
+    .RefinedFit` of the kept, their unwraps, rejected rows with stage ``nonrigid``)."""
+    model, uc, S = state.model, cfg.unwrap, cfg.landmarks.crop_size
+
+    def one(j):
+        f = fit.select([j])
+        nr = stages.nonrigid(model, f, a["landmarks"][j:j + 1], S, cfg.nonrigid)
+        if nr.failure[0] is not None:
+            raise SampleRejected(uris[j], "nonrigid", str(nr.failure[0]))
+        rf = nonrigid_mod.refined_fit(f, nr)
+        u = stages.unwrap(a["image"][j], rf.vertices(model, 0), rf.camera_for(0), model,
+                          uc.uv_size, a["mask"][j], min_cos=uc.min_cos)
+        if not np.isfinite(u.uv_visible).all():
+            raise ValueError("non-finite UV maps after the non-rigid refinement")
+        return rf, u
+
+    kept, res, rej = isolation.each("nonrigid", uris, one, list(range(len(uris))))
+    rf = _concat_fits([r[0] for r in res])
+    return kept, rf, [r[1] for r in res], rej
 
 
 def _empty(schema_fields: dict | None) -> dict:
@@ -586,7 +670,7 @@ def _row_and_sheet(state, cfg, fit, a, i, uv_pseudo_gt, uv_vis, uv_mask, prior_v
     k = int(a["face_index"][i]) if "face_index" in a else 0
     sid = str(a["sha256"][i])[:16] + (f"-f{k}" if k else "")
     row = {"sample_id": sid, "source_uri": uri, "face_index": k, "subject_id": str(a["subject_id"][i]) or sid,
-           "group": "", "yaw": float(fit.yaw[i]), "pitch": float(fit.pitch[i]),
+           "group": str(a["group"][i]) if "group" in a else "", "yaw": float(fit.yaw[i]), "pitch": float(fit.pitch[i]),
            "roll": float(fit.roll[i]), "split": split(sid, cfg.output.val_fraction),
            "sha256": str(a["sha256"][i]), "landmark_source": str(a["landmark_source"][i]),
            "landmark_rmse": float(fit.landmark_rmse[i]),
@@ -607,6 +691,8 @@ def _row_and_sheet(state, cfg, fit, a, i, uv_pseudo_gt, uv_vis, uv_mask, prior_v
     row.update(m)
     if prior_version:
         row["prior_version"] = prior_version
+    if getattr(fit, "focal_scale", None) is not None:  # non-rigid: the refined focal
+        row["focal_scale"] = float(fit.focal_scale[i])
     occ = np.zeros(uv_vis.shape[:2], bool) if uv_occ is None else uv_occ
     # occluded texels red over the (occlusion-removed) visible map
     occ_view = np.where(occ[..., None], np.array([1.0, 0.0, 0.0], np.float32), uv_vis)
@@ -716,6 +802,21 @@ def schema(state: State, cfg, content_config: dict, layout_hash: str):
         "exp_coeffs": FieldSpec((max(n_exp, 1),), "float32", "model units", "expression beta"),
         "sh": FieldSpec((27,), "float32", "SH coefficients", "fitted light (stage 2) or 0"),
     }
+    if cfg.nonrigid.enabled:
+        f["vertex_offsets"] = FieldSpec((m.n_vertices, 3), "float32", "mm", "non-rigid "
+                                        "corrective field dP: the mesh is shape(id, exp) + dP")
+    if cfg.albedo.enabled:
+        f.update({
+            "uv_albedo": FieldSpec((T, T, 3), "uint8", "linear 0-1 x 255", "uv_pseudo_gt / "
+                                   "uv_irradiance, clipped to [0, albedo.max_albedo]"),
+            "uv_irradiance": FieldSpec((T, T, 3), "float16", "irradiance", "SH irradiance of "
+                                       "the fitted mesh under sh (unclamped); uv_albedo x "
+                                       "this re-renders uv_pseudo_gt on uv_mask"),
+            "uv_mask": FieldSpec((T, T, 1), "uint8", "0/1", "M_uv: layout texels with "
+                                 "irradiance >= albedo.min_irradiance and unclipped albedo"),
+            "face_mask": FieldSpec((S, S, 1), "uint8", "0/1", "M_face = seg_mask x the "
+                                   "fitted face region's projection, minus occlusion_mask"),
+        })
     attrs = {"model": m.name, "model_hash": m.content_hash(), "camera": cfg.fit.camera,
              "config": content_config, "uv_regions": "uv_regions.npz"}
     return DatasetSchema(f, samples_per_shard=cfg.output.samples_per_shard, samples_per_chunk=1,
