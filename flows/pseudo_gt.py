@@ -46,7 +46,7 @@ log = logging.getLogger("facecorpus.pseudo_gt")
 
 DATASET, WORK = "dataset", "_work"
 # config sections that shape the analyse step (the rest only the finish step)
-ANALYSE_SECTIONS = ("model", "ingest", "landmarks", "fit", "unwrap")
+ANALYSE_SECTIONS = ("model", "ingest", "landmarks", "fit", "unwrap", "joint_subjects")
 
 
 def load_config(path=None, overrides: dict | None = None) -> PseudoGTConfig:
@@ -117,7 +117,9 @@ class PseudoGTJob(shards.ShardJob):
         known = json.loads(shards.get_bytes(members_path) or b"{}")
         known.update(committed_membership(shards.join(self.out, DATASET)))
         where = assign_shards([p.source_uri for p in inputs], known,
-                              self.cfg.output.samples_per_shard)
+                              self.cfg.output.samples_per_shard,
+                              subjects={p.source_uri: p.subject_id for p in inputs}
+                              if self.cfg.joint_subjects else None)
         shards.put_bytes(members_path, json.dumps(where, indent=0).encode())
         by_shard: dict[int, list[PlannedInput]] = {s: [] for s in set(known.values())}
         for p in inputs:

@@ -134,11 +134,20 @@ def hash_inputs(inputs: list[PlannedInput]) -> list[PlannedInput]:
     return inputs
 
 
-def assign_shards(uris: list[str], known: dict[str, int], per_shard: int) -> dict[str, int]:
+def assign_shards(uris: list[str], known: dict[str, int], per_shard: int, *,
+                  subjects: dict[str, str] | None = None) -> dict[str, int]:
     """Stable shard membership: an input keeps the shard it was in; removed inputs leave
     their shard (which is then recomputed without them); new inputs, in listing order, fill
     the last shard up to ``per_shard`` and then open new ones. So adding photos changes at
-    most the last shard and adds new ones; it never moves a finished input."""
+    most the last shard and adds new ones; it never moves a finished input.
+
+    ``subjects`` (uri -> subject id, joint fitting on): a subject's photos share one shard.
+    A new photo of a known subject joins that subject's shard (even past ``per_shard``); a
+    new subject's photos move together, into the last shard if they fit, else a new one (a
+    subject larger than ``per_shard`` gets a shard of its own, that large). Photos without a
+    subject id fill shards as above."""
+    if subjects:
+        return _assign_by_subject(uris, known, per_shard, subjects)
     out = {u: known[u] for u in uris if u in known}
     sizes: dict[int, int] = {}
     for s in out.values():
@@ -153,6 +162,32 @@ def assign_shards(uris: list[str], known: dict[str, int], per_shard: int) -> dic
             fill = 0
         out[u] = last
         fill += 1
+    return out
+
+
+def _assign_by_subject(uris, known, per_shard, subjects):
+    out = {u: known[u] for u in uris if u in known}
+    home = {subjects.get(u, ""): s for u, s in out.items() if subjects.get(u, "")}
+    sizes: dict[int, int] = {}
+    for s in out.values():
+        sizes[s] = sizes.get(s, 0) + 1
+    last = max(list(known.values()) + [-1])
+    groups: dict[str, list[str]] = {}
+    for u in uris:
+        if u in out:
+            continue
+        sid = subjects.get(u, "")
+        if sid and sid in home:
+            out[u] = home[sid]
+            sizes[home[sid]] = sizes.get(home[sid], 0) + 1
+            continue
+        groups.setdefault(sid or "\0" + u, []).append(u)  # no id: a group of one
+    for members in groups.values():
+        if last < 0 or sizes.get(last, 0) + len(members) > per_shard and sizes.get(last, 0):
+            last += 1
+        for u in members:
+            out[u] = last
+        sizes[last] = sizes.get(last, 0) + len(members)
     return out
 
 

@@ -29,6 +29,7 @@ from facecorpus.tasks import blend as blend_mod
 from facecorpus.tasks import fit as fit_mod
 from facecorpus.tasks import ingest as ingest_mod
 from facecorpus.tasks import isolation
+from facecorpus.tasks import joint_fit as joint_mod
 from facecorpus.tasks import landmarks as lm_mod
 from facecorpus.tasks import masks as masks_mod
 from facecorpus.tasks import nonrigid as nonrigid_mod
@@ -230,6 +231,14 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
     sel = lambda xs: [xs[i] for i in good]
     todo, ings, aligned, uris, fidx = sel(todo), sel(ings), sel(aligned), sel(uris), sel(fidx)
     fit = fit.select(good) if fit is not None else None
+    if cfg.joint_subjects and fit is not None and len(todo):  # one identity per subject
+        fit = joint_mod.fit_joint(model, fit, lms_of(aligned), [p.subject_id for p in todo],
+                                  cfg.fit)
+        good, rej = _fit_checks("fit", uris, fit, cfg.fit.max_nme)
+        rejected += _tag(rej, good, fidx)
+        sel = lambda xs: [xs[i] for i in good]
+        todo, ings, aligned, uris, fidx = (sel(xs) for xs in (todo, ings, aligned, uris, fidx))
+        fit = fit.select(good)
 
     uc = cfg.unwrap
 
@@ -289,6 +298,11 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
             out["fit_" + f] = np.asarray(getattr(fit, f))
         out["fit_translation"] = fit.translation.reshape(n, -1)
     return Analysis(out, rejected)
+
+
+def lms_of(aligned) -> np.ndarray:
+    """(N, 68, 2) crop landmarks of aligned faces."""
+    return np.stack([a.landmarks for a in aligned]).astype(np.float32)
 
 
 def _accepts(fn, name: str) -> bool:
