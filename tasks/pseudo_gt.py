@@ -684,7 +684,8 @@ def _row_and_sheet(state, cfg, fit, a, i, uv_pseudo_gt, uv_vis, uv_mask, prior_v
     k = int(a["face_index"][i]) if "face_index" in a else 0
     sid = str(a["sha256"][i])[:16] + (f"-f{k}" if k else "")
     row = {"sample_id": sid, "source_uri": uri, "face_index": k, "subject_id": str(a["subject_id"][i]) or sid,
-           "group": str(a["group"][i]) if "group" in a else "", "yaw": float(fit.yaw[i]), "pitch": float(fit.pitch[i]),
+           "group": str(a["group"][i]) if "group" in a else "",
+           "yaw": float(fit.yaw[i]), "pitch": float(fit.pitch[i]),
            "roll": float(fit.roll[i]), "split": split(sid, cfg.output.val_fraction),
            "sha256": str(a["sha256"][i]), "landmark_source": str(a["landmark_source"][i]),
            "landmark_rmse": float(fit.landmark_rmse[i]),

@@ -65,7 +65,7 @@ def test_joint_identity_beats_the_per_photo_average(model):
 
 
 def test_subjects_do_not_mix_and_singletons_keep_their_fit(model):
-    lm, subjects, alpha = subjects_scene(model, n_subjects=2, views=2, seed=3)
+    lm, _, _ = subjects_scene(model, n_subjects=2, views=2, seed=3)
     per = fit_landmarks(model, lm, S, CFG)
     subjects = np.array(["a", "a", "", "b"])  # no id, and a subject with one photo
     joint = fit_joint(model, per, lm, subjects, CFG)
