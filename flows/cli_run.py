@@ -91,8 +91,10 @@ def _run_pseudo_gt(args) -> int:
 
     cfg = pseudo_gt.load_config(args.config, _overrides(args, model=args.model))
     if args.serve_cron:
-        pseudo_gt.serve_pseudo_gt(cfg, args.input, args.out, args.serve_cron,
-                                  max_shards=args.max_shards)
+        from prefect import serve
+
+        serve(pseudo_gt.make_deployment(cfg, args.input, args.out, args.serve_cron,
+                                        max_shards=args.max_shards))
         return 0
     if args.no_prefect:
         s = pseudo_gt.run_local(cfg, args.input, args.out, max_shards=args.max_shards,

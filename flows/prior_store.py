@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from facecorpus.core import hashing
 from facecorpus.flows import shards
+from facecorpus.tasks import albedo as albedo_mod
 
 log = logging.getLogger("facecorpus.prior")
 
@@ -38,7 +39,10 @@ def recipe(cfg, model_hash: str) -> dict:
     pc = cfg.prior
     return {"prior": pc.model_dump(mode="json", exclude={"rebuild_growth"}),
             "texture_sha256": hashing.file_sha256(pc.texture) if pc.texture else None,
-            "model": model_hash, "uv_size": cfg.unwrap.uv_size}
+            "model": model_hash, "uv_size": cfg.unwrap.uv_size,
+            # only for this kind: the other recipes keep their bytes (and stored priors)
+            **({"dataset": albedo_mod.dataset_content(pc.dataset)}
+               if pc.kind == "albedo_dataset" else {})}
 
 
 def needs_corpus(cfg, model) -> bool:
@@ -113,6 +117,10 @@ def build(cfg, state, analysis_paths: list[str]) -> tuple[object, int]:
     from facecorpus.tasks.prior import build_prior
 
     pc, T = cfg.prior, cfg.unwrap.uv_size
+    if pc.kind == "albedo_dataset":  # de-lit maps of another run: no corpus needed
+        return albedo_mod.albedo_prior_from_dataset(
+            pc.dataset, uv_size=T, mirror_map=state.mirror_map, max_images=pc.max_images,
+            pca_rank=pc.pca_rank, pca_min_images=pc.pca_min_images), 0
     counts = []
     for p in analysis_paths:
         with _npz(p) as z:
@@ -143,3 +151,19 @@ def build(cfg, state, analysis_paths: list[str]) -> tuple[object, int]:
                         texture_path=pc.texture, pca_rank=pc.pca_rank,
                         pca_min_images=pc.pca_min_images)
     return prior, len(vis)
+
+
+def reusable(out: str, cfg, state, n_inputs: int) -> StoredPrior | None:
+    """The stored prior a run may use as is; None when one must be built from the corpus
+    (none stored, another recipe, or the corpus grew past ``prior.rebuild_growth``). A prior
+    that needs no corpus (model albedo, user texture) is built and stored here."""
+    rec = recipe(cfg, state.model.content_hash())
+    stored = load_current(out, rec)
+    if grown_past(stored, n_inputs, cfg.prior.rebuild_growth):
+        log.info("corpus has grown past %sx the prior's %s images: rebuilding it",
+                 cfg.prior.rebuild_growth, stored.meta["n_images"])
+        return None
+    if stored is None and not needs_corpus(cfg, state.model):
+        prior, n = build(cfg, state, [])
+        stored = save(out, prior, rec, n, state.layout)
+    return stored

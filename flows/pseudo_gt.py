@@ -30,7 +30,6 @@ import numpy as np
 from facecorpus.configs.base import content_config
 from facecorpus.configs.pseudo_gt import PseudoGTConfig
 from facecorpus.core import hashing
-from facecorpus.core.errors import ConfigError
 from facecorpus.flows import prior_store, runtime, shards
 from facecorpus.flows.shards import DatasetPart, ShardOutput, ShardSpec, ShardStats
 from facecorpus.tasks import pseudo_gt as stages_mod
@@ -95,23 +94,10 @@ class PseudoGTJob(shards.ShardJob):
             self._writer = DatasetWriter(shards.join(self.out, DATASET), sch)
         return self._writer
 
-    def check_model(self) -> None:
-        """Refuse a dataset root made with another model before any work starts."""
-        from facecorpus.datasets.store import read_schema
-
-        root = shards.join(self.out, DATASET)
-        if not shards.exists(shards.join(root, "schema.json")):
-            return
-        stored = read_schema(root).attrs.get("model_hash")
-        have = self.state.model.content_hash()
-        if stored and stored != have:
-            raise ConfigError(f"{root} was made with another model (model_hash "
-                              f"{stored[:12]} != {have[:12]} of '{self.cfg.model}'): use a new "
-                              f"--out, or the model it was made with")
-
     # ------------------------------------------------------------------ plan
     def plan(self) -> list[ShardSpec]:
-        self.check_model()
+        shards.check_model(shards.join(self.out, DATASET), self.state.model.content_hash(),
+                           self.cfg.model)
         inputs = hash_inputs(list_planned(self.input_spec))
         members_path = shards.join(self.out, WORK, "membership.json")
         known = json.loads(shards.get_bytes(members_path) or b"{}")
@@ -124,7 +110,8 @@ class PseudoGTJob(shards.ShardJob):
         by_shard: dict[int, list[PlannedInput]] = {s: [] for s in set(known.values())}
         for p in inputs:
             by_shard.setdefault(where[p.source_uri], []).append(p)
-        self.prior = self._stored_prior(len(inputs))
+        self.prior = (None if self.rebuild_prior else
+                      prior_store.reusable(self.out, self.cfg, self.state, len(inputs)))
         st, writer = self.state, self.writer()
         common = {k: self.content[k] for k in ANALYSE_SECTIONS}
         common_parts = {"config": common, "model": st.model.content_hash(),
@@ -153,20 +140,6 @@ class PseudoGTJob(shards.ShardJob):
         spec.explain["prior"] = spec.parts["prior"]
         spec.key = shards.stage_key("pseudo_gt.finish", stages_mod.CODE_VERSION,
                                     **spec.parts).key
-
-    def _stored_prior(self, n_inputs: int):
-        if self.rebuild_prior:
-            return None
-        rec = prior_store.recipe(self.cfg, self.state.model.content_hash())
-        stored = prior_store.load_current(self.out, rec)
-        if prior_store.grown_past(stored, n_inputs, self.cfg.prior.rebuild_growth):
-            log.info("corpus has grown past %sx the prior's %s images: rebuilding it",
-                     self.cfg.prior.rebuild_growth, stored.meta["n_images"])
-            return None
-        if stored is None and not prior_store.needs_corpus(self.cfg, self.state.model):
-            prior, n = prior_store.build(self.cfg, self.state, [])  # albedo / user texture
-            stored = prior_store.save(self.out, prior, rec, n, self.state.layout)
-        return stored
 
     def is_done(self, spec: ShardSpec) -> bool:
         return self.writer().is_committed(spec.id, spec.key)
@@ -266,9 +239,7 @@ def run_local(cfg: PseudoGTConfig, input_spec, out, *, max_shards: int | None = 
     """The whole flow without Prefect: shards one after another in this process (tests,
     benchmarks, debugging), or on the Dask scheduler at ``dask_address``."""
     job = PseudoGTJob(cfg, input_spec, out, rebuild_prior=rebuild_prior, stages=stages)
-    return shards.execute_with(job, kind="dask" if cfg.dask_address else "local",
-                               workers=cfg.workers, dask_address=cfg.dask_address, retries=0,
-                               prefect=False, max_shards=max_shards)
+    return shards.run_job(job, cfg, prefect=False, max_shards=max_shards)
 
 
 def pseudo_gt_flow_fn(cfg_json: str, input_spec: str, out: str, max_shards: int | None = None,
@@ -277,46 +248,28 @@ def pseudo_gt_flow_fn(cfg_json: str, input_spec: str, out: str, max_shards: int 
     runs exactly like the command that served it."""
     cfg = PseudoGTConfig.model_validate_json(cfg_json)
     job = PseudoGTJob(cfg, input_spec, out, rebuild_prior=rebuild_prior)
-    return shards.execute_with(job, kind=cfg.task_runner, workers=cfg.workers,
-                               dask_address=cfg.dask_address, retries=cfg.retries,
-                               prefect=True, max_shards=max_shards)
-
-
-def make_flow(cfg: PseudoGTConfig | None = None):
-    from prefect import flow
-
-    return flow(pseudo_gt_flow_fn, name="pseudo-gt", validate_parameters=False,
-                log_prints=False)
+    return shards.run_job(job, cfg, prefect=True, max_shards=max_shards)
 
 
 def run_pseudo_gt(cfg: PseudoGTConfig, input_spec, out, *, max_shards: int | None = None,
                   rebuild_prior: bool = False) -> dict:
     """Run the flow through Prefect on the configured task runner."""
-    runtime.check_remote_api(cfg.dask_address)
-    with runtime.prefect_api_for_workers(cfg.task_runner == "dask" and not cfg.dask_address):
-        return make_flow(cfg)(cfg.model_dump_json(), str(input_spec), str(out), max_shards,
-                              rebuild_prior)
+    return runtime.run_flow(pseudo_gt_flow_fn, "pseudo-gt", cfg, str(input_spec), str(out),
+                            max_shards, rebuild_prior)
 
 
 def make_deployment(cfg: PseudoGTConfig, input_spec, out, cron: str, name: str = "pseudo-gt",
                     max_shards: int | None = None):
     """A Prefect deployment on a cron schedule (e.g. ``"0 3 * * *"``): each scheduled run
     resumes the same OUT with the same settings, so only new or changed inputs are computed."""
-    return runtime.deployment(make_flow(cfg), f"{__name__}:pseudo_gt_flow", name, cron, {
-        "cfg_json": cfg.model_dump_json(), "input_spec": str(input_spec), "out": str(out),
-        "max_shards": max_shards, "rebuild_prior": False})
-
-
-def serve_pseudo_gt(cfg: PseudoGTConfig, input_spec, out, cron: str,
-                    max_shards: int | None = None) -> None:
-    """Serve the deployment (blocks; needs a Prefect server: ``PREFECT_API_URL``)."""
-    from prefect import serve
-
-    serve(make_deployment(cfg, input_spec, out, cron, max_shards=max_shards))
+    return runtime.deployment(
+        runtime.make_flow(pseudo_gt_flow_fn, "pseudo-gt"), f"{__name__}:pseudo_gt_flow", name,
+        cron, {"cfg_json": cfg.model_dump_json(), "input_spec": str(input_spec), "out": str(out),
+               "max_shards": max_shards, "rebuild_prior": False})
 
 
 def __getattr__(name: str):
     # built on first access so importing this module stays Prefect-free
     if name == "pseudo_gt_flow":
-        return make_flow()
+        return runtime.make_flow(pseudo_gt_flow_fn, "pseudo-gt")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

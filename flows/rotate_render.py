@@ -158,44 +158,34 @@ def format_summary(s: dict) -> str:
 # --------------------------------------------------------------------------- entry points
 def run_local(cfg: RotateRenderConfig, out=None, *, max_shards: int | None = None) -> dict:
     """Pending shards without Prefect: in this process, or on ``dask_address``."""
-    return shards.execute_with(RotateRenderJob(cfg, out), kind="dask" if cfg.dask_address
-                               else "local", workers=cfg.workers, dask_address=cfg.dask_address,
-                               retries=0, prefect=False, max_shards=max_shards)
+    return shards.run_job(RotateRenderJob(cfg, out), cfg, prefect=False, max_shards=max_shards)
 
 
 def rotate_render_flow_fn(cfg_json: str, out: str, max_shards: int | None = None) -> dict:
     """Body of the Prefect flow: one task per pending shard; settings from ``cfg_json``."""
     cfg = RotateRenderConfig.model_validate_json(cfg_json)
-    return shards.execute_with(RotateRenderJob(cfg, out), kind=cfg.task_runner,
-                               workers=cfg.workers, dask_address=cfg.dask_address,
-                               retries=cfg.retries, prefect=True, max_shards=max_shards)
-
-
-def make_flow():
-    from prefect import flow
-
-    return flow(rotate_render_flow_fn, name="rotate-render", validate_parameters=False,
-                log_prints=False)
+    return shards.run_job(RotateRenderJob(cfg, out), cfg, prefect=True, max_shards=max_shards)
 
 
 def run_rotate_render(cfg: RotateRenderConfig, out=None, *, max_shards: int | None = None):
     from facecorpus.flows import runtime
 
-    runtime.check_remote_api(cfg.dask_address)
-    with runtime.prefect_api_for_workers(cfg.task_runner == "dask" and not cfg.dask_address):
-        return make_flow()(cfg.model_dump_json(), str(out or cfg.out), max_shards)
+    return runtime.run_flow(rotate_render_flow_fn, "rotate-render", cfg, str(out or cfg.out),
+                            max_shards)
 
 
 def make_deployment(cfg: RotateRenderConfig, out, cron: str, max_shards: int | None = None):
     from facecorpus.flows import runtime
 
-    return runtime.deployment(make_flow(), f"{__name__}:rotate_render_flow", "rotate-render",
-                              cron, {"cfg_json": cfg.model_dump_json(), "out": str(out),
-                                     "max_shards": max_shards})
+    return runtime.deployment(
+        runtime.make_flow(rotate_render_flow_fn, "rotate-render"),
+        f"{__name__}:rotate_render_flow", "rotate-render", cron,
+        {"cfg_json": cfg.model_dump_json(), "out": str(out), "max_shards": max_shards})
 
 
 def __getattr__(name: str):
     if name == "rotate_render_flow":
-        return make_flow()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        from facecorpus.flows import runtime
 
+        return runtime.make_flow(rotate_render_flow_fn, "rotate-render")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -97,3 +97,18 @@ def check_remote_api(dask_address: str | None) -> None:
         raise ConfigError(f"--dask-address {dask_address} with Prefect needs PREFECT_API_URL "
                           "(a Prefect server the driver and the workers reach); or run with "
                           "--no-prefect")
+
+
+def make_flow(fn, name: str):
+    """A Prefect flow around a flow body whose first parameter is the config as JSON."""
+    from prefect import flow
+
+    return flow(fn, name=name, validate_parameters=False, log_prints=False)
+
+
+def run_flow(fn, name: str, cfg, *args):
+    """Call the flow ``fn`` (body) through Prefect with ``cfg`` and ``args``; a local Prefect
+    API is started for Dask worker processes when no server is configured."""
+    check_remote_api(cfg.dask_address)
+    with prefect_api_for_workers(cfg.task_runner == "dask" and not cfg.dask_address):
+        return make_flow(fn, name)(cfg.model_dump_json(), *args)

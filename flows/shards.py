@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from facecorpus.core.errors import RejectedRow
+from facecorpus.core.errors import ConfigError, RejectedRow
 from facecorpus.flows.executors import (  # noqa: F401  (re-exported: flows import them here)
     DaskExecutor,
     Executor,
@@ -268,3 +268,28 @@ def execute_with(job: ShardJob, *, kind: str, workers: int, dask_address: str | 
     """:func:`execute` on the executor these settings name (outside a Prefect flow)."""
     with make_executor(kind, workers, dask_address, retries=retries, prefect=prefect) as ex:
         return execute(job, ex, max_shards=max_shards)
+
+
+def check_model(root: str, model_hash: str, model_name: str) -> None:
+    """Refuse a dataset root made with another model, before any work starts."""
+    from facecorpus.datasets.store import read_schema
+
+    if not exists(join(root, "schema.json")):
+        return
+    stored = read_schema(root).attrs.get("model_hash")
+    if stored and stored != model_hash:
+        raise ConfigError(f"{root} was made with another model (model_hash {stored[:12]} != "
+                          f"{model_hash[:12]} of '{model_name}'): use a new --out, or the "
+                          "model it was made with")
+
+
+def run_job(job: ShardJob, cfg, *, prefect: bool, max_shards: int | None = None) -> dict:
+    """Run ``job`` with the runner fields of its config (``configs.base.RunnerFields``):
+    without Prefect in this process (or on ``dask_address``), or as Prefect tasks on
+    ``task_runner`` (inside a flow body)."""
+    if prefect:
+        kind, retries = cfg.task_runner, cfg.retries
+    else:
+        kind, retries = ("dask" if cfg.dask_address else "local"), 0
+    return execute_with(job, kind=kind, workers=cfg.workers, dask_address=cfg.dask_address,
+                        retries=retries, prefect=prefect, max_shards=max_shards)

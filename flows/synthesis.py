@@ -173,11 +173,8 @@ def schemas(cfg: SynthesisConfig, state: stages_mod.State):
 def run_shards(cfg: SynthesisConfig, out, *, max_shards: int | None = None,
                stages=stages_mod.STAGES) -> dict:
     """Pending shards in this process, one after another, without Prefect."""
-    job = SynthesisJob(cfg, out, stages=stages)
-    kind = "dask" if cfg.dask_address else "local"
-    return shards.execute_with(job, kind=kind, workers=cfg.workers,
-                               dask_address=cfg.dask_address, retries=0, prefect=False,
-                               max_shards=max_shards)
+    return shards.run_job(SynthesisJob(cfg, out, stages=stages), cfg, prefect=False,
+                          max_shards=max_shards)
 
 
 def synthesis_flow_fn(cfg_json: str, out: str, max_shards: int | None = None) -> dict:
@@ -185,32 +182,22 @@ def synthesis_flow_fn(cfg_json: str, out: str, max_shards: int | None = None) ->
     cfg = SynthesisConfig.model_validate_json(cfg_json)
     job = SynthesisJob(cfg, out)
     job.state  # noqa: B018 - prepare (and cache) the sources once, here, before any shard
-    return shards.execute_with(job, kind=cfg.task_runner, workers=cfg.workers,
-                               dask_address=cfg.dask_address, retries=cfg.retries,
-                               prefect=True, max_shards=max_shards)
-
-
-def make_flow():
-    from prefect import flow
-
-    return flow(synthesis_flow_fn, name="synthesis", validate_parameters=False,
-                log_prints=False)
+    return shards.run_job(job, cfg, prefect=True, max_shards=max_shards)
 
 
 def run_synthesis(cfg: SynthesisConfig, out, *, max_shards: int | None = None) -> dict:
     """Run the synthesis flow through Prefect on the configured task runner."""
-    runtime.check_remote_api(cfg.dask_address)
-    with runtime.prefect_api_for_workers(cfg.task_runner == "dask" and not cfg.dask_address):
-        return make_flow()(cfg.model_dump_json(), str(out), max_shards)
+    return runtime.run_flow(synthesis_flow_fn, "synthesis", cfg, str(out), max_shards)
 
 
 def make_deployment(cfg: SynthesisConfig, out, cron: str, name: str = "synthesis",
                     max_shards: int | None = None):
-    return runtime.deployment(make_flow(), f"{__name__}:synthesis_flow", name, cron, {
-        "cfg_json": cfg.model_dump_json(), "out": str(out), "max_shards": max_shards})
+    return runtime.deployment(
+        runtime.make_flow(synthesis_flow_fn, "synthesis"), f"{__name__}:synthesis_flow", name,
+        cron, {"cfg_json": cfg.model_dump_json(), "out": str(out), "max_shards": max_shards})
 
 
 def __getattr__(name: str):
     if name == "synthesis_flow":
-        return make_flow()
+        return runtime.make_flow(synthesis_flow_fn, "synthesis")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
