@@ -47,8 +47,12 @@ class UnwrapConfig(StrictConfig):
 
 
 class PriorConfig(StrictConfig):
-    kind: Literal["auto", "albedo", "corpus", "user"] = "auto"
+    kind: Literal["auto", "albedo", "corpus", "user", "albedo_dataset"] = Field(
+        "auto", description="albedo_dataset: the corpus-learned albedo prior (robust mean + "
+        "PCA) of the de-lit maps of a pseudo-GT dataset made with albedo.enabled")
     texture: str | None = Field(None, description="UV texture image (kind: user)")
+    dataset: str | None = Field(None, description="pseudo-GT dataset root with uv_albedo "
+                                "(kind: albedo_dataset)")
     pca_rank: int = Field(8, ge=0)
     pca_min_images: int = Field(32, ge=2)
     max_images: int = Field(256, ge=1, description="images used for the corpus prior")
@@ -61,6 +65,8 @@ class PriorConfig(StrictConfig):
     def _check(self) -> PriorConfig:
         if self.kind == "user" and not self.texture:
             raise ValueError("prior.kind 'user' needs prior.texture")
+        if self.kind == "albedo_dataset" and not self.dataset:
+            raise ValueError("prior.kind 'albedo_dataset' needs prior.dataset")
         return self
 
 

@@ -160,3 +160,43 @@ def albedo_prior(uv_albedo: np.ndarray, uv_mask: np.ndarray, *, mirror_map=None,
         prior.basis, prior.std = pca_with_missing(uv_albedo, uv_mask, prior.mean, pca_rank)
         prior.source = "corpus-albedo+pca"
     return prior
+
+
+def dataset_content(root: str) -> str:
+    """Digest of what :func:`albedo_prior_from_dataset` reads (the shards' commit records):
+    part of the prior's recipe, so a changed source dataset rebuilds the prior."""
+    from facecorpus.core import hashing
+    from facecorpus.datasets.store import open_dataset
+
+    ds = open_dataset(root)
+    return hashing.digest([(i.shard, i.key, i.checksums) for i in ds.shards.values()], n=24)
+
+
+def albedo_prior_from_dataset(root: str, *, uv_size: int, mirror_map=None,
+                              max_images: int = 256, pca_rank: int = 8,
+                              pca_min_images: int = 32):
+    """:func:`albedo_prior` of a pseudo-GT dataset made with ``albedo.enabled``: its
+    ``uv_albedo`` on ``uv_mask & uv_visible_mask`` (texels seen in the photo, not filled by the
+    blend), an even subsample of at most ``max_images`` samples.
+
+    Raises:
+        InputError: the dataset has no ``uv_albedo``, another UV size, or no sample.
+    """
+    from facecorpus.core.errors import InputError
+    from facecorpus.datasets.store import open_dataset
+
+    ds = open_dataset(root)
+    if "uv_albedo" not in ds.schema.fields:
+        raise InputError(f"{root}: no uv_albedo field (made without albedo.enabled)")
+    T = ds.schema.fields["uv_albedo"].shape[0]
+    if T != uv_size:
+        raise InputError(f"{root}: uv_albedo is {T}x{T}, this run's UV size is {uv_size}")
+    idx = np.asarray(ds.manifest.column("index").to_pylist(), np.int64)
+    if not len(idx):
+        raise InputError(f"{root}: the dataset has no committed samples")
+    idx = idx[np.unique(np.linspace(0, len(idx) - 1, min(len(idx), max_images)).round()
+                        .astype(int))]
+    alb = ds.read("uv_albedo", idx).astype(np.float32) / 255.0
+    m = (ds.read("uv_mask", idx)[..., 0] > 0) & (ds.read("uv_visible_mask", idx)[..., 0] > 0)
+    return albedo_prior(alb, m, mirror_map=mirror_map, pca_rank=pca_rank,
+                        pca_min_images=pca_min_images)

@@ -230,3 +230,36 @@ def test_joint_subjects_in_the_flow(tmp_path):
                 assert len(set(np.array(man["shard"])[m])) == 1
                 assert np.ptp(ids[m], 0).max() == 0
     assert err[True].mean() < 0.9 * err[False].mean(), err
+
+
+def test_prior_from_a_datasets_albedo(lit, tmp_path):
+    """``prior.kind: albedo_dataset``: a second run's prior is the corpus albedo prior of
+    the first run's de-lit maps (closer to the known albedo than the lit maps' robust mean),
+    stored once with the source dataset's content in its recipe."""
+    import json
+
+    from facecorpus.tasks.albedo import albedo_prior_from_dataset
+    from facecorpus.tasks.prior import robust_mean_texture
+
+    tex, _, ds, d = lit
+    root = str(d / "out" / "dataset")
+    s, ds2, _ = run(str(d / "in" / "inputs.parquet"), tmp_path / "out", **{
+        "unwrap.uv_size": 128, "fit.photometric_iters": 5, "prior.kind": "albedo_dataset",
+        "prior.dataset": root, "output.sheets": False})
+    assert s["accepted"] == 4
+    meta = json.loads((tmp_path / "out" / "prior" / "current.json").read_text())
+    assert meta["source"] == "corpus-albedo" and "dataset" in meta["recipe"]
+    z = np.load(tmp_path / "out" / "prior" / meta["file"])
+    regions = np.load(d / "out" / "dataset" / "uv_regions.npz")
+    layout = regions["layout"] > 0
+    direct = albedo_prior_from_dataset(root, uv_size=128, pca_rank=0,
+                                       mirror_map=regions["mirror_map"])
+    np.testing.assert_allclose(z["mean"][layout], direct.mean[layout], atol=1e-6)
+    assert set(ds2.manifest.column("prior_version").to_pylist()) == {meta["version"]}
+    idx = list(range(4))
+    seen = (ds.read("uv_visible_mask", idx)[..., 0] > 0).any(0)
+    lit_mean = robust_mean_texture(ds.read("uv_pseudo_gt", idx).astype(np.float32) / 255,
+                                   ds.read("uv_visible_mask", idx)[..., 0] > 0).mean
+    assert psnr(z["mean"], tex, seen) > psnr(lit_mean, tex, seen)
+    with pytest.raises(Exception, match="uv_albedo"):  # a dataset made without albedo
+        albedo_prior_from_dataset(str(tmp_path / "out" / "dataset"), uv_size=128)
