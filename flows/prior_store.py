@@ -151,3 +151,19 @@ def build(cfg, state, analysis_paths: list[str]) -> tuple[object, int]:
                         texture_path=pc.texture, pca_rank=pc.pca_rank,
                         pca_min_images=pc.pca_min_images)
     return prior, len(vis)
+
+
+def reusable(out: str, cfg, state, n_inputs: int) -> StoredPrior | None:
+    """The stored prior a run may use as is; None when one must be built from the corpus
+    (none stored, another recipe, or the corpus grew past ``prior.rebuild_growth``). A prior
+    that needs no corpus (model albedo, user texture) is built and stored here."""
+    rec = recipe(cfg, state.model.content_hash())
+    stored = load_current(out, rec)
+    if grown_past(stored, n_inputs, cfg.prior.rebuild_growth):
+        log.info("corpus has grown past %sx the prior's %s images: rebuilding it",
+                 cfg.prior.rebuild_growth, stored.meta["n_images"])
+        return None
+    if stored is None and not needs_corpus(cfg, state.model):
+        prior, n = build(cfg, state, [])
+        stored = save(out, prior, rec, n, state.layout)
+    return stored
