@@ -125,7 +125,7 @@ def _run_synthesis(args) -> int:
 
 
 def _run_rotate_render(args) -> int:
-    from facecorpus.flows import rotate_render
+    from facecorpus.flows import rotate_render, summary
 
     cfg = rotate_render.load_config(args.config, _overrides(args, source=args.source,
                                                             out=args.out))
@@ -136,5 +136,5 @@ def _run_rotate_render(args) -> int:
                                             max_shards=args.max_shards))
         return 0
     run = rotate_render.run_local if args.no_prefect else rotate_render.run_rotate_render
-    print(rotate_render.format_summary(run(cfg, args.out, max_shards=args.max_shards)))
+    print(summary.format_rotate_render(run(cfg, args.out, max_shards=args.max_shards)))
     return 0

@@ -164,6 +164,13 @@ def reusable(out: str, cfg, state, n_inputs: int) -> StoredPrior | None:
                  cfg.prior.rebuild_growth, stored.meta["n_images"])
         return None
     if stored is None and not needs_corpus(cfg, state.model):
-        prior, n = build(cfg, state, [])
-        stored = save(out, prior, rec, n, state.layout)
+        stored = build_and_save(out, cfg, state, [])
+    return stored
+
+
+def build_and_save(out: str, cfg, state, analysis_paths: list[str]) -> StoredPrior:
+    """:func:`build` from these analyses, stored under ``out`` as the current prior."""
+    prior, n = build(cfg, state, analysis_paths)
+    stored = save(out, prior, recipe(cfg, state.model.content_hash()), n, state.layout)
+    log.info("texture prior %s built (%s, %d images)", stored.version, prior.source, n)
     return stored

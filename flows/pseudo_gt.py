@@ -1,29 +1,20 @@
 """The pseudo-GT flow: photos -> landmarks -> 3DMM fit -> UV unwrap -> prior -> Poisson blend.
 
-A :class:`PseudoGTJob` on the shard core (:mod:`facecorpus.flows.shards`):
-
-- **plan**: list and check the inputs (:mod:`facecorpus.tasks.inputs`), hash their bytes,
-  keep each input in the shard it was in before (new inputs fill the last shard, then new
-  ones), and key every shard by its inputs' content, the config, the model, the landmark
-  backend, the code version and the texture prior's version. The model is checked against an
-  existing dataset before any work starts.
-- **prepare** (driver): analyse the shards to run (ingest → landmarks → stage-1 fit → masks →
-  unwrap; ``OUT/_work/analysis-<shard>-<key>.npz``), then use the stored texture prior or
-  build it once (:mod:`facecorpus.flows.prior_store`).
-- **run/commit** (one task per shard): finish (per-image prior, stage 2, occlusion, blend,
-  metrics: :func:`facecorpus.tasks.pseudo_gt.finish`), commit the shard whole with its
-  rejected rows, write ``OUT/sheets/shard-<id>.png``.
-
-Reruns compute only shards whose key changed; the others stay byte-identical. Workers read
-and write under OUT (``_work``, ``_stats``, ``sheets``): with a remote cluster OUT must be a
-path every worker sees, or an fsspec URL.
+A :class:`PseudoGTJob` on the shard core (:mod:`facecorpus.flows.shards`). **plan**: list and
+hash the inputs, keep each in the shard it was in before (new ones fill the last shard, then
+new shards), key every shard by inputs' content, config, model, landmark backend, code version
+and the texture prior's version; the model is checked against an existing dataset first.
+**prepare** (driver): analyse the shards to run (ingest → landmarks → stage-1 fit → masks →
+unwrap, saved as ``OUT/_work/analysis-<shard>-<key>.npz``), then reuse the stored texture prior
+or build it once (:mod:`facecorpus.flows.prior_store`). **run/commit** (a task per shard):
+:func:`facecorpus.tasks.pseudo_gt.finish`, then the shard is committed whole with its rejected
+rows and ``OUT/sheets/shard-<id>.png``. Workers read and write under OUT: with a remote cluster
+OUT must be a path every worker sees, or an fsspec URL.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import time
 
 import numpy as np
@@ -41,8 +32,6 @@ from facecorpus.tasks.inputs import (
     list_planned,
 )
 
-log = logging.getLogger("facecorpus.pseudo_gt")
-
 DATASET, WORK = "dataset", "_work"
 # config sections that shape the analyse step (the rest only the finish step)
 ANALYSE_SECTIONS = ("model", "ingest", "landmarks", "fit", "unwrap", "joint_subjects")
@@ -59,7 +48,7 @@ class PseudoGTJob(shards.ShardJob):
 
     def __init__(self, cfg: PseudoGTConfig, input_spec: str, out: str, *,
                  rebuild_prior: bool = False, stages: stages_mod.Stages = stages_mod.STAGES):
-        self.cfg, self.input_spec, self._out = cfg, str(input_spec), str(out)
+        self.cfg, self.input_spec, self.out = cfg, str(input_spec), str(out)
         self.rebuild_prior, self.stages = rebuild_prior, stages
         self.content = content_config(cfg)
         self.fingerprint = hashing.digest("pseudo_gt", self.content, n=24)
@@ -70,10 +59,6 @@ class PseudoGTJob(shards.ShardJob):
         d = dict(self.__dict__)
         d["prior"] = None
         return d
-
-    @property
-    def out(self) -> str:
-        return self._out
 
     @property
     def state(self) -> stages_mod.State:
@@ -169,12 +154,8 @@ class PseudoGTJob(shards.ShardJob):
         shards.map_with_progress(ex, analyse_shard, [(self, s) for s in need], "analyse")
         t1 = time.perf_counter()
         if build:
-            rec = prior_store.recipe(self.cfg, self.state.model.content_hash())
-            prior, n = prior_store.build(self.cfg, self.state,
-                                         [self._analysis_path(s) for s in specs])
-            self.prior = prior_store.save(self.out, prior, rec, n, self.state.layout)
-            log.info("texture prior %s built (%s, %d images)", self.prior.version,
-                     prior.source, n)
+            self.prior = prior_store.build_and_save(self.out, self.cfg, self.state,
+                                                    [self._analysis_path(s) for s in specs])
         self.prepare_seconds = {"analyse": round(t1 - t0, 3),
                                 "prior": round(time.perf_counter() - t1, 3)}
         for s in todo:
@@ -210,15 +191,12 @@ class PseudoGTJob(shards.ShardJob):
 
     def export_uv_regions(self) -> None:
         """``dataset/uv_regions.npz``: layout, mirror map, centre/side masks (+ a PNG)."""
-        regions = stages_mod.uv_regions(self.state, self.cfg.unwrap.uv_size)
-        buf = io.BytesIO()
-        np.savez(buf, mirror_map=self.state.mirror_map,
-                 **{k: v.astype(np.uint8) for k, v in regions.items()})
-        root = shards.join(self.out, DATASET)
-        shards.put_bytes(shards.join(root, "uv_regions.npz"), buf.getvalue())
+        root, T = shards.join(self.out, DATASET), self.cfg.unwrap.uv_size
+        data, regions = stages_mod.uv_regions_npz(self.state, T)
+        shards.put_bytes(shards.join(root, "uv_regions.npz"), data)
         shards.write_sheet(shards.join(root, "uv_regions.png"),
-                           [[r.astype(np.float32) for r in regions.values()]],
-                           cell=self.cfg.unwrap.uv_size, labels=list(regions))
+                           [[r.astype(np.float32) for r in regions.values()]], cell=T,
+                           labels=list(regions))
 
     def summarize(self, specs, stats, *, skipped) -> dict:
         from facecorpus.flows import summary

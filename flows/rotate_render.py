@@ -12,7 +12,6 @@ unchanged shards and a changed source shard recomputes only the shards over it.
 
 from __future__ import annotations
 
-import numpy as np
 from facecorpus.configs.base import content_config
 from facecorpus.configs.rotate_render import LOCATION_FIELDS, RotateRenderConfig
 from facecorpus.core import hashing
@@ -34,8 +33,8 @@ class RotateRenderJob(shards.ShardJob):
     name = "rotate-render"
 
     def __init__(self, cfg: RotateRenderConfig, out=None):
-        self._out = str(out or cfg.out or "")
-        if not cfg.source or not self._out:
+        self.out = str(out or cfg.out or "")
+        if not cfg.source or not self.out:
             raise ConfigError("rotate-render needs a source (--source) and an out (--out)")
         self.cfg, self._writer = cfg, None
         self.root, ds = rr.open_source(cfg.source)  # checked here, before any work
@@ -47,10 +46,6 @@ class RotateRenderJob(shards.ShardJob):
         self.model_hash = st.model.content_hash()
         self.K = cfg.samples_per_shard or ds.schema.samples_per_shard
         self.S = ds.schema.fields["image"].shape[0]
-
-    @property
-    def out(self) -> str:
-        return self._out
 
     @property
     def state(self):  # (model, source dataset), once per process
@@ -115,11 +110,8 @@ class RotateRenderJob(shards.ShardJob):
         from facecorpus.datasets.store import open_dataset
         from facecorpus.flows import summary
 
-        ds = open_dataset(shards.join(self.out, VIEWS))
-        planned = {s.id for s in specs}
-        committed = set(ds.shards) & planned
-        man, rej = (t.filter(np.isin(t.column("shard").to_numpy(), sorted(committed)))
-                    if t.num_rows else t for t in (ds.manifest, ds.rejected))
+        man, rej, committed = summary.committed_tables(
+            open_dataset(shards.join(self.out, VIEWS)), specs)
         accepted = len(set(man.column("source_sample_id").to_pylist())) if len(man) else 0
         inputs = sum(len(s.items) for s in specs if s.id in committed)
         by_stage, reasons = summary.rejections(rej)
@@ -140,19 +132,6 @@ class _State:
     def __init__(self, root: str, model_spec: str | None, ds=None):
         self.ds = ds if ds is not None else rr.open_source(root)[1]
         self.model = rr.load_model(self.ds, model_spec)
-
-
-def format_summary(s: dict) -> str:
-    ok = "ok" if s["counts_add_up"] else "MISMATCH"
-    lines = [f"rotate-render {s['source']} -> {s['out']}",
-             (f"  shards: {s['shards_committed']}/{s['shards']} committed ({s['shards_run']} run"
-              f" now, {s['shards_skipped']} already done)"),
-             (f"  source samples {s['inputs']} = accepted {s['accepted']} + rejected "
-              f"{s['rejected']} ({ok}); views {s['views']} ({s['views_this_run']} this run)"),
-             f"  rejected by stage {s['rejected_by_stage']}"]
-    lines += [f"    {c:6d}  {r}" for r, c in list(s["rejected_by_reason"].items())[:8]]
-    lines += ["  medians: " + ", ".join(f"{k} {v:g}" for k, v in s["medians"].items())]
-    return "\n".join(lines + [f"  sheets: {p}" for p in s["sheets"][:3]])
 
 
 # --------------------------------------------------------------------------- entry points

@@ -164,6 +164,7 @@ class ShardJob:
     (the pseudo-GT flow analyses shards and builds its texture prior there)."""
 
     name = "job"
+    out: str  # the run folder or URL (set by the subclass)
     phase_seconds: dict = {}  # noqa: RUF012 - set per run by execute()
 
     def plan(self) -> list[ShardSpec]:
@@ -183,10 +184,6 @@ class ShardJob:
 
     def summarize(self, specs: list[ShardSpec], stats: list[ShardStats], *,
                   skipped: int) -> dict:
-        raise NotImplementedError
-
-    @property
-    def out(self) -> str:
         raise NotImplementedError
 
     def threads_per_shard(self) -> int | None:

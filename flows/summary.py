@@ -67,14 +67,7 @@ def pseudo_gt_summary(job, specs, stats, *, skipped: int) -> dict:
     from facecorpus.datasets.store import open_dataset
 
     out = job.out
-    ds = open_dataset(shards.join(out, "dataset"))
-    planned = {s.id for s in specs}
-    man, rej = ds.manifest, ds.rejected
-    if man.num_rows:
-        man = man.filter(np.isin(man.column("shard").to_numpy(), list(planned)))
-    if rej.num_rows:
-        rej = rej.filter(np.isin(rej.column("shard").to_numpy(), list(planned)))
-    committed = set(ds.shards) & planned
+    man, rej, committed = committed_tables(open_dataset(shards.join(out, "dataset")), specs)
     inputs = sum(len(s.items) for s in specs if s.id in committed)
     # several faces of one photo are several accepted rows of one input
     accepted_uris = set(man.column("source_uri").to_pylist()) if man.num_rows else set()
@@ -103,32 +96,44 @@ def pseudo_gt_summary(job, specs, stats, *, skipped: int) -> dict:
     return write(out, summary)
 
 
-def format_pseudo_gt(s: dict) -> str:
-    lines = [f"pseudo-gt -> {s['out']}",
-             (f"  shards: {s['shards_committed']}/{s['shards']} committed ({s['shards_run']} run "
-              f"now, {s['shards_skipped']} already done)"),
-             (f"  inputs {s['inputs']} = accepted {s['accepted']} + rejected {s['rejected']}"
-              f"  ({'ok' if s['counts_add_up'] else 'MISMATCH'})"),
-             f"  landmarks: {s['landmark_sources']}  converged: {s['converged_fraction']}"]
-    lines += _reason_lines(s)
-    if s["medians"]:
+def committed_tables(ds, specs) -> tuple:
+    """(manifest, rejected, committed ids) of a dataset, limited to the planned shards that
+    are committed (a shard dropped from the plan no longer counts)."""
+    committed = set(ds.shards) & {s.id for s in specs}
+    keep = sorted(committed)
+    man, rej = (t.filter(np.isin(t.column("shard").to_numpy(), keep)) if t.num_rows else t
+                for t in (ds.manifest, ds.rejected))
+    return man, rej, committed
+
+
+def format_run(title: str, s: dict, body: list[str], *, shards_key: str = "shards",
+               n_reasons: int = 10) -> str:
+    """The text of any run's summary: title, shard counts, the flow's ``body`` lines, top
+    rejection reasons, medians, sheets and what ran now."""
+    lines = [title, (f"  shards: {s['shards_committed']}/{s[shards_key]} committed "
+                     f"({s['shards_run']} run now, {s['shards_skipped']} already done)"), *body]
+    lines += [f"    {c:6d}  {r}" for r, c in list(s["rejected_by_reason"].items())[:n_reasons]]
+    if s.get("medians"):
         lines.append("  medians: " + ", ".join(f"{k} {v:g}" for k, v in s["medians"].items()))
-    if s["sheets"]:
-        lines.append(f"  sheets: {s['sheets'][0]}" + (f" (+{len(s['sheets']) - 1})"
-                                                     if len(s["sheets"]) > 1 else ""))
-    return "\n".join(lines + _timing_lines(s))
+    sheets = s.get("sheets") or ([s["sheet"]] if s.get("sheet") else [])
+    if sheets:
+        more = f" (+{len(sheets) - 1})" if len(sheets) > 1 else ""
+        lines.append(f"  sheets: {sheets[0]}{more}")
+    if s.get("shards_run"):
+        why = ", ".join(f"{k}: {v}" for k, v in list(s["shards_run_why"].items())[:8])
+        lines.append(f"  ran shards {s['shards_run_ids'][:16]} ({why}); "
+                     f"{s['cpu_seconds_in_shards']:.1f} CPU-s in shards")
+    return "\n".join(lines)
 
 
-def _reason_lines(s: dict, n: int = 10) -> list[str]:
-    return [f"    {c:6d}  {r}" for r, c in list(s["rejected_by_reason"].items())[:n]]
+def _balance(s: dict, what: str = "inputs") -> str:
+    ok = "ok" if s["counts_add_up"] else "MISMATCH"
+    return f"  {what} {s['inputs']} = accepted {s['accepted']} + rejected {s['rejected']} ({ok})"
 
 
-def _timing_lines(s: dict) -> list[str]:
-    if not s.get("shards_run"):
-        return []
-    why = ", ".join(f"{k}: {v}" for k, v in list(s["shards_run_why"].items())[:8])
-    return [(f"  ran shards {s['shards_run_ids'][:16]} ({why}); "
-             f"{s['cpu_seconds_in_shards']:.1f} CPU-s in shards")]
+def format_pseudo_gt(s: dict) -> str:
+    return format_run(f"pseudo-gt -> {s['out']}", s, [
+        _balance(s), f"  landmarks: {s['landmark_sources']}  converged: {s['converged_fraction']}"])
 
 
 def synthesis_summary(job, stats, *, skipped: int) -> dict:
@@ -163,13 +168,14 @@ def synthesis_summary(job, stats, *, skipped: int) -> dict:
 
 
 def format_synthesis(s: dict) -> str:
-    lines = [f"synthesis -> {s['out']}",
-             (f"  shards: {s['shards_committed']}/{s['n_shards']} committed "
-              f"({s['shards_run']} run now, {s['shards_skipped']} already done)"),
-             (f"  faces: {s['faces']}/{s['faces_requested']}  pairs: {s['pairs']} "
-              f"({s['poses_per_face']} poses/face)  groups: {s['faces_by_group']}"),
-             f"  rejected draws: {s['rejected_draws']} {s['rejected_by_stage']}"]
-    lines += _reason_lines(s, 8)
-    if s.get("sheet"):
-        lines.append(f"  sheet: {s['sheet']}")
-    return "\n".join(lines + _timing_lines(s))
+    return format_run(f"synthesis -> {s['out']}", s, [
+        (f"  faces: {s['faces']}/{s['faces_requested']}  pairs: {s['pairs']} "
+         f"({s['poses_per_face']} poses/face)  groups: {s['faces_by_group']}"),
+        f"  rejected draws: {s['rejected_draws']} {s['rejected_by_stage']}"],
+        shards_key="n_shards", n_reasons=8)
+
+
+def format_rotate_render(s: dict) -> str:
+    return format_run(f"rotate-render {s['source']} -> {s['out']}", s, [
+        _balance(s, "source samples") + f"; views {s['views']} ({s['views_this_run']} this run)",
+        f"  rejected by stage {s['rejected_by_stage']}"], n_reasons=8)

@@ -40,7 +40,7 @@ class SynthesisJob(shards.ShardJob):
     name = "synthesis"
 
     def __init__(self, cfg: SynthesisConfig, out, *, stages=stages_mod.STAGES):
-        self.cfg, self._out, self.stages = cfg, str(out), stages
+        self.cfg, self.out, self.stages = cfg, str(out), stages
         self.content = content_config(cfg)
         model_hash = stages_mod.load_model(cfg.model).content_hash()
         self.parts = {"config": self.content, "model": model_hash,
@@ -48,22 +48,18 @@ class SynthesisJob(shards.ShardJob):
         recipe = {k: self.parts[k] for k in ("model", "sources")}
         recipe["subjects"], recipe["seed"] = self.content["subjects"], cfg.seed
         digest = hashing.digest(recipe, n=16)
-        if shards.is_url(self._out):
+        if shards.is_url(self.out):
             # memory-mapping needs local files: on an object store each process prepares
             # the sources once into its machine's cache (same recipe digest, same bytes)
             from facecorpus.meshops.assets import cache_dir
 
             self.sources_dir = str(cache_dir() / "sources" / digest)
         else:
-            self.sources_dir = shards.join(self._out, ".sources", digest)
+            self.sources_dir = shards.join(self.out, ".sources", digest)
         self.key = shards.stage_key("synthesis.shard", stages_mod.CODE_VERSION,
                                     **self.parts).key
         self.fingerprint = hashing.digest(self.key, self.sources_dir, n=24)
         self._writers = None
-
-    @property
-    def out(self) -> str:
-        return self._out
 
     @property
     def state(self) -> stages_mod.State:

@@ -855,3 +855,14 @@ def uv_regions(state: State, uv_size: int) -> dict:
     return {"layout": state.layout, "centre": seen["centre"],
             "side_left": seen["left"] & ~seen["centre"],
             "side_right": seen["right"] & ~seen["centre"]}
+
+
+def uv_regions_npz(state: State, uv_size: int) -> tuple[bytes, dict]:
+    """(the ``uv_regions.npz`` bytes: mirror map + :func:`uv_regions` as uint8, the regions)."""
+    import io
+
+    regions = uv_regions(state, uv_size)
+    buf = io.BytesIO()
+    np.savez(buf, mirror_map=state.mirror_map,
+             **{k: v.astype(np.uint8) for k, v in regions.items()})
+    return buf.getvalue(), regions
