@@ -80,6 +80,15 @@ class ThreadExecutor(Executor):
                 yield f.result()
 
 
+# One compute thread per worker process, set before the process imports numba/torch/OpenCV.
+# LocalCluster workers are single-threaded processes, one per core; left alone, each would
+# start a numba prange pool, a torch intra-op pool and an OpenCV pool of one thread per core,
+# and on the 2-core VM those threads spin against the other worker's (high system time).
+# Dask already sets the OMP/MKL/OpenBLAS ones (distributed.nanny.pre-spawn-environ), not these.
+WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "OPENBLAS_NUM_THREADS": "1", "OPENCV_FOR_THREADS_NUM": "1"}
+
+
 class DaskExecutor(Executor):
     """A Dask cluster: an existing scheduler (``address``) or a LocalCluster of
     single-threaded worker processes. Dask reschedules the tasks of a worker that dies."""
@@ -99,7 +108,8 @@ class DaskExecutor(Executor):
                 self._client = Client(self.address, timeout="60s")
             else:
                 self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
-                                             processes=True, dashboard_address=None)
+                                             processes=True, dashboard_address=None,
+                                             env=dict(WORKER_ENV))
                 self._client = Client(self._cluster)
         return self._client
 
