@@ -89,6 +89,21 @@ WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS
               "OPENBLAS_NUM_THREADS": "1", "OPENCV_FOR_THREADS_NUM": "1"}
 
 
+def local_worker_env() -> dict[str, str]:
+    """The environment of LocalCluster worker processes (:data:`WORKER_ENV`), and Dask's
+    default ``MALLOC_TRIM_THRESHOLD_=65536`` dropped from its nanny pre-spawn environment.
+
+    Why: setting that glibc knob also switches off malloc's dynamic mmap threshold, so every
+    allocation over 128 KiB (our per-image UV maps and tensors) becomes an mmap + page
+    faults + munmap; measured on the finish phase: 5 extra system CPU-s per 8 photos
+    (docs/benchmarks.md, #12). A value the user exported in the shell still wins.
+    """
+    import dask
+
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    return dict(WORKER_ENV)
+
+
 class DaskExecutor(Executor):
     """A Dask cluster: an existing scheduler (``address``) or a LocalCluster of
     single-threaded worker processes. Dask reschedules the tasks of a worker that dies."""
@@ -109,7 +124,7 @@ class DaskExecutor(Executor):
             else:
                 self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
                                              processes=True, dashboard_address=None,
-                                             env=dict(WORKER_ENV))
+                                             env=local_worker_env())
                 self._client = Client(self._cluster)
         return self._client
 
