@@ -26,12 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
-def _cpu() -> float:
+def _cpu() -> np.ndarray:
+    """(2,) user and system CPU seconds of this process and its waited-for children (the CLI
+    run, its Dask workers and its Prefect server)."""
     a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+    return np.array([a.ru_utime + b.ru_utime, a.ru_stime + b.ru_stime])
 
 
 def make_photos(folder: Path, n: int) -> None:
@@ -44,7 +48,7 @@ def make_photos(folder: Path, n: int) -> None:
         Image.fromarray(variant(src[k % len(src)], k)).save(folder / f"p{k:03d}.png")
 
 
-def cli(photos: Path, out: Path, model: str, extra: list[str]) -> tuple[float, float, dict]:
+def cli(photos: Path, out: Path, model: str, extra: list[str]) -> tuple[float, np.ndarray, dict]:
     cmd = [sys.executable, "-m", "facecorpus.cli", "run", "pseudo-gt", "--input", str(photos),
            "--out", str(out), "--model", model, "--set", "output.samples_per_shard=8", *extra]
     t0, c0 = time.perf_counter(), _cpu()
@@ -52,7 +56,7 @@ def cli(photos: Path, out: Path, model: str, extra: list[str]) -> tuple[float, f
     return time.perf_counter() - t0, _cpu() - c0, json.loads((out / "summary.json").read_text())
 
 
-def reference(photos: Path, model: str) -> tuple[float, float, int]:
+def reference(photos: Path, model: str) -> tuple[float, np.ndarray, dict]:
     """Plain loop: every stage function on the same photos, in this process, nothing kept."""
     from facecorpus.configs import load_config
     from facecorpus.flows import prior_store
@@ -60,12 +64,14 @@ def reference(photos: Path, model: str) -> tuple[float, float, int]:
     from facecorpus.tasks.inputs import hash_inputs, list_planned
 
     cfg = load_config(None, "pseudo_gt", {"model": model})
+    t0, c0 = time.perf_counter(), _cpu()  # the model/detector load counts, as in a CLI run
     state = st.State.build(cfg)
     state.detector()
-    t0, c0 = time.perf_counter(), _cpu()
+    t_a = time.perf_counter()
     inputs = hash_inputs(list_planned(str(photos)))
     chunks = [inputs[i:i + 8] for i in range(0, len(inputs), 8)]
     analyses = [st.analyse(state, c, cfg) for c in chunks]
+    t_p = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:  # the prior builder reads analysis files
         import io
 
@@ -79,8 +85,11 @@ def reference(photos: Path, model: str) -> tuple[float, float, int]:
             p.write_bytes(buf.getvalue())
             paths.append(str(p))
         prior, _ = prior_store.build(cfg, state, paths)
+    t_f = time.perf_counter()
     accepted = sum(len(st.finish(state, a, prior, cfg).rows) for a in analyses)
-    return time.perf_counter() - t0, _cpu() - c0, accepted
+    t1 = time.perf_counter()
+    phases = {"start": t_a - t0, "analyse": t_p - t_a, "prior": t_f - t_p, "finish": t1 - t_f}
+    return t1 - t0, _cpu() - c0, {"accepted": accepted, "phase_wall_seconds": phases}
 
 
 def main(argv=None) -> int:
@@ -98,17 +107,18 @@ def main(argv=None) -> int:
         rows.append((f"CLI, Prefect + Dask ({args.workers} workers)", w, c, s))
         w, c, s = cli(tmp / "photos", tmp / "local", args.model, ["--no-prefect"])
         rows.append(("CLI, --no-prefect (1 process)", w, c, s))
-        w, c, acc = reference(tmp / "photos", args.model)
-        rows.append(("reference: plain loop of the stage functions", w, c,
-                     {"accepted": acc, "phase_wall_seconds": {}}))
+        w, c, s = reference(tmp / "photos", args.model)
+        rows.append(("reference: plain loop of the stage functions", w, c, s))
     n = args.n
     print(f"{n} photos, model {args.model}")
-    print(f"{'run':48s} {'wall s':>7s} {'photos/s':>9s} {'wall s/photo':>13s} "
-          f"{'CPU s/photo':>12s} accepted  phases (wall s)")
+    print(f"{'run':46s} {'wall s':>7s} {'photos/s':>9s} {'CPU s/photo':>12s} "
+          f"{'(user':>6s} {'sys)':>5s} {'photos/CPU-s':>12s} accepted  phases (wall s)")
     for name, w, c, s in rows:
         ph = ", ".join(f"{k} {v:.1f}" for k, v in s.get("phase_wall_seconds", {}).items())
-        print(f"{name:48s} {w:7.1f} {n / w:9.2f} {w / n:13.3f} {c / n:12.3f} "
-              f"{s['accepted']:8d}  {ph}")
+        if "cpu_seconds_in_shards" in s:
+            ph += f"; finish CPU-s in shards {s['cpu_seconds_in_shards']:.1f}"
+        print(f"{name:46s} {w:7.1f} {n / w:9.2f} {c.sum() / n:12.3f} {c[0] / n:6.3f} "
+              f"{c[1] / n:5.3f} {n / c.sum():12.3f} {s['accepted']:8d}  {ph}")
     return 0
 
 

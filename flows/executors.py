@@ -80,6 +80,30 @@ class ThreadExecutor(Executor):
                 yield f.result()
 
 
+# One compute thread per worker process, set before the process imports numba/torch/OpenCV.
+# LocalCluster workers are single-threaded processes, one per core; left alone, each would
+# start a numba prange pool, a torch intra-op pool and an OpenCV pool of one thread per core,
+# and on the 2-core VM those threads spin against the other worker's (high system time).
+# Dask already sets the OMP/MKL/OpenBLAS ones (distributed.nanny.pre-spawn-environ), not these.
+WORKER_ENV = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+              "OPENBLAS_NUM_THREADS": "1", "OPENCV_FOR_THREADS_NUM": "1"}
+
+
+def local_worker_env() -> dict[str, str]:
+    """The environment of LocalCluster worker processes (:data:`WORKER_ENV`), and Dask's
+    default ``MALLOC_TRIM_THRESHOLD_=65536`` dropped from its nanny pre-spawn environment.
+
+    Why: setting that glibc knob also switches off malloc's dynamic mmap threshold, so every
+    allocation over 128 KiB (our per-image UV maps and tensors) becomes an mmap + page
+    faults + munmap; measured on the finish phase: 5 extra system CPU-s per 8 photos
+    (docs/benchmarks.md, #12). A value the user exported in the shell still wins.
+    """
+    import dask
+
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+    return dict(WORKER_ENV)
+
+
 class DaskExecutor(Executor):
     """A Dask cluster: an existing scheduler (``address``) or a LocalCluster of
     single-threaded worker processes. Dask reschedules the tasks of a worker that dies."""
@@ -99,7 +123,8 @@ class DaskExecutor(Executor):
                 self._client = Client(self.address, timeout="60s")
             else:
                 self._cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1,
-                                             processes=True, dashboard_address=None)
+                                             processes=True, dashboard_address=None,
+                                             env=local_worker_env())
                 self._client = Client(self._cluster)
         return self._client
 

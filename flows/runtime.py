@@ -23,8 +23,11 @@ def make_task_runner(kind: str, workers: int, dask_address: str | None = None):
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
+    from facecorpus.flows.executors import local_worker_env
+
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None})
+                                          "processes": True, "dashboard_address": None,
+                                          "env": local_worker_env()})
 
 
 @contextmanager

@@ -787,7 +787,7 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
         groups.append({"params": [log_sf], "lr": opts.photometric_lr * 0.5})
     if opts.photometric_fit_shape:
         groups.append({"params": [a_w, b_w], "lr": opts.photometric_lr * 5})
-    optim = torch.optim.Adam(groups)
+    optim = _Adam(groups)
     c = S / 2.0
 
     def forward():
@@ -890,6 +890,43 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     out.failure = failure
     out.converged = np.asarray(fit.converged, bool) & np.array([f is None for f in failure])
     return out
+
+
+class _Adam:
+    """Adam (Kingma & Ba; torch.optim.Adam's defaults and update, no weight decay) on
+    parameter groups ``[{"params": [...], "lr": float}]``.
+
+    Why not ``torch.optim.Adam``: constructing it imports ``torch._dynamo`` (about 1.6 CPU-s
+    on the shared 2-core VM), paid once in every worker process, for 41 tiny updates.
+    ``tests/test_fit.py::test_adam_matches_torch`` checks the steps agree with torch's.
+    """
+
+    def __init__(self, groups: list[dict], betas=(0.9, 0.999), eps: float = 1e-8):
+        self.groups, self.betas, self.eps = groups, betas, eps
+        self.state: dict[int, list] = {}  # id(param) -> [step, m, v]; step counts own updates
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            for q in g["params"]:
+                q.grad = None
+
+    def step(self) -> None:
+        import torch
+
+        b1, b2 = self.betas
+        with torch.no_grad():
+            for g in self.groups:
+                for q in g["params"]:
+                    if q.grad is None:
+                        continue
+                    st = self.state.setdefault(id(q), [0, torch.zeros_like(q),
+                                                       torch.zeros_like(q)])
+                    st[0] += 1
+                    t, m, v = st
+                    m.lerp_(q.grad, 1 - b1)
+                    v.mul_(b2).addcmul_(q.grad, q.grad, value=1 - b2)
+                    denom = (v.sqrt() / (1 - b2 ** t) ** 0.5).add_(self.eps)
+                    q.addcdiv_(m, denom, value=-g["lr"] / (1 - b1 ** t))
 
 
 def fit_failures(fit: FitResult, max_nme: float = 0.2, stage: str = "stage 1"

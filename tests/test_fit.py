@@ -111,3 +111,29 @@ def test_photometric_refinement_improves_fit(model):
     e1, e2 = rotation_error_deg(fit1, sb.truth), rotation_error_deg(fit2, sb.truth)
     assert np.median(e2) <= np.median(e1) and np.median(e2) < 2.0, (e1, e2)
     assert fit2.sh.shape == (3, 27)
+
+
+def test_adam_matches_torch():
+    """Stage 2's own Adam takes torch.optim.Adam's steps (groups with their own learning
+    rate, a parameter whose gradient is None skipped), on a non-convex problem."""
+    import torch
+    from facecorpus.tasks.fit import _Adam
+
+    g = torch.Generator().manual_seed(0)
+    init = [torch.randn(4, 3, generator=g), torch.randn(4, 27, generator=g),
+            torch.randn(5, generator=g)]
+    paths = []
+    for make in (torch.optim.Adam, _Adam):
+        ps = [p.clone().requires_grad_(True) for p in init]
+        opt = make([{"params": [ps[0]], "lr": 0.01}, {"params": [ps[1], ps[2]], "lr": 0.05}])
+        for step in range(30):
+            opt.zero_grad()
+            loss = (torch.sin(3 * ps[0]) * ps[0]).sum() + (ps[1] ** 4 - ps[1]).sum()
+            if step % 3:
+                loss = loss + (ps[2] ** 2).sum()  # ps[2] has no gradient every third step
+            loss.backward()
+            opt.step()
+        paths.append([p.detach() for p in ps])
+    for a, b, p0 in zip(*paths, init):
+        assert (a - p0).abs().max() > 0.05  # the parameters really moved
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
