@@ -12,8 +12,8 @@ How it is built (:func:`build_correspondence`, deterministic, pure arrays):
 2. a thin-plate-spline warp of the residual on those 68 (scipy ``RBFInterpolator``,
    smoothing ``tps_smoothing``): the 68 shared points land on their vertices, the others
    follow smoothly;
-3. each warped point goes to the closest point of the model surface (exact point-triangle
-   distance over the ``k`` triangles with the nearest centroids);
+3. each warped point goes to the closest point of the model surface
+   (``geometry.closest_points_on_mesh`` over the ``k`` triangles with the nearest centroids);
 4. points farther than ``max_dist`` x the mean shape's outer-eye-corner distance from the
    surface are dropped (0.15 by default: ~15 mm on an adult head; beyond that the point has
    no counterpart on the model, e.g. a region the model lacks).
@@ -103,65 +103,6 @@ def similarity(src: np.ndarray, dst: np.ndarray):
     return s, R, md - s * R @ ms
 
 
-def closest_on_triangles(p: np.ndarray, tri: np.ndarray):
-    """Closest point of each triangle to each point. ``p`` (D, 3), ``tri`` (D, C, 3, 3).
-    Returns barycentrics (D, C, 3) and squared distances (D, C). (Ericson, Real-Time Collision
-    Detection 5.1.5: the Voronoi region of the point decides vertex, edge or face.)"""
-    a, b, c = tri[..., 0, :], tri[..., 1, :], tri[..., 2, :]
-    q = p[:, None, :]
-    ab, ac, ap = b - a, c - a, q - a
-    d1, d2 = (ab * ap).sum(-1), (ac * ap).sum(-1)
-    bp = q - b
-    d3, d4 = (ab * bp).sum(-1), (ac * bp).sum(-1)
-    cp = q - c
-    d5, d6 = (ab * cp).sum(-1), (ac * cp).sum(-1)
-    va = d3 * d6 - d5 * d4
-    vb = d5 * d2 - d1 * d6
-    vc = d1 * d4 - d3 * d2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        den = va + vb + vc
-        v = np.where(den != 0, vb / den, 0.0)
-        w = np.where(den != 0, vc / den, 0.0)
-        bary = np.stack([1 - v - w, v, w], -1)
-        # edges
-        t_ab = np.where(d1 - d3 != 0, d1 / (d1 - d3), 0.0)
-        t_ac = np.where(d2 - d6 != 0, d2 / (d2 - d6), 0.0)
-        t_bc = np.where((d4 - d3) + (d5 - d6) != 0, (d4 - d3) / ((d4 - d3) + (d5 - d6)), 0.0)
-    z = np.zeros_like(d1)
-    o = np.ones_like(d1)
-    cases = [
-        (vc <= 0) & (d1 >= 0) & (d3 <= 0), np.stack([1 - t_ab, t_ab, z], -1),
-        (vb <= 0) & (d2 >= 0) & (d6 <= 0), np.stack([1 - t_ac, z, t_ac], -1),
-        (va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0), np.stack([z, 1 - t_bc, t_bc], -1),
-        (d6 >= 0) & (d5 <= d6), np.stack([z, z, o], -1),
-        (d3 >= 0) & (d4 <= d3), np.stack([z, o, z], -1),
-        (d1 <= 0) & (d2 <= 0), np.stack([o, z, z], -1),
-    ]
-    # later cases (vertex regions) take precedence, as in Ericson's early returns
-    for cond, val in zip(cases[0::2], cases[1::2]):
-        bary = np.where(cond[..., None], val, bary)
-    bary = np.clip(bary, 0.0, 1.0)
-    bary /= bary.sum(-1, keepdims=True)
-    pt = np.einsum("dck,dckx->dcx", bary, tri)
-    return bary, ((pt - q) ** 2).sum(-1)
-
-
-def project_to_surface(points: np.ndarray, vertices: np.ndarray, triangles: np.ndarray,
-                       k: int = 48):
-    """Closest surface point of each of ``points`` (D, 3). Returns triangle ids (D,),
-    barycentrics (D, 3), distances (D,)."""
-    from scipy.spatial import cKDTree
-
-    tri_xyz = vertices[triangles]  # (F, 3, 3)
-    k = min(k, len(triangles))
-    _, cand = cKDTree(tri_xyz.mean(1)).query(points, k=k)
-    cand = np.asarray(cand).reshape(len(points), k)
-    bary, d2 = closest_on_triangles(points, tri_xyz[cand])
-    j = d2.argmin(1)
-    r = np.arange(len(points))
-    return cand[r, j].astype(np.int32), bary[r, j], np.sqrt(d2[r, j])
-
-
 def build_correspondence(vertices: np.ndarray, triangles: np.ndarray, landmarks: np.ndarray,
                          canonical: np.ndarray, ids68: np.ndarray, *, model_hash: str = "",
                          max_dist: float = 0.15, tps_smoothing: float = 0.0,
@@ -169,6 +110,7 @@ def build_correspondence(vertices: np.ndarray, triangles: np.ndarray, landmarks:
     """Embed ``canonical`` (468, 3) on the surface (``vertices`` (V, 3) mean shape,
     ``triangles`` (F, 3)). ``landmarks`` (68,) the model's landmark vertex ids, ``ids68``
     (68,) the canonical ids of the same 68 points. See the module docstring."""
+    from facecorpus.meshops.geometry import closest_points_on_mesh
     from scipy.interpolate import RBFInterpolator
 
     V = np.asarray(vertices, np.float64)
@@ -180,7 +122,9 @@ def build_correspondence(vertices: np.ndarray, triangles: np.ndarray, landmarks:
     warp = RBFInterpolator(C1[ids68], dst - C1[ids68], kernel="thin_plate_spline",
                            smoothing=tps_smoothing)
     C2 = C1 + warp(C1)
-    tri, bary, dist = project_to_surface(C2, V, np.asarray(triangles), k)
+    tri, bary, dist = closest_points_on_mesh(C2, V, np.asarray(triangles), k)
+    bary = bary.astype(np.float64)
+    bary /= bary.sum(1, keepdims=True)
     iod = float(np.linalg.norm(dst[36] - dst[45]))
     keep = np.isfinite(dist) & (dist <= max_dist * iod) & (bary >= 0).all(1)
     ids = np.flatnonzero(keep).astype(np.int32)
