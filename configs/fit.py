@@ -18,7 +18,7 @@ class FitConfig(StrictConfig):
     focal: Literal["fixed", "estimate"] = Field(
         "fixed", description="perspective: the focal from fov_deg, or a per-image focal scale "
         "fs (focal = fs x the fov_deg focal) fitted with the prior lambda_f log^2(fs)")
-    lambda_f: float = Field(1.0, ge=0, description="focal: estimate - weight of log^2(fs) "
+    lambda_f: float = Field(0.1, ge=0, description="focal: estimate - weight of log^2(fs) "
                             "(as tasks/nonrigid's lambda_f)")
     focal_scale_bounds: tuple[float, float] = Field(
         (0.1, 4.0), description="focal: estimate - fs is kept inside [lo, hi]")

@@ -693,7 +693,13 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
                                                       np.tile(dense_cols, (N, 1))]),
                               target, w_t)
     pred = pred.numpy()[:, :68]
-    rmse = np.sqrt(((pred - lm2d) ** 2).sum(-1).mean(-1))
+    # dense: the far-side jaw points lie on the silhouette and carry dense_jaw_weight
+    # (0 by default), so they are left out of the error that decides a rejection
+    keep = np.ones((N, 68), bool)
+    yaw_now = np.rad2deg(p[:, 0].numpy())
+    keep[np.ix_(has_dense & (yaw_now < -opts.slide_min_yaw), JAW_RIGHT)] = False
+    keep[np.ix_(has_dense & (yaw_now > opts.slide_min_yaw), JAW_LEFT)] = False
+    rmse = np.sqrt((((pred - lm2d) ** 2).sum(-1) * keep).sum(-1) / keep.sum(-1))
     nme = rmse / np.maximum(inter_ocular(np.nan_to_num(lm2d)), 1e-6)
     pn = p.numpy()
     finite = np.isfinite(pn).all(1) & np.isfinite(rmse)

@@ -217,8 +217,15 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
     todo, ings, uris, fidx = ([xs[i] for i in kept] for xs in (todo, ings, uris, fidx))
     lms = np.stack([a.landmarks for a in aligned]) if aligned else np.zeros((0, 68, 2))
 
+    # dense mediapipe points (NaN rows: given 68-point landmarks) when the fit uses them
+    dense = None
+    if cfg.fit.landmarks == "dense" and _accepts(stages.fit, "dense") and aligned:
+        dense = np.stack([np.full((478, 2), np.nan, np.float32) if a.dense is None
+                          else _pad478(a.dense) for a in aligned])
+
     def fit_some(idx):
-        f = stages.fit(model, lms[idx], S, cfg.fit)
+        kw = {} if dense is None else {"dense": dense[idx]}
+        f = stages.fit(model, lms[idx], S, cfg.fit, **kw)
         return [f.select([k]) for k in range(len(idx))]
 
     kept, fits, rej = isolation.batched("fit", uris, fit_some, len(todo))
@@ -298,6 +305,13 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
             out["fit_" + f] = np.asarray(getattr(fit, f))
         out["fit_translation"] = fit.translation.reshape(n, -1)
     return Analysis(out, rejected)
+
+
+def _pad478(d: np.ndarray) -> np.ndarray:
+    """(468|478, 2) -> (478, 2), missing iris points NaN."""
+    out = np.full((478, 2), np.nan, np.float32)
+    out[:len(d)] = d[:478]
+    return out
 
 
 def lms_of(aligned) -> np.ndarray:
