@@ -84,6 +84,8 @@ class State:
         from facecorpus.meshops.uv import rasterize_uv, uv_mirror_map
 
         model = load_model(cfg.model)
+        if cfg.fit.landmarks == "dense":
+            _dense_correspondence_or_fail(model)
         T = cfg.unwrap.uv_size
         return cls(model, rasterize_uv(model.uv, model.uv_triangles, T).mask.copy(),
                    uv_mirror_map(model, T), lm_mod.landmark_template(model), cfg.landmarks)
@@ -305,6 +307,17 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
             out["fit_" + f] = np.asarray(getattr(fit, f))
         out["fit_translation"] = fit.translation.reshape(n, -1)
     return Analysis(out, rejected)
+
+
+def _dense_correspondence_or_fail(model) -> None:
+    """fit.landmarks=dense needs the model's dense correspondence: fail the run before any
+    work, not every sample."""
+    from facecorpus.core.errors import AssetUnavailableError
+
+    try:
+        fit_mod.dense_correspondence(model)
+    except FileNotFoundError as e:
+        raise AssetUnavailableError(f"fit.landmarks=dense: {e}") from e
 
 
 def _pad478(d: np.ndarray) -> np.ndarray:

@@ -161,3 +161,16 @@ def test_68_point_path_unchanged_without_dense(dense_model):
         np.testing.assert_array_equal(getattr(ref, f), getattr(same, f))
         np.testing.assert_allclose(getattr(mixed, f)[1], getattr(ref, f)[1], atol=1e-5)
     assert mixed.failure[1] is None
+
+
+def test_dense_points_follow_the_crop():
+    from facecorpus.tasks.landmarks import MP478_TO_68, FaceLandmarks, align_face
+
+    rng = np.random.default_rng(0)
+    dense = (rng.uniform(-60, 60, (478, 2)) + [200, 150]).astype(np.float32)
+    lm = FaceLandmarks(points=dense[MP478_TO_68], box=np.r_[dense.min(0), dense.max(0)],
+                       source="mediapipe", dense=dense)
+    a = align_face(np.zeros((300, 400, 3), np.uint8), lm, 128)
+    assert a.dense.shape == (478, 2)
+    np.testing.assert_allclose(a.dense[MP478_TO_68], a.landmarks, atol=1e-3)
+    np.testing.assert_allclose(a.dense, dense @ a.affine[:, :2].T + a.affine[:, 2], atol=1e-3)
