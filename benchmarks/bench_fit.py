@@ -227,11 +227,11 @@ def extremes(model, N: int, S: int) -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load {os.getloadavg()[0]:.2f}; model {model.name}; {N} images {S}x{S} per case")
     cases = [
-        ("yaw +-60, orthographic", dict(yaw_max=60)),
-        ("yaw +-80, orthographic", dict(yaw_max=80)),
-        ("small face 90 px, yaw +-60", dict(yaw_max=60, face_px=90)),
-        ("f = 1.5 W, yaw +-60", dict(yaw_max=60, camera="perspective", focal_factor=1.5)),
-        ("f = 0.8 W, yaw +-60", dict(yaw_max=60, camera="perspective", focal_factor=0.8)),
+        ("yaw +-60, orthographic", {"yaw_max": 60}),
+        ("yaw +-80, orthographic", {"yaw_max": 80}),
+        ("small face 90 px, yaw +-60", {"yaw_max": 60, "face_px": 90}),
+        ("f = 1.5 W, yaw +-60", {"yaw_max": 60, "camera": "perspective", "focal_factor": 1.5}),
+        ("f = 0.8 W, yaw +-60", {"yaw_max": 60, "camera": "perspective", "focal_factor": 0.8}),
     ]
     fits = [("orthographic", "fixed"), ("perspective", "fixed"), ("perspective", "estimate")]
     print("| case | landmarks | camera | focal | rot. err. median | p90 | NME vs truth "

@@ -18,8 +18,7 @@ import numpy as np
 
 def main() -> None:
     from facecorpus.meshops.catalog import load_model
-    from facecorpus.meshops.correspondence import (build_correspondence, read_canonical,
-                                                   shipped_path)
+    from facecorpus.meshops.correspondence import build_correspondence, read_canonical, shipped_path
     from facecorpus.tasks.landmarks import MP478_TO_68
 
     ap = argparse.ArgumentParser()
