@@ -8,7 +8,12 @@ with ``P`` a scaled orthographic or perspective camera (``renderers.cameras`` co
 ``v_k`` the landmark vertices, and **sliding jawline correspondences**: every few solver rounds
 each jaw landmark (0-7, 9-16) is re-attached to the candidate vertex of its side's contour set
 (``model.contour_right`` / ``contour_left``) whose projection lies closest to it in 2D, so on
-a turned head the far jaw landmarks follow the silhouette. Initialisation is closed-form: an
+a turned head the far jaw landmarks follow the silhouette. With ``FitConfig.landmarks =
+"dense"`` the inner 51 landmarks give way to mediapipe's 468 points, each a barycentric row
+of the basis through ``meshops.correspondence`` (far-side points dropped per round by
+normal . view direction); with ``focal = "estimate"`` the perspective camera's focal is
+``fs`` x the ``fov_deg`` focal, fs fitted per image under ``lambda_f log^2(fs) / 2`` (the
+focal scale of ``tasks/nonrigid``). Initialisation is closed-form: an
 affine camera from the mean shape's landmarks (least squares), orthonormalised. The solver is
 a batched Levenberg-Marquardt on the residual vector with the exact Jacobian (Huber as an
 IRLS weight): every image has its own damping, step acceptance, stopping and iteration
