@@ -275,11 +275,12 @@ def _slide_jaw(proj_cand: np.ndarray, cand_r: np.ndarray, cand_l: np.ndarray,
 
 def fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int,
                   opts: FitConfig | None = None, weights: np.ndarray | None = None,
-                  dense: np.ndarray | None = None) -> FitResult:
+                  dense: np.ndarray | None = None,
+                  focal_prior: np.ndarray | None = None) -> FitResult:
     """Stage 1 (see :func:`_fit_landmarks`), run with one torch thread."""
     with torch_threads(1):
         return _fit_landmarks(model, landmarks, image_size, opts or FitConfig(), weights,
-                              dense)
+                              dense, focal_prior)
 
 
 _CORRESPONDENCES: dict = {}
@@ -374,7 +375,8 @@ class _LandmarkProblem:
 
     Parameter vector per image (P,): angles (3, radians), translation (2 px orthographic |
     3 mm perspective), log scale (orthographic) or, perspective with ``estimate_focal``, the
-    log focal scale log(fs) (focal = fs * ``focal``, prior ``lambda_f`` log^2(fs) / 2 and fs
+    log focal scale log(fs) and a frozen per-image log(f_ref / ``focal``) (focal = fs *
+    f_ref: f_ref is the image's EXIF focal or ``focal``; prior ``lambda_f`` log^2(fs) / 2, fs
     clamped to ``fs_bounds``; otherwise the focal is fixed), whitened identity a (K,) and
     expression b (E,) (alpha = a * id_std). Every operation is row-wise in the image axis,
     so an image's numbers never depend on its batch-mates.
@@ -388,7 +390,8 @@ class _LandmarkProblem:
         self.est_f = kind == "perspective" and estimate_focal
         self.lambda_f = float(lambda_f)
         self.log_fs_bounds = (math.log(fs_bounds[0]), math.log(fs_bounds[1]))
-        self.n_pose = 7 if self.est_f else 6
+        self.n_pose = 8 if self.est_f else 6
+        self.frozen = [7] if self.est_f else []  # never solved for: the per-image f_ref
         self.P = self.n_pose + len(id_std) + len(exp_std)
         # (Pv, 3, K + E): per-mode displacement of every fit vertex in mm (std folded in)
         self.modes = torch.cat([basis.id * id_std[:, None, None],
@@ -410,7 +413,8 @@ class _LandmarkProblem:
         Y = X @ R.transpose(-1, -2)  # (n, 68, 3)
         if self.kind == "perspective":
             Z = Y + p[:, None, 3:6]
-            f = self.focal * p[:, 6].exp()[:, None] if self.est_f else self.focal
+            f = (self.focal * (p[:, 6] + p[:, 7]).exp()[:, None] if self.est_f
+                 else self.focal)
             depth = -Z[..., 2]
             uv = torch.stack([c + f * Z[..., 0] / depth, c - f * Z[..., 1] / depth], -1)
             if not jac:
@@ -424,8 +428,8 @@ class _LandmarkProblem:
             dZ[..., 1, 2] = -fd * Z[..., 1] / depth
             dY_dang = torch.einsum("njab,npb->npaj", dR, X)  # (n, 68, 3, 3)
             d_pose = torch.cat([dZ @ dY_dang, dZ], -1)  # angles, translation
-            if self.est_f:  # d (u, v) / d log fs = (u - c, v - c)
-                d_pose = torch.cat([d_pose, (uv - c)[..., None]], -1)
+            if self.est_f:  # d (u, v) / d log fs = (u - c, v - c); the same for log f_ref
+                d_pose = torch.cat([d_pose, (uv - c)[..., None], (uv - c)[..., None]], -1)
             return uv, d_pose, dZ @ R[:, None]
         s = p[:, 5].exp()[:, None]
         uv = torch.stack([c + s * Y[..., 0] + p[:, None, 3], c - s * Y[..., 1] - p[:, None, 4]],
@@ -540,7 +544,8 @@ def _levenberg_marquardt(prob: _LandmarkProblem, p, lm_pos, target, w, free, max
 
 def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int,
                    opts: FitConfig, weights: np.ndarray | None = None,
-                   dense: np.ndarray | None = None) -> FitResult:
+                   dense: np.ndarray | None = None,
+                   focal_prior: np.ndarray | None = None) -> FitResult:
     """Stage 1: fit pose, camera, identity and expression to 68 landmarks per image.
 
     With ``opts.landmarks == "dense"`` and ``dense`` given, an image's inner 51 landmarks
@@ -556,6 +561,8 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
         landmarks: (N, 68, 2) pixel coordinates in a ``image_size`` square image.
         weights: optional (N, 68) per-landmark confidences (0 drops a landmark).
         dense: optional (N, 478|468, 2) mediapipe points in the same pixels.
+        focal_prior: optional (N,) focal in these pixels (e.g. from EXIF; NaN: none), the
+            centre of the fs prior with ``focal="estimate"`` (else the ``fov_deg`` focal).
 
     Returns:
         :class:`FitResult`; an image whose landmarks fail :func:`validate_landmarks` keeps
@@ -629,7 +636,13 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
     target = torch.as_tensor(ok_lm_all)
     sf0 = np.log(scale0) if opts.camera == "orthographic" else None
     if prob.est_f:
-        sf0 = np.zeros(N)  # log fs = 0: start at the fov_deg focal
+        fp = (np.full(N, np.nan) if focal_prior is None
+              else np.asarray(focal_prior, np.float64).reshape(N))
+        ok_fp = np.isfinite(fp) & (fp > 0)
+        log_ref = np.where(ok_fp, np.log(np.where(ok_fp, fp, 1.0) / focal0), 0.0)
+        trans0 = trans0.copy()
+        trans0[:, 2] *= np.exp(log_ref)  # the same face scale at the reference focal
+        sf0 = np.c_[np.zeros(N), log_ref]  # log fs = 0: start at the reference focal
     pose0 = np.c_[angles0, trans0] if sf0 is None else np.c_[angles0, trans0, sf0]
     p = torch.as_tensor(np.c_[pose0, np.zeros((N, K + E))])
     fixed_lm = np.asarray(model.landmarks, np.int64)
@@ -642,6 +655,8 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
     todo = ~bad
     free_pose = torch.arange(prob.P) < prob.n_pose
     free_all = torch.ones(prob.P, dtype=torch.bool)
+    free_pose[prob.frozen] = False
+    free_all[prob.frozen] = False
     cand_cols = pos[np.concatenate([cand_r, cand_l])]
     all_cols = torch.as_tensor(np.arange(len(verts) + D))
     # round 0 solves the pose only; rounds 1..rounds everything; the extra pass only looks
@@ -714,7 +729,7 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
     nt = 2 if opts.camera == "orthographic" else 3
     sf = np.exp(pn[:, 5]) if opts.camera == "orthographic" else np.asarray(focal0, np.float64)
     if prob.est_f:
-        sf = sf * np.exp(pn[:, 6])
+        sf = sf * np.exp(pn[:, 6] + pn[:, 7])
     n0 = prob.n_pose
     out = FitResult(
         camera=opts.camera, image_size=S,

@@ -225,8 +225,16 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
         dense = np.stack([np.full((478, 2), np.nan, np.float32) if a.dense is None
                           else _pad478(a.dense) for a in aligned])
 
+    # the photo's EXIF focal in crop pixels (the crop's scale), the centre of the focal prior
+    focal_prior = None
+    if (cfg.fit.camera == "perspective" and cfg.fit.focal == "estimate" and aligned
+            and _accepts(stages.fit, "focal_prior")):
+        focal_prior = np.array([_crop_focal(ing, a) for ing, a in zip(ings, aligned)])
+
     def fit_some(idx):
         kw = {} if dense is None else {"dense": dense[idx]}
+        if focal_prior is not None:
+            kw["focal_prior"] = focal_prior[idx]
         f = stages.fit(model, lms[idx], S, cfg.fit, **kw)
         return [f.select([k]) for k in range(len(idx))]
 
@@ -318,6 +326,14 @@ def _dense_correspondence_or_fail(model) -> None:
         fit_mod.dense_correspondence(model)
     except FileNotFoundError as e:
         raise AssetUnavailableError(f"fit.landmarks=dense: {e}") from e
+
+
+def _crop_focal(ing, aligned) -> float:
+    """EXIF focal (px of the photo) mapped into the crop, NaN without one."""
+    f = getattr(ing, "focal_px", lambda: None)()
+    if f is None:
+        return float("nan")
+    return f * float(np.sqrt(abs(np.linalg.det(np.asarray(aligned.affine)[:, :2]))))
 
 
 def _pad478(d: np.ndarray) -> np.ndarray:

@@ -174,3 +174,38 @@ def test_dense_points_follow_the_crop():
     assert a.dense.shape == (478, 2)
     np.testing.assert_allclose(a.dense[MP478_TO_68], a.landmarks, atol=1e-3)
     np.testing.assert_allclose(a.dense, dense @ a.affine[:, :2].T + a.affine[:, 2], atol=1e-3)
+
+
+def test_focal_prior_is_the_centre_of_the_estimate(dense_model):
+    """A strong lambda_f pins fs = 1: the focal lands on the given prior (EXIF), or on the
+    fov_deg focal without one."""
+    from facecorpus.configs.fit import FitConfig
+    from facecorpus.tasks import fit as F
+
+    b = F.synthetic_landmarks(dense_model, 4, 256, seed=8, yaw_max=30, camera="perspective",
+                              focal_factor=1.0)
+    opts = FitConfig(camera="perspective", focal="estimate", landmarks="dense", lambda_f=1e4)
+    prior = b.truth.focal.astype(np.float64) * 1.1
+    prior[3] = np.nan  # no EXIF for this one
+    r = F.fit_landmarks(dense_model, b.landmarks, 256, opts, dense=b.dense, focal_prior=prior)
+    np.testing.assert_allclose(r.focal[:3], prior[:3], rtol=0.02)
+    f_fov = 128 / np.tan(np.radians(12.0) / 2)
+    assert abs(r.focal[3] / f_fov - 1) < 0.02
+    assert all(f is None for f in r.failure)
+
+
+@pytest.mark.parametrize("f35, expect", [(26, 26.0), (0, None), (5000, None), (None, None)])
+def test_exif_focal_35mm(tmp_path, f35, expect):
+    from facecorpus.tasks.ingest import InputRecord, ingest_one
+    from PIL import Image
+
+    im = Image.fromarray(np.full((300, 400, 3), 128, np.uint8))
+    path = tmp_path / "p.jpg"
+    exif = Image.Exif()
+    if f35 is not None:
+        exif.get_ifd(0x8769)[0xA405] = f35
+    im.save(path, exif=exif)
+    ing = ingest_one(InputRecord(str(path)))
+    assert ing.focal_35mm == expect
+    if expect:
+        assert abs(ing.focal_px() - 26 * 500 / 43.27) < 1e-6
