@@ -11,6 +11,17 @@ fixed-vertex projections. Besides speed and accuracy against the truth, the ener
 solver reaches is printed (ours minus the reference's, per image).
 
     FACECORPUS_ASSETS=../shared python benchmarks/bench_fit.py [--n 16] [--size 256]
+
+``--extremes`` (issue #16) runs instead one table over landmark-only synthetic faces
+(``tasks.fit.synthetic_landmarks``: mediapipe-like dense points with correlated noise of
+1.5 % of the face width + 0.4 % i.i.d., far-side points slid to the 2D silhouette, the 68
+points = dense[MP478_TO_68] as the flow derives them): the current case (yaw +-60,
+orthographic), yaw up to +-80, small faces (90 px wide before the crop), perspective
+cameras with f = 1.5 W and f = 0.8 W; per case sparse68 vs dense, fixed vs estimated focal,
+orthographic vs perspective fit, median/p90 rotation error against the truth, median NME
+of the fitted 68 model landmarks against the truth's (rmse / inter-ocular) and ms per image (all fits in the same process, one torch thread):
+
+    FACECORPUS_ASSETS=../shared python benchmarks/bench_fit.py --extremes [--n 24]
 """
 
 from __future__ import annotations
@@ -105,6 +116,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--photometric-iters", type=int, default=40)
+    ap.add_argument("--extremes", action="store_true", help="the #16 table (see docstring)")
     args = ap.parse_args()
     from facecorpus.configs.fit import FitConfig
     from facecorpus.renderers.cameras import euler_to_rotation, rotation_to_euler
@@ -122,6 +134,8 @@ def main() -> None:
 
         model = procedural_model()
     S, N = args.size, args.n
+    if args.extremes:
+        return extremes(model, N, S)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"model {model.name} ({model.n_vertices} vertices, K={model.n_id}, E={model.n_exp});"
           f" {N} images {S}x{S}")
@@ -204,6 +218,52 @@ def main() -> None:
           for i in range(len(sb2.image))]
     print(f"unwrap with true parameters (ambient light): PSNR min {min(ps):.1f} dB, "
           f"median {np.median(ps):.1f} dB on visible texels")
+
+
+def extremes(model, N: int, S: int) -> None:
+    from facecorpus.configs.fit import FitConfig
+    from facecorpus.tasks import fit as F
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}; model {model.name}; {N} images {S}x{S} per case")
+    cases = [
+        ("yaw +-60, orthographic", {"yaw_max": 60}),
+        ("yaw +-80, orthographic", {"yaw_max": 80}),
+        ("small face 90 px, yaw +-60", {"yaw_max": 60, "face_px": 90}),
+        ("f = 1.5 W, yaw +-60", {"yaw_max": 60, "camera": "perspective", "focal_factor": 1.5}),
+        ("f = 0.8 W, yaw +-60", {"yaw_max": 60, "camera": "perspective", "focal_factor": 0.8}),
+    ]
+    fits = [("orthographic", "fixed"), ("perspective", "fixed"), ("perspective", "estimate")]
+    print("| case | landmarks | camera | focal | rot. err. median | p90 | NME vs truth "
+          "| f / f_true | ms / image |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    F.fit_landmarks(model, *_warm(F, model, S))
+    for name, kw in cases:
+        b = F.synthetic_landmarks(model, N, S, seed=7, **kw)
+        for mode in ("sparse68", "dense"):
+            for cam, foc in fits:
+                opts = FitConfig(camera=cam, focal=foc, landmarks=mode)
+                t0 = time.perf_counter()
+                fit = F.fit_landmarks(model, b.landmarks, S, opts, dense=b.dense)
+                dt = time.perf_counter() - t0
+                e = F.rotation_error_deg(fit, b.truth)
+                # landmark error against the truth's 68 model landmarks (not the noisy,
+                # silhouette-slid targets), / the truth's inter-ocular distance
+                lt = F.project_landmarks(model, b.truth)
+                nme = (np.sqrt(((F.project_landmarks(model, fit) - lt) ** 2).sum(-1).mean(-1))
+                       / F.inter_ocular(lt))
+                fr = (f"{np.median(fit.focal / b.truth.focal):.2f}"
+                      if cam == "perspective" and b.truth.focal[0] > 0 else "-")
+                print(f"| {name} | {mode} | {cam} | {foc if cam == 'perspective' else '-'} "
+                      f"| {np.median(e):.2f} | {np.percentile(e, 90):.2f} "
+                      f"| {np.median(nme):.4f} | {fr} | {1e3 * dt / N:.0f} |",
+                      flush=True)
+    print(f"load at the end {os.getloadavg()[0]:.2f}")
+
+
+def _warm(F, model, S):
+    b = F.synthetic_landmarks(model, 2, S, seed=0)
+    return b.landmarks, S
 
 
 if __name__ == "__main__":

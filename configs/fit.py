@@ -15,6 +15,28 @@ from pydantic import Field
 class FitConfig(StrictConfig):
     camera: Literal["orthographic", "perspective"] = "orthographic"
     fov_deg: float = Field(12.0, gt=0, lt=120, description="perspective: vertical field of view")
+    focal: Literal["fixed", "estimate"] = Field(
+        "fixed", description="perspective: the focal from fov_deg, or a per-image focal scale "
+        "fs (focal = fs x the fov_deg focal) fitted with the prior lambda_f log^2(fs)")
+    lambda_f: float = Field(0.1, ge=0, description="focal: estimate - weight of log^2(fs) "
+                            "(as tasks/nonrigid's lambda_f)")
+    focal_scale_bounds: tuple[float, float] = Field(
+        (0.1, 4.0), description="focal: estimate - fs is kept inside [lo, hi]")
+    landmarks: Literal["sparse68", "dense"] = Field(
+        "sparse68", description="dense: fit mediapipe's 468 points through the model's dense "
+        "correspondence (meshops/correspondence.py) plus the sliding 68-point jaw; images "
+        "without dense points (manifest landmarks) use the 68 points")
+    dense_weight: float = Field(1.0, gt=0, description="dense: the dense points together "
+                                "weigh this x the 51 inner 68-point landmarks")
+    dense_jaw_weight: float = Field(0.0, ge=0, description="dense: weight of the 17 sliding "
+                                    "jaw landmarks (jaw_weight in sparse68); 0 measured best "
+                                    "in benchmarks/bench_fit.py: the dense face oval already "
+                                    "holds the near jaw, and a far-side silhouette point "
+                                    "biases yaw")
+    dense_min_facing: float = Field(0.2, ge=-1, le=1, description="dense: a point is dropped "
+                                    "in a round when its normal . view direction (current "
+                                    "pose) is below this (far side: mediapipe puts it on the "
+                                    "silhouette, not on its surface point)")
     n_id: int | None = Field(None, ge=0, description="identity modes fitted (None: all)")
     n_exp: int | None = Field(None, ge=0, description="expression modes fitted (None: all)")
     sigma_px: float | None = Field(None, gt=0, description="landmark noise scale in pixels "

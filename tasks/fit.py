@@ -8,7 +8,12 @@ with ``P`` a scaled orthographic or perspective camera (``renderers.cameras`` co
 ``v_k`` the landmark vertices, and **sliding jawline correspondences**: every few solver rounds
 each jaw landmark (0-7, 9-16) is re-attached to the candidate vertex of its side's contour set
 (``model.contour_right`` / ``contour_left``) whose projection lies closest to it in 2D, so on
-a turned head the far jaw landmarks follow the silhouette. Initialisation is closed-form: an
+a turned head the far jaw landmarks follow the silhouette. With ``FitConfig.landmarks =
+"dense"`` the inner 51 landmarks give way to mediapipe's 468 points, each a barycentric row
+of the basis through ``meshops.correspondence`` (far-side points dropped per round by
+normal . view direction); with ``focal = "estimate"`` the perspective camera's focal is
+``fs`` x the ``fov_deg`` focal, fs fitted per image under ``lambda_f log^2(fs) / 2`` (the
+focal scale of ``tasks/nonrigid``). Initialisation is closed-form: an
 affine camera from the mean shape's landmarks (least squares), orthonormalised. The solver is
 a batched Levenberg-Marquardt on the residual vector with the exact Jacobian (Huber as an
 IRLS weight): every image has its own damping, step acceptance, stopping and iteration
@@ -215,14 +220,25 @@ def init_pose(model: MorphableModel, landmarks: np.ndarray, S: int, kind: Camera
 
 
 class _ShapeBasis:
-    """Torch shape model restricted to a vertex subset (the fit never needs all vertices)."""
+    """Torch shape model restricted to a vertex subset (the fit never needs all vertices),
+    then ``bary_rows`` surface points: rows ``len(verts) + d`` are the barycentric
+    combinations ``sum_k bary[d, k] * vertex(tri_verts[d, k])`` (dense landmarks)."""
 
-    def __init__(self, model: MorphableModel, verts: np.ndarray, n_id: int, n_exp: int):
+    def __init__(self, model: MorphableModel, verts: np.ndarray, n_id: int, n_exp: int,
+                 tri_verts: np.ndarray | None = None, bary: np.ndarray | None = None):
         torch = _torch()
         self.verts = np.asarray(verts)
-        self.mean = torch.as_tensor(model.vertices[self.verts], dtype=torch.float64)
-        self.id = torch.as_tensor(model.id_basis[:n_id, self.verts], dtype=torch.float64)
-        self.exp = torch.as_tensor(model.exp_basis[:n_exp, self.verts], dtype=torch.float64)
+
+        def rows(a):  # (..., V, 3) -> (..., len(verts) + D, 3)
+            out = a[..., self.verts, :]
+            if tri_verts is None:
+                return out
+            b = np.einsum("dk,...dkc->...dc", bary, a[..., tri_verts, :])
+            return np.concatenate([out, b], -2)
+
+        self.mean = torch.as_tensor(rows(model.vertices), dtype=torch.float64)
+        self.id = torch.as_tensor(rows(model.id_basis[:n_id]), dtype=torch.float64)
+        self.exp = torch.as_tensor(rows(model.exp_basis[:n_exp]), dtype=torch.float64)
 
     def __call__(self, alpha, beta):
         torch = _torch()
@@ -258,11 +274,50 @@ def _slide_jaw(proj_cand: np.ndarray, cand_r: np.ndarray, cand_l: np.ndarray,
 
 
 def fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int,
-                  opts: FitConfig | None = None, weights: np.ndarray | None = None
-                  ) -> FitResult:
+                  opts: FitConfig | None = None, weights: np.ndarray | None = None,
+                  dense: np.ndarray | None = None,
+                  focal_prior: np.ndarray | None = None) -> FitResult:
     """Stage 1 (see :func:`_fit_landmarks`), run with one torch thread."""
     with torch_threads(1):
-        return _fit_landmarks(model, landmarks, image_size, opts or FitConfig(), weights)
+        return _fit_landmarks(model, landmarks, image_size, opts or FitConfig(), weights,
+                              dense, focal_prior)
+
+
+_CORRESPONDENCES: dict = {}
+
+
+def dense_correspondence(model: MorphableModel):
+    """The model's mediapipe-468 correspondence (``meshops.correspondence``), memoised per
+    model content, with the unit normals (D, 3) of its points on the mean shape."""
+    from facecorpus.meshops.correspondence import correspondence_for
+    from facecorpus.meshops.geometry import vertex_normals
+    from facecorpus.tasks.landmarks import MP478_TO_68
+
+    h = model.content_hash()
+    if h not in _CORRESPONDENCES:
+        corr = correspondence_for(model, MP478_TO_68)
+        vn = vertex_normals(model.vertices, model.triangles)
+        n = np.einsum("dk,dkc->dc", corr.bary, vn[model.triangles[corr.triangle]])
+        n /= np.linalg.norm(n, axis=1, keepdims=True).clip(1e-12)
+        _CORRESPONDENCES[h] = (corr, n)
+    return _CORRESPONDENCES[h]
+
+
+def validate_dense(dense, image_size: int) -> str | None:
+    """Why one image's dense points (478|468, 2) cannot be fit, or None."""
+    try:
+        g = np.asarray(dense, np.float64)
+    except (TypeError, ValueError) as e:
+        return f"dense landmarks are not numbers ({e})"
+    if g.ndim != 2 or g.shape[1] != 2 or g.shape[0] < 468:
+        return f"dense landmarks have shape {g.shape}, need (468|478, 2)"
+    if not np.isfinite(g[:468]).all():
+        return (f"dense landmarks are not finite ({int((~np.isfinite(g[:468])).sum())} "
+                "NaN/inf values)")
+    ext = g[:468].max(0) - g[:468].min(0)
+    if not (ext >= 2.0).all():
+        return f"degenerate dense landmarks: their box is {ext[0]:.3g} x {ext[1]:.3g} px"
+    return None
 
 
 def validate_landmarks(landmarks, image_size: int, min_extent_px: float = 2.0) -> str | None:
@@ -319,16 +374,24 @@ class _LandmarkProblem:
     """Stage-1 residuals and their exact Jacobian for a batch of images.
 
     Parameter vector per image (P,): angles (3, radians), translation (2 px orthographic |
-    3 mm perspective), log scale (orthographic only; the perspective focal is fixed),
-    whitened identity a (K,) and expression b (E,) (alpha = a * id_std). Every operation is
-    row-wise in the image axis, so an image's numbers never depend on its batch-mates.
+    3 mm perspective), log scale (orthographic) or, perspective with ``estimate_focal``, the
+    log focal scale log(fs) and a frozen per-image log(f_ref / ``focal``) (focal = fs *
+    f_ref: f_ref is the image's EXIF focal or ``focal``; prior ``lambda_f`` log^2(fs) / 2, fs
+    clamped to ``fs_bounds``; otherwise the focal is fixed), whitened identity a (K,) and
+    expression b (E,) (alpha = a * id_std). Every operation is row-wise in the image axis,
+    so an image's numbers never depend on its batch-mates.
     """
 
     def __init__(self, basis: _ShapeBasis, id_std, exp_std, kind: str, S: int, sigma: float,
-                 delta: float, focal):
+                 delta: float, focal, estimate_focal: bool = False, lambda_f: float = 0.0,
+                 fs_bounds=(0.1, 4.0)):
         torch = _torch()
         self.mean, self.kind, self.S, self.sigma, self.delta = basis.mean, kind, S, sigma, delta
-        self.n_pose = 6
+        self.est_f = kind == "perspective" and estimate_focal
+        self.lambda_f = float(lambda_f)
+        self.log_fs_bounds = (math.log(fs_bounds[0]), math.log(fs_bounds[1]))
+        self.n_pose = 8 if self.est_f else 6
+        self.frozen = [7] if self.est_f else []  # never solved for: the per-image f_ref
         self.P = self.n_pose + len(id_std) + len(exp_std)
         # (Pv, 3, K + E): per-mode displacement of every fit vertex in mm (std folded in)
         self.modes = torch.cat([basis.id * id_std[:, None, None],
@@ -350,7 +413,8 @@ class _LandmarkProblem:
         Y = X @ R.transpose(-1, -2)  # (n, 68, 3)
         if self.kind == "perspective":
             Z = Y + p[:, None, 3:6]
-            f = self.focal
+            f = (self.focal * (p[:, 6] + p[:, 7]).exp()[:, None] if self.est_f
+                 else self.focal)
             depth = -Z[..., 2]
             uv = torch.stack([c + f * Z[..., 0] / depth, c - f * Z[..., 1] / depth], -1)
             if not jac:
@@ -364,6 +428,8 @@ class _LandmarkProblem:
             dZ[..., 1, 2] = -fd * Z[..., 1] / depth
             dY_dang = torch.einsum("njab,npb->npaj", dR, X)  # (n, 68, 3, 3)
             d_pose = torch.cat([dZ @ dY_dang, dZ], -1)  # angles, translation
+            if self.est_f:  # d (u, v) / d log fs = (u - c, v - c); the same for log f_ref
+                d_pose = torch.cat([d_pose, (uv - c)[..., None], (uv - c)[..., None]], -1)
             return uv, d_pose, dZ @ R[:, None]
         s = p[:, 5].exp()[:, None]
         uv = torch.stack([c + s * Y[..., 0] + p[:, None, 3], c - s * Y[..., 1] - p[:, None, 4]],
@@ -386,7 +452,18 @@ class _LandmarkProblem:
         r = (uv - target).norm(dim=-1) / self.sigma
         d = self.delta
         hub = (r < d) * 0.5 * r**2 + (r >= d) * d * (r - 0.5 * d)
-        return (w * hub).sum(1) + 0.5 * (p[:, self.n_pose:] ** 2).sum(1), uv
+        e = (w * hub).sum(1) + 0.5 * (p[:, self.n_pose:] ** 2).sum(1)
+        if self.est_f:
+            e = e + 0.5 * self.lambda_f * p[:, 6] ** 2
+        return e, uv
+
+    def clamp(self, p):
+        """Keep the focal scale inside its bounds (a projected LM step)."""
+        if not self.est_f:
+            return p
+        p = p.clone()
+        p[:, 6] = p[:, 6].clamp(*self.log_fs_bounds)
+        return p
 
     def normal_equations(self, p, lm_pos, target, w):
         """Gauss-Newton system of the IRLS-weighted residuals: (n, P, P) J^T J and (n, P)
@@ -405,6 +482,9 @@ class _LandmarkProblem:
         idx = _torch().arange(self.n_pose, self.P)
         A[:, idx, idx] += 1.0  # the prior's residuals a, b have the identity Jacobian
         g[:, self.n_pose:] += p[:, self.n_pose:]
+        if self.est_f:
+            A[:, 6, 6] += self.lambda_f
+            g[:, 6] += self.lambda_f * p[:, 6]
         return A, g
 
 
@@ -448,7 +528,7 @@ def _levenberg_marquardt(prob: _LandmarkProblem, p, lm_pos, target, w, free, max
         ok = info == 0
         L = torch.where(ok[:, None, None], L, eye)
         step = -torch.cholesky_solve(g[..., None], L)[..., 0]
-        p_new = pa + step
+        p_new = prob.clamp(pa + step)
         e_new, _ = prob.energy(p_new, lp, tg, wa)
         e_old = e[ia]
         better = ok & torch.isfinite(e_new) & (e_new < e_old)
@@ -463,12 +543,26 @@ def _levenberg_marquardt(prob: _LandmarkProblem, p, lm_pos, target, w, free, max
 
 
 def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int,
-                   opts: FitConfig, weights: np.ndarray | None = None) -> FitResult:
+                   opts: FitConfig, weights: np.ndarray | None = None,
+                   dense: np.ndarray | None = None,
+                   focal_prior: np.ndarray | None = None) -> FitResult:
     """Stage 1: fit pose, camera, identity and expression to 68 landmarks per image.
+
+    With ``opts.landmarks == "dense"`` and ``dense`` given, an image's inner 51 landmarks
+    are replaced by its mediapipe points through :func:`dense_correspondence` (barycentric
+    rows of the shape basis); the jaw 0-16 keep sliding, weighted ``dense_jaw_weight``. Each dense point weighs
+    ``dense_weight * 51 / D`` (D kept correspondence points), so the dense term weighs
+    what the 51 inner landmarks did against the prior, whatever D; a point whose normal .
+    direction to the camera (current pose, checked every round) is below
+    ``dense_min_facing`` gets weight 0 that round. An image whose ``dense`` row is all
+    NaN fits its 68 points; a partly non-finite or degenerate one is failed with a reason.
 
     Args:
         landmarks: (N, 68, 2) pixel coordinates in a ``image_size`` square image.
         weights: optional (N, 68) per-landmark confidences (0 drops a landmark).
+        dense: optional (N, 478|468, 2) mediapipe points in the same pixels.
+        focal_prior: optional (N,) focal in these pixels (e.g. from EXIF; NaN: none), the
+            centre of the fs prior with ``focal="estimate"`` (else the ``fov_deg`` focal).
 
     Returns:
         :class:`FitResult`; an image whose landmarks fail :func:`validate_landmarks` keeps
@@ -482,7 +576,21 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
     sigma = opts.sigma_px if opts.sigma_px is not None else 0.01 * S
     failure = np.array([validate_landmarks(lm2d[i], S) for i in range(N)] + [None],
                        object)[:N]
+    use_dense = opts.landmarks == "dense" and dense is not None
+    has_dense = np.zeros(N, bool)
+    if use_dense:
+        corr, dnormal = dense_correspondence(model)
+        dn = np.asarray(dense, np.float64)
+        if dn.ndim != 3 or dn.shape[0] != N:
+            raise ValueError(f"dense has shape {dn.shape}, need ({N}, 478|468, 2)")
+        has_dense = ~np.isnan(dn).all((1, 2))
+        for i in np.flatnonzero(has_dense):
+            why = validate_dense(dn[i], S)
+            if why is not None and failure[i] is None:
+                failure[i] = why
+        D = len(corr)
     bad = np.array([f is not None for f in failure], bool)
+    has_dense &= ~bad
     if bad.any():
         # a harmless stand-in keeps the arrays finite; the image is never solved
         ok_lm = np.where(bad[:, None, None], 0.0, lm2d)
@@ -498,16 +606,43 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
     verts = np.unique(np.concatenate([model.landmarks, cand_r, cand_l]))
     pos = np.full(model.n_vertices, -1, np.int64)
     pos[verts] = np.arange(len(verts))
-    basis = _ShapeBasis(model, verts, K, E)
+    if use_dense:
+        basis = _ShapeBasis(model, verts, K, E, model.triangles[corr.triangle], corr.bary)
+        dense_cols = len(verts) + np.arange(D)
+    else:
+        basis = _ShapeBasis(model, verts, K, E)
+        D, dense_cols = 0, np.zeros(0, np.int64)
     id_std = torch.as_tensor(model.id_std[:K], dtype=torch.float64)
     exp_std = torch.as_tensor(model.exp_std[:E], dtype=torch.float64)
     prob = _LandmarkProblem(basis, id_std, exp_std, opts.camera, S, sigma, opts.huber_delta,
-                            focal0[0])
+                            focal0[0], opts.focal == "estimate", opts.lambda_f,
+                            opts.focal_scale_bounds)
     w = np.ones((N, 68)) if weights is None else np.asarray(weights, np.float64).reshape(N, 68)
     w = np.where(np.isfinite(w), w, 0.0) * np.r_[np.full(17, opts.jaw_weight), np.ones(51)]
-    w_t = torch.as_tensor(w)
-    target = torch.as_tensor(ok_lm)
+    w_dense = np.zeros((N, D))
+    if use_dense:
+        w[has_dense, 17:] = 0.0
+        if opts.jaw_weight > 0:
+            w[has_dense, :17] *= opts.dense_jaw_weight / opts.jaw_weight
+        else:
+            w[has_dense, :17] = np.where(w[has_dense, :17] > 0, opts.dense_jaw_weight, 0.0)
+        w_dense[has_dense] = opts.dense_weight * 51.0 / D
+        ok_dense = np.where(has_dense[:, None, None], dn[:, corr.point_ids], 0.0)
+        ok_lm_all = np.concatenate([ok_lm, ok_dense], 1)
+    else:
+        ok_lm_all = ok_lm
+    visible = np.ones((N, D), bool)
+    w_t = torch.as_tensor(np.concatenate([w, w_dense], 1))
+    target = torch.as_tensor(ok_lm_all)
     sf0 = np.log(scale0) if opts.camera == "orthographic" else None
+    if prob.est_f:
+        fp = (np.full(N, np.nan) if focal_prior is None
+              else np.asarray(focal_prior, np.float64).reshape(N))
+        ok_fp = np.isfinite(fp) & (fp > 0)
+        log_ref = np.where(ok_fp, np.log(np.where(ok_fp, fp, 1.0) / focal0), 0.0)
+        trans0 = trans0.copy()
+        trans0[:, 2] *= np.exp(log_ref)  # the same face scale at the reference focal
+        sf0 = np.c_[np.zeros(N), log_ref]  # log fs = 0: start at the reference focal
     pose0 = np.c_[angles0, trans0] if sf0 is None else np.c_[angles0, trans0, sf0]
     p = torch.as_tensor(np.c_[pose0, np.zeros((N, K + E))])
     fixed_lm = np.asarray(model.landmarks, np.int64)
@@ -520,8 +655,10 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
     todo = ~bad
     free_pose = torch.arange(prob.P) < prob.n_pose
     free_all = torch.ones(prob.P, dtype=torch.bool)
+    free_pose[prob.frozen] = False
+    free_all[prob.frozen] = False
     cand_cols = pos[np.concatenate([cand_r, cand_l])]
-    all_cols = torch.as_tensor(np.arange(len(verts)))
+    all_cols = torch.as_tensor(np.arange(len(verts) + D))
     # round 0 solves the pose only; rounds 1..rounds everything; the extra pass only looks
     # whether the last round's correspondences still hold
     for r in range(opts.rounds + 2):
@@ -535,18 +672,27 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
             new_v = _slide_jaw(uv[:, cand_cols].numpy(), cand_r, cand_l, ok_lm[idx],
                                lm_vertices[idx], fixed_lm, np.rad2deg(p[it, 0].numpy()),
                                opts.slide_min_yaw)
+            new_vis = visible[idx]
+            if D:
+                new_vis = _dense_facing(prob, p[it], X[:, len(verts):].numpy(),
+                                        dnormal) >= opts.dense_min_facing
         if r >= 2:
             # correspondences unchanged after a solved round: a fixed point, another round
             # would return the same numbers
-            same = (new_v == lm_vertices[idx]).all(1) & solved[idx]
+            same = ((new_v == lm_vertices[idx]).all(1) & (new_vis == visible[idx]).all(1)
+                    & solved[idx])
             settled[idx[same]] = True
             todo[idx[same]] = False
-            idx, new_v = idx[~same], new_v[~same]
+            idx, new_v, new_vis = idx[~same], new_v[~same], new_vis[~same]
             if not len(idx) or r == opts.rounds + 1:
                 break
             it = torch.as_tensor(idx)
         lm_vertices[idx] = new_v
-        lm_pos = torch.as_tensor(pos[lm_vertices[idx]])
+        if D:
+            visible[idx] = new_vis
+            w_t[it, 68:] = torch.as_tensor(w_dense[idx] * new_vis)
+        lm_pos = torch.as_tensor(np.c_[pos[lm_vertices[idx]],
+                                       np.tile(dense_cols, (len(idx), 1))])
         p_i, e_i, n_i, ok_i = _levenberg_marquardt(
             prob, p[it], lm_pos, target[it], w_t[it], free_pose if r == 0 else free_all,
             opts.iters_per_round, opts.tol)
@@ -563,9 +709,17 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
         log.debug("fit round %d: %d images, iterations %s", r, len(idx), n_i.tolist())
 
     with torch.no_grad():
-        _, pred = prob.energy(p, torch.as_tensor(pos[lm_vertices]), target, w_t)
-    pred = pred.numpy()
-    rmse = np.sqrt(((pred - lm2d) ** 2).sum(-1).mean(-1))
+        _, pred = prob.energy(p, torch.as_tensor(np.c_[pos[lm_vertices],
+                                                      np.tile(dense_cols, (N, 1))]),
+                              target, w_t)
+    pred = pred.numpy()[:, :68]
+    # dense: the far-side jaw points lie on the silhouette and carry dense_jaw_weight
+    # (0 by default), so they are left out of the error that decides a rejection
+    keep = np.ones((N, 68), bool)
+    yaw_now = np.rad2deg(p[:, 0].numpy())
+    keep[np.ix_(has_dense & (yaw_now < -opts.slide_min_yaw), JAW_RIGHT)] = False
+    keep[np.ix_(has_dense & (yaw_now > opts.slide_min_yaw), JAW_LEFT)] = False
+    rmse = np.sqrt((((pred - lm2d) ** 2).sum(-1) * keep).sum(-1) / keep.sum(-1))
     nme = rmse / np.maximum(inter_ocular(np.nan_to_num(lm2d)), 1e-6)
     pn = p.numpy()
     finite = np.isfinite(pn).all(1) & np.isfinite(rmse)
@@ -574,19 +728,35 @@ def _fit_landmarks(model: MorphableModel, landmarks: np.ndarray, image_size: int
     yaw, pitch, roll = rotation_to_euler(R)  # canonical range
     nt = 2 if opts.camera == "orthographic" else 3
     sf = np.exp(pn[:, 5]) if opts.camera == "orthographic" else np.asarray(focal0, np.float64)
+    if prob.est_f:
+        sf = sf * np.exp(pn[:, 6] + pn[:, 7])
+    n0 = prob.n_pose
     out = FitResult(
         camera=opts.camera, image_size=S,
         yaw=yaw.astype(np.float32), pitch=pitch.astype(np.float32), roll=roll.astype(np.float32),
         translation=pn[:, 3:3 + nt].astype(np.float32),
         scale=(sf if opts.camera == "orthographic" else np.zeros(N)).astype(np.float32),
         focal=(sf if opts.camera == "perspective" else np.zeros(N)).astype(np.float32),
-        alpha=(pn[:, 6:6 + K] * model.id_std[:K]).astype(np.float32),
-        beta=(pn[:, 6 + K:] * model.exp_std[:E]).astype(np.float32),
+        alpha=(pn[:, n0:n0 + K] * model.id_std[:K]).astype(np.float32),
+        beta=(pn[:, n0 + K:] * model.exp_std[:E]).astype(np.float32),
         landmark_rmse=rmse.astype(np.float32), landmark_nme=nme.astype(np.float32),
         iterations=iterations, converged=converged,
         landmark_vertices=lm_vertices.astype(np.int32), failure=failure)
     out.failure = fit_failures(out, opts.max_nme)
     return out
+
+
+def _dense_facing(prob: _LandmarkProblem, p, X: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """(n, D) cosine between each dense point's normal (mean-shape normals ``normal``
+    (D, 3), rotated by the current pose) and its direction to the camera; ``X`` (n, D, 3)
+    the points in model space (mm)."""
+    R = euler_to_rotation(*np.rad2deg(p[:, :3].numpy()).T).reshape(-1, 3, 3)
+    nc = np.einsum("nij,dj->ndi", R, normal)
+    if prob.kind == "perspective":
+        Y = np.einsum("nij,ndj->ndi", R, X) + p[:, None, 3:6].numpy()
+        view = -Y / np.linalg.norm(Y, axis=-1, keepdims=True).clip(1e-12)
+        return (nc * view).sum(-1)
+    return nc[..., 2]
 
 
 def project_landmarks(model: MorphableModel, fit: FitResult) -> np.ndarray:
@@ -686,6 +856,122 @@ def synthetic_batch(model: MorphableModel, n: int, size: int = 256, *, seed: int
         landmark_rmse=zero, landmark_nme=zero, iterations=np.zeros(n, np.int64),
         converged=np.ones(n, bool), sh=sh_arr)
     return SyntheticBatch(np.stack(imgs), np.stack(masks), lm, noisy, truth, tex, sh_arr)
+
+
+@dataclass
+class SyntheticLandmarks:
+    """Landmark-only synthetic faces with truth (no rendering): ``dense`` (N, 468, 2)
+    mediapipe-like points (NaN rows for points the correspondence dropped), ``landmarks``
+    (N, 68, 2) = ``dense[:, MP478_TO_68]`` (what the flow derives from mediapipe),
+    ``truth`` a :class:`FitResult`, ``face_width`` (N,) px."""
+
+    dense: np.ndarray
+    landmarks: np.ndarray
+    truth: FitResult
+    face_width: np.ndarray
+
+
+def synthetic_landmarks(model: MorphableModel, n: int, size: int = 256, *, seed: int = 0,
+                        yaw_max: float = 60.0, camera: CameraKind = "orthographic",
+                        focal_factor: float | None = None, noise_rel: float = 0.015,
+                        iid_rel: float = 0.004, face_px: float | None = None,
+                        fill: float = 0.6, silhouette: bool = True) -> SyntheticLandmarks:
+    """Faces as :func:`synthetic_batch` draws them (identity 0.7 std, three expressions,
+    yaw evenly over [-yaw_max, yaw_max], pitch U[-15, 15], roll U[-10, 10]), the face's
+    mediapipe points framed to ``fill`` of the image, with mediapipe-like errors:
+
+    - lateral points (beyond 0.3 of the face's half width from its midline) whose
+      normal . view direction < 0.1 (far side, grazing) slide to the face's 2D
+      silhouette (the closest point of the convex hull of the projected correspondence
+      points and jaw contour candidates), as mediapipe's mesh does on a turned head;
+    - a smooth (correlated) displacement field of ``noise_rel`` x face width (rms; four
+      random Gaussian bumps) plus i.i.d. ``iid_rel`` x face width;
+    - ``face_px``: the face was detected at this width (px) and upsampled to the crop: the
+      i.i.d. part grows by face width / ``face_px`` x 1 px (the detector's own pixel).
+
+    ``camera="perspective"`` with ``focal_factor`` k: focal = k x ``size``."""
+    from facecorpus.renderers.cameras import framing_camera
+    from scipy.spatial import ConvexHull
+
+    corr, dnormal = dense_correspondence(model)
+    from facecorpus.tasks.landmarks import MP478_TO_68
+
+    rng = np.random.default_rng(seed)
+    yaws = np.linspace(-yaw_max, yaw_max, n) if n > 1 else np.zeros(1)
+    cont = np.r_[np.asarray(model.contour_right, np.int64),
+                 np.asarray(model.contour_left, np.int64)]
+    fov = 12.0 if focal_factor is None else math.degrees(2 * math.atan(0.5 / focal_factor))
+    dense = np.full((n, 468, 2), np.nan)
+    xm = corr.points(model.vertices, model.triangles)[:, 0]
+    lateral = np.abs(xm - np.median(xm)) > 0.3 * np.abs(xm - np.median(xm)).max()
+    rows, widths = [], []
+    for i in range(n):
+        pitch, roll = rng.uniform(-15, 15), rng.uniform(-10, 10)
+        a = (rng.normal(size=model.n_id) * model.id_std * 0.7).astype(np.float32)
+        b = np.zeros(model.n_exp, np.float32)
+        if model.n_exp:
+            k = rng.choice(model.n_exp, min(3, model.n_exp), replace=False)
+            b[k] = rng.uniform(0, 0.6, len(k)) * model.exp_std[k]
+        v = model.shape(a, b)
+        P3 = corr.points(v, model.triangles)
+        cam = framing_camera(P3, size, size, yaw=yaws[i], pitch=pitch, roll=roll,
+                             kind=camera, fill=fill, fov_deg=fov)
+        uv = cam.project(P3)[:, :2]
+        # facing: normal . direction to the camera (camera at the origin / at +z)
+        nc = np.asarray(normal_rot := cam.rotation) @ dnormal.T  # (3, D)
+        if camera == "perspective":
+            Y = P3 @ normal_rot.T + cam.translation
+            facing = (nc.T * (-Y / np.linalg.norm(Y, axis=1, keepdims=True))).sum(1)
+        else:
+            facing = nc[2]
+        hull_pts = np.r_[uv, cam.project(v[cont])[:, :2]]
+        hull = ConvexHull(hull_pts)
+        # only the lateral far side slides (inner-lip and nostril points face away too,
+        # but mediapipe keeps them inside the face)
+        hidden = (facing < 0.1) & lateral & silhouette
+        if hidden.any():
+            uv[hidden] = _closest_on_polygon(uv[hidden], hull_pts[hull.vertices])
+        width = float(np.ptp(uv[:, 0]))
+        height = float(np.ptp(uv[:, 1]))
+        fw = max(width, 0.8 * height)
+        # smooth field: four Gaussian bumps of random 2D amplitude
+        field_ = np.zeros_like(uv)
+        for _ in range(4):
+            c0 = uv.mean(0) + rng.normal(0, 0.3 * fw, 2)
+            amp = rng.normal(0, 1.0, 2)
+            field_ += amp * np.exp(-((uv - c0) ** 2).sum(1, keepdims=True) / (2 * (0.35 * fw) ** 2))
+        field_ *= noise_rel * fw / max(np.sqrt((field_ ** 2).sum(1).mean()), 1e-9)
+        iid = iid_rel * fw + (fw / face_px if face_px else 0.0)
+        uv = uv + field_ + rng.normal(0, iid / math.sqrt(2), uv.shape)
+        dense[i, corr.point_ids] = uv
+        widths.append(fw)
+        y, p_, r_ = rotation_to_euler(cam.rotation)
+        rows.append((y, p_, r_, cam.translation, cam.scale, cam.focal, a, b))
+    zero = np.zeros(n, np.float32)
+    truth = FitResult(
+        camera=camera, image_size=size,
+        yaw=np.array([r[0] for r in rows], np.float32),
+        pitch=np.array([r[1] for r in rows], np.float32),
+        roll=np.array([r[2] for r in rows], np.float32),
+        translation=np.stack([r[3] for r in rows]).astype(np.float32),
+        scale=np.array([r[4] for r in rows], np.float32),
+        focal=np.array([r[5] for r in rows], np.float32),
+        alpha=np.stack([r[6] for r in rows]), beta=np.stack([r[7] for r in rows]),
+        landmark_rmse=zero, landmark_nme=zero, iterations=np.zeros(n, np.int64),
+        converged=np.ones(n, bool))
+    return SyntheticLandmarks(dense.astype(np.float32),
+                              dense[:, MP478_TO_68].astype(np.float32), truth,
+                              np.array(widths, np.float32))
+
+
+def _closest_on_polygon(q: np.ndarray, poly: np.ndarray) -> np.ndarray:
+    """Closest point (M, 2) of the closed polygon ``poly`` (K, 2) boundary to each ``q``."""
+    a, b = poly, np.roll(poly, -1, 0)
+    ab = b - a
+    t = (((q[:, None] - a) * ab).sum(-1) / (ab ** 2).sum(-1).clip(1e-12)).clip(0, 1)
+    c = a + t[..., None] * ab  # (M, K, 2)
+    d = ((c - q[:, None]) ** 2).sum(-1)
+    return c[np.arange(len(q)), d.argmin(1)]
 
 
 def rotation_error_deg(a: FitResult, b: FitResult) -> np.ndarray:

@@ -59,12 +59,22 @@ class InputRecord:
 
 @dataclass
 class IngestedImage:
-    """A decoded photo. ``image``: (H, W, 3) uint8 sRGB; ``mask``: (H, W) bool or None."""
+    """A decoded photo. ``image``: (H, W, 3) uint8 sRGB; ``mask``: (H, W) bool or None;
+    ``focal_35mm``: EXIF ``FocalLengthIn35mmFilm`` (mm) or None (absent or implausible)."""
 
     record: InputRecord
     image: np.ndarray
     sha256: str
     mask: np.ndarray | None = None
+    focal_35mm: float | None = None
+
+    def focal_px(self) -> float | None:
+        """The EXIF focal in this image's pixels: the 35 mm equivalent scales the frame
+        diagonal (43.27 mm) to the image diagonal."""
+        if self.focal_35mm is None:
+            return None
+        h, w = self.image.shape[:2]
+        return float(self.focal_35mm * np.hypot(w, h) / 43.27)
 
     @property
     def source_uri(self) -> str:
@@ -272,6 +282,21 @@ def decode_mask(uri: str, shape: tuple[int, int]) -> np.ndarray:
     return m
 
 
+def exif_focal_35mm(data: bytes) -> float | None:
+    """EXIF ``FocalLengthIn35mmFilm`` (tag 0xA405 in the Exif IFD) in mm, or None when
+    absent, unreadable or outside [8, 800] mm (no phone or camera lens; a bad tag must not
+    steer the fit)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            v = im.getexif().get_ifd(0x8769).get(0xA405)
+        f = float(v)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block costs only the focal
+        return None
+    return f if 8.0 <= f <= 800.0 else None
+
+
 def ingest_one(record: InputRecord,
                opts: IngestConfig = DEFAULT_INGEST) -> IngestedImage:
     """Read and decode one input; raises :class:`SampleRejected` with the reason."""
@@ -284,7 +309,8 @@ def ingest_one(record: InputRecord,
     image = decode_image(data, record.source_uri, opts)
     digest = record.sha256 or hashlib.sha256(data).hexdigest()
     mask = decode_mask(record.mask_uri, image.shape[:2]) if record.mask_uri else None
-    return IngestedImage(record=record, image=image, sha256=digest, mask=mask)
+    return IngestedImage(record=record, image=image, sha256=digest, mask=mask,
+                         focal_35mm=exif_focal_35mm(data))
 
 
 def ingest_batch(records: list[InputRecord],

@@ -100,7 +100,8 @@ class AlignedFace:
     """A square crop. ``image`` (S, S, 3) uint8; ``landmarks`` (68, 2) crop pixels;
     ``affine`` (2, 3) maps original-image (x, y, 1) to crop (x, y); ``mask`` (S, S) bool or
     None (a given mask warped with the image); ``oval`` (K, 2) face-oval polygon in crop pixels
-    (the jaw plus the brows: the face region landmarks can vouch for).
+    (the jaw plus the brows: the face region landmarks can vouch for); ``dense`` (478, 2)
+    mediapipe's points in crop pixels (the same affine) or None (given 68-point landmarks).
     """
 
     image: np.ndarray
@@ -109,6 +110,7 @@ class AlignedFace:
     source: str
     mask: np.ndarray | None = None
     oval: np.ndarray | None = None
+    dense: np.ndarray | None = None
 
 
 # ------------------------------------------------------------------ mediapipe
@@ -680,5 +682,6 @@ def align_face(image: np.ndarray, lm: FaceLandmarks, size: int,
     m = None
     if mask is not None:
         m = warp_image(mask.astype(np.uint8) * 255, A, size, order=0) > 127
+    dense = None if lm.dense is None else (lm.dense @ A[:, :2].T + A[:, 2]).astype(np.float32)
     return AlignedFace(image=crop, landmarks=pts.astype(np.float32), affine=A.astype(np.float32),
-                       source=lm.source, mask=m, oval=face_oval(pts))
+                       source=lm.source, mask=m, oval=face_oval(pts), dense=dense)

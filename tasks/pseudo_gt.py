@@ -84,6 +84,8 @@ class State:
         from facecorpus.meshops.uv import rasterize_uv, uv_mirror_map
 
         model = load_model(cfg.model)
+        if cfg.fit.landmarks == "dense":
+            _dense_correspondence_or_fail(model)
         T = cfg.unwrap.uv_size
         return cls(model, rasterize_uv(model.uv, model.uv_triangles, T).mask.copy(),
                    uv_mirror_map(model, T), lm_mod.landmark_template(model), cfg.landmarks)
@@ -217,8 +219,23 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
     todo, ings, uris, fidx = ([xs[i] for i in kept] for xs in (todo, ings, uris, fidx))
     lms = np.stack([a.landmarks for a in aligned]) if aligned else np.zeros((0, 68, 2))
 
+    # dense mediapipe points (NaN rows: given 68-point landmarks) when the fit uses them
+    dense = None
+    if cfg.fit.landmarks == "dense" and _accepts(stages.fit, "dense") and aligned:
+        dense = np.stack([np.full((478, 2), np.nan, np.float32) if a.dense is None
+                          else _pad478(a.dense) for a in aligned])
+
+    # the photo's EXIF focal in crop pixels (the crop's scale), the centre of the focal prior
+    focal_prior = None
+    if (cfg.fit.camera == "perspective" and cfg.fit.focal == "estimate" and aligned
+            and _accepts(stages.fit, "focal_prior")):
+        focal_prior = np.array([_crop_focal(ing, a) for ing, a in zip(ings, aligned)])
+
     def fit_some(idx):
-        f = stages.fit(model, lms[idx], S, cfg.fit)
+        kw = {} if dense is None else {"dense": dense[idx]}
+        if focal_prior is not None:
+            kw["focal_prior"] = focal_prior[idx]
+        f = stages.fit(model, lms[idx], S, cfg.fit, **kw)
         return [f.select([k]) for k in range(len(idx))]
 
     kept, fits, rej = isolation.batched("fit", uris, fit_some, len(todo))
@@ -298,6 +315,32 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
             out["fit_" + f] = np.asarray(getattr(fit, f))
         out["fit_translation"] = fit.translation.reshape(n, -1)
     return Analysis(out, rejected)
+
+
+def _dense_correspondence_or_fail(model) -> None:
+    """fit.landmarks=dense needs the model's dense correspondence: fail the run before any
+    work, not every sample."""
+    from facecorpus.core.errors import AssetUnavailableError
+
+    try:
+        fit_mod.dense_correspondence(model)
+    except FileNotFoundError as e:
+        raise AssetUnavailableError(f"fit.landmarks=dense: {e}") from e
+
+
+def _crop_focal(ing, aligned) -> float:
+    """EXIF focal (px of the photo) mapped into the crop, NaN without one."""
+    f = getattr(ing, "focal_px", lambda: None)()
+    if f is None:
+        return float("nan")
+    return f * float(np.sqrt(abs(np.linalg.det(np.asarray(aligned.affine)[:, :2]))))
+
+
+def _pad478(d: np.ndarray) -> np.ndarray:
+    """(468|478, 2) -> (478, 2), missing iris points NaN."""
+    out = np.full((478, 2), np.nan, np.float32)
+    out[:len(d)] = d[:478]
+    return out
 
 
 def lms_of(aligned) -> np.ndarray:
