@@ -805,6 +805,20 @@ def smooth_uv_texture(size: int, seed: int = 0) -> np.ndarray:
     return np.clip(out, 0.15, 0.85).astype(np.float32)
 
 
+def _truth_fit(rows: list, camera: str, size: int, sh=None) -> FitResult:
+    """The true parameters of synthetic faces as a :class:`FitResult`; ``rows`` holds one
+    ``(yaw, pitch, roll, translation, scale, focal, alpha, beta)`` per face."""
+    n, zero = len(rows), np.zeros(len(rows), np.float32)
+    col = list(zip(*rows, strict=True))
+    return FitResult(
+        camera=camera, image_size=size, yaw=np.array(col[0], np.float32),
+        pitch=np.array(col[1], np.float32), roll=np.array(col[2], np.float32),
+        translation=np.stack(col[3]).astype(np.float32), scale=np.array(col[4], np.float32),
+        focal=np.array(col[5], np.float32), alpha=np.stack(col[6]), beta=np.stack(col[7]),
+        landmark_rmse=zero, landmark_nme=zero, iterations=np.zeros(n, np.int64),
+        converged=np.ones(n, bool), sh=sh)
+
+
 def synthetic_batch(model: MorphableModel, n: int, size: int = 256, *, seed: int = 0,
                     yaw_max: float = 60.0, camera: CameraKind = "orthographic",
                     noise_px: float = 1.0, texture_size: int = 256, sh=None,
@@ -843,18 +857,7 @@ def synthetic_batch(model: MorphableModel, n: int, size: int = 256, *, seed: int
         rows.append((y, p, r, cam.translation, cam.scale, cam.focal, a, b))
     lm = np.stack(lms).astype(np.float32)
     noisy = (lm + rng.normal(0, noise_px, lm.shape)).astype(np.float32)
-    zero = np.zeros(n, np.float32)
-    truth = FitResult(
-        camera=camera, image_size=size,
-        yaw=np.array([r[0] for r in rows], np.float32),
-        pitch=np.array([r[1] for r in rows], np.float32),
-        roll=np.array([r[2] for r in rows], np.float32),
-        translation=np.stack([r[3] for r in rows]).astype(np.float32),
-        scale=np.array([r[4] for r in rows], np.float32),
-        focal=np.array([r[5] for r in rows], np.float32),
-        alpha=np.stack([r[6] for r in rows]), beta=np.stack([r[7] for r in rows]),
-        landmark_rmse=zero, landmark_nme=zero, iterations=np.zeros(n, np.int64),
-        converged=np.ones(n, bool), sh=sh_arr)
+    truth = _truth_fit(rows, camera, size, sh=sh_arr)
     return SyntheticBatch(np.stack(imgs), np.stack(masks), lm, noisy, truth, tex, sh_arr)
 
 
@@ -947,18 +950,7 @@ def synthetic_landmarks(model: MorphableModel, n: int, size: int = 256, *, seed:
         widths.append(fw)
         y, p_, r_ = rotation_to_euler(cam.rotation)
         rows.append((y, p_, r_, cam.translation, cam.scale, cam.focal, a, b))
-    zero = np.zeros(n, np.float32)
-    truth = FitResult(
-        camera=camera, image_size=size,
-        yaw=np.array([r[0] for r in rows], np.float32),
-        pitch=np.array([r[1] for r in rows], np.float32),
-        roll=np.array([r[2] for r in rows], np.float32),
-        translation=np.stack([r[3] for r in rows]).astype(np.float32),
-        scale=np.array([r[4] for r in rows], np.float32),
-        focal=np.array([r[5] for r in rows], np.float32),
-        alpha=np.stack([r[6] for r in rows]), beta=np.stack([r[7] for r in rows]),
-        landmark_rmse=zero, landmark_nme=zero, iterations=np.zeros(n, np.int64),
-        converged=np.ones(n, bool))
+    truth = _truth_fit(rows, camera, size)
     return SyntheticLandmarks(dense.astype(np.float32),
                               dense[:, MP478_TO_68].astype(np.float32), truth,
                               np.array(widths, np.float32))
