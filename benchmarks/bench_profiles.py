@@ -7,7 +7,7 @@ same pixels as rendering large and cropping, without a resampling step).
 
 **Truly visible** texels (the reference, from the true mesh and camera, independent of the
 crop-resolution z-buffer): the texel's surface point is the one a 4x finer z-buffer kept, its
-face is front-facing, it lies in the model's face region, and its image point is inside the
+face is front-facing, it lies in the configured `unwrap.face_region`, and its image point is inside the
 true projected face region eroded by ``erode_px`` (the erosion band is excepted).
 
 The pipeline's own steps then run on the render (``tasks.masks.face_mask`` +
@@ -57,24 +57,6 @@ def crop_camera(cam, A: np.ndarray, size: int):
                                translation=(tx, ty))
 
 
-def scaled_camera(cam, f: int):
-    from facecorpus.renderers.cameras import Camera
-
-    return Camera.orthographic(cam.width * f, cam.height * f, cam.scale * f,
-                               rotation=cam.rotation, translation=np.asarray(cam.translation) * f)
-
-
-def at_texels(mask: np.ndarray, smap: np.ndarray) -> np.ndarray:
-    """(S, S) bool: ``mask`` (H, W) read at every texel's image point (sampling map (S, S, 2))."""
-    H, W = mask.shape
-    col = np.floor((smap[..., 0] + 1) * 0.5 * W).astype(np.int64)
-    row = np.floor((smap[..., 1] + 1) * 0.5 * H).astype(np.int64)
-    inside = (col >= 0) & (col < W) & (row >= 0) & (row < H)
-    out = np.zeros(smap.shape[:2], bool)
-    out[inside] = mask[row[inside], col[inside]]
-    return out
-
-
 def mediapipe_like(model, v, cam, lm: np.ndarray, head_mask: np.ndarray) -> np.ndarray:
     """(68, 2) landmarks with every hidden jaw point (0-16) moved along its row onto the head's
     silhouette on its own side: mediapipe's face-oval points follow the visible outline."""
@@ -102,6 +84,7 @@ def analyse_one(model, image, v, cam, oval, raster, truth, cfg) -> dict:
     from facecorpus.renderers.render import rasterize_views
     from facecorpus.renderers.uv_space import project_to_uv
     from facecorpus.tasks import masks as M
+    from facecorpus.tasks.unwrap import texels_in as at_texels
     from facecorpus.tasks.unwrap import unwrap_one, view_cosines
 
     uc = cfg.unwrap
@@ -112,7 +95,7 @@ def analyse_one(model, image, v, cam, oval, raster, truth, cfg) -> dict:
     proj = project_to_uv(v, model.triangles, cam, raster, frags)
     smap = proj.uv_sampling_map[0]
     region = M.projected_region_mask(model, v, cam, uc.face_region)
-    ov = M.polygon_mask(oval, region.shape)
+    ov = np.ones_like(region) if oval is None else M.polygon_mask(oval, region.shape)
     steps = {"zbuf": proj.uv_visible_mask[0],
              "min_cos": view_cosines(np.asarray(v, np.float32), model.triangles, cam,
                                      raster) >= uc.min_cos,
@@ -135,21 +118,14 @@ def analyse_one(model, image, v, cam, oval, raster, truth, cfg) -> dict:
 
 def run_model(model, cfg, yaws, seed: int) -> list[dict]:
     from facecorpus.meshops.uv import rasterize_uv
-    from facecorpus.renderers.render import rasterize_views, render
-    from facecorpus.renderers.uv_space import project_to_uv
+    from facecorpus.renderers.render import render
     from facecorpus.tasks import fit as F
-    from facecorpus.tasks import masks as M
-    from facecorpus.tasks.landmarks import crop_affine, face_oval
-    from facecorpus.tasks.unwrap import view_cosines
+    from facecorpus.tasks.landmarks import crop_affine, oval_for
+    from facecorpus.tasks.unwrap import truly_visible
 
     S, T, uc = cfg.landmarks.crop_size, cfg.unwrap.uv_size, cfg.unwrap
     raster = rasterize_uv(model.uv, model.uv_triangles, T)
     layout = raster.mask
-    keep = np.zeros(model.n_vertices, bool)
-    keep[model.regions.get(uc.face_region, np.arange(model.n_vertices))] = True
-    face_tri = keep[model.triangles].all(1)
-    tex_face = np.zeros_like(layout)
-    tex_face[layout] = face_tri[raster.texel_face[layout]]
     sh = np.zeros(27, np.float32)
     sh[0::9] = 2 / np.sqrt(np.pi)  # ambient: the render is the texture
     rows = []
@@ -165,20 +141,13 @@ def run_model(model, cfg, yaws, seed: int) -> list[dict]:
             out = render(v, model.triangles, cam, outputs=("image", "mask"), uv=model.uv,
                          uv_triangles=model.uv_triangles, uv_texture=sb.uv_texture, sh=sh)
             image, head = out.image[0], out.mask[0]
-            # the truth: 4x z-buffer, front-facing, face region, outside the erosion band
-            cam4 = scaled_camera(cam, 4)
-            frags4, _ = rasterize_views(v, model.triangles, cam4)
-            p4 = project_to_uv(v, model.triangles, cam4, raster, frags4)
-            cos = view_cosines(v, model.triangles, cam, raster)
-            region = M.projected_region_mask(model, v, cam, uc.face_region)
-            frags, _ = rasterize_views(v, model.triangles, cam)
-            smap = project_to_uv(v, model.triangles, cam, raster, frags).uv_sampling_map[0]
-            truth = (p4.uv_visible_mask[0] & (cos > 0) & tex_face
-                     & at_texels(M.erode(region, uc.erode_px), smap))
+            truth = truly_visible(model, v, cam, raster, region=uc.face_region,
+                                  erode_px=uc.erode_px)
             lm_mp = mediapipe_like(model, v, cam, lm, head)
             res = {"yaw": float(sb.truth.yaw[i]), "truth": truth[layout].mean()}
-            res["true"] = analyse_one(model, image, v, cam, face_oval(lm), raster, truth, cfg)
-            res["mp-like"] = analyse_one(model, image, v, cam, face_oval(lm_mp), raster, truth,
+            res["true"] = analyse_one(model, image, v, cam, oval_for(lm, uc), raster, truth,
+                                      cfg)
+            res["mp-like"] = analyse_one(model, image, v, cam, oval_for(lm_mp, uc), raster, truth,
                                          cfg)
             rng = np.random.default_rng(seed + i)
             noisy = (lm_mp + rng.normal(0, 1.0, lm_mp.shape)).astype(np.float32)
@@ -186,7 +155,7 @@ def run_model(model, cfg, yaws, seed: int) -> list[dict]:
             res["fit_rot_err"] = float(F.rotation_error_deg(
                 fit, _one(F, sb.truth, i, cam))[0])
             res["fit"] = analyse_one(model, image, fit.vertices(model, 0).astype(np.float32),
-                                     fit.camera_for(0), face_oval(noisy), raster, truth, cfg)
+                                     fit.camera_for(0), oval_for(noisy, uc), raster, truth, cfg)
             for k in ("true", "mp-like", "fit"):
                 res[k]["vf"] = res[k].pop("vis")[layout].mean()
             rows.append(res)

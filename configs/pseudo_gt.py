@@ -11,7 +11,7 @@ from facecorpus.configs.base import RunnerFields, StrictConfig
 from facecorpus.configs.fit import FitConfig
 from facecorpus.configs.nonrigid import NonrigidConfig
 from facecorpus.configs.occlusion import OcclusionConfig
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 
 class IngestConfig(StrictConfig):
@@ -39,11 +39,31 @@ class UnwrapConfig(StrictConfig):
     uv_size: int = Field(256, ge=16, le=2048)
     erode_px: int = Field(3, ge=0, description="face-mask erosion (pixels of the crop)")
     min_cos: float = Field(0.15, ge=0, lt=1, description="grazing texels are not visible")
-    face_region: str | None = Field("face", description="model region sampled into UV")
+    face_region: str | None = Field(
+        "narrow", description="model region sampled into UV (and hulled for seg_mask): narrow "
+        "is the skin inside the jaw line and below the hairline in both shipped models; ICT's "
+        "face area adds the ears, the neck and the scalp edge, which photos show as hair, "
+        "collar or background")
+    oval: Literal["none", "hull", "polygon"] = Field(
+        "hull", description="image-space landmark bound on the face mask, against fit error "
+        "(the fitted region itself follows the geometry at any yaw): hull (convex hull of the "
+        "68 landmarks and the lifted brows, grown by oval_margin; cannot fold); none; polygon "
+        "(jaw + lifted brows, the rule before 2026-12-07: it folds into a crescent at large "
+        "yaw)")
+    oval_forehead: float = Field(0.7, ge=0, le=2, description="brows lifted by this "
+                                 "fraction of the brow-to-chin height (hull, polygon)")
+    oval_margin: float = Field(0.15, ge=0, le=1, description="hull grown outward by this "
+                               "fraction of the brow-to-chin height")
     occlusion_threshold: float | None = Field(
         None, gt=0, description="legacy rule (replaced by the ``occlusion`` section): also "
                                 "drop visible texels whose colour differs from the fitted "
                                 "prior by more than this (mean L1); None: off")
+
+    @field_validator("oval", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        # YAML 1.1 reads a bare `off`/`no` as False and `null` as None: both mean no oval
+        return "none" if v is False or v is None or v == "off" else v
 
 
 class PriorConfig(StrictConfig):

@@ -661,14 +661,42 @@ def warp_image(image: np.ndarray, affine: np.ndarray, size: int, order: int = 1)
     return cv2.warpAffine(image, a, (size, size), flags=interp, borderMode=cv2.BORDER_CONSTANT)
 
 
-def face_oval(points: np.ndarray) -> np.ndarray:
-    """The landmark face region (K, 2): jaw 0-16, then the brows lifted by 1/4 of the
-    brow-to-chin height (the forehead the landmarks do not cover)."""
-    jaw = points[:17]
-    brows = points[26:16:-1].copy()
-    lift = 0.25 * float(points[8, 1] - points[17:27, 1].mean())
-    brows[:, 1] -= lift
-    return np.concatenate([jaw, brows]).astype(np.float32)
+def face_oval(points: np.ndarray, *, forehead: float = 0.25, hull: bool = False,
+              margin: float = 0.0) -> np.ndarray:
+    """The landmark face region (K, 2) of 68 points (68, 2), in their pixels.
+
+    ``hull=False``: jaw 0-16, then the brows lifted by ``forehead`` x the brow-to-chin height
+    (the forehead the landmarks do not cover). At large yaw the far-side jaw points of
+    3D-style landmarks project inside the face and this polygon folds into a sliver.
+    ``hull=True``: the convex hull of all 68 points and the lifted brows, which cannot fold,
+    grown outward from the landmarks' centroid by ``margin`` x the same height (the model's
+    face region reaches past the jaw line and the brows; the margin is what lets it in).
+    """
+    pts = np.asarray(points, np.float64)
+    h = float(pts[8, 1] - pts[17:27, 1].mean())
+    brows = pts[26:16:-1].copy()
+    brows[:, 1] -= forehead * h
+    if not hull:
+        return np.concatenate([pts[:17], brows]).astype(np.float32)
+    from scipy.spatial import ConvexHull, QhullError
+
+    allp = np.concatenate([pts, brows])
+    try:
+        ring = allp[ConvexHull(allp).vertices]
+    except (QhullError, ValueError):  # degenerate (collinear) landmarks: no usable oval
+        return np.zeros((0, 2), np.float32)
+    d = ring - pts.mean(0)
+    d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), 1e-9)
+    return (ring + d * margin * abs(h)).astype(np.float32)
+
+
+def oval_for(points: np.ndarray, unwrap_cfg) -> np.ndarray | None:
+    """The oval (K, 2) the ``unwrap`` config asks for, or None (``oval: none``)."""
+    mode = getattr(unwrap_cfg, "oval", "polygon")
+    if mode == "none":
+        return None
+    return face_oval(points, forehead=unwrap_cfg.oval_forehead, hull=mode == "hull",
+                     margin=unwrap_cfg.oval_margin)
 
 
 def align_face(image: np.ndarray, lm: FaceLandmarks, size: int,

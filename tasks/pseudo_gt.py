@@ -261,7 +261,8 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
 
     def unwrap(i, a):
         v, cam = fit.vertices(model, i), fit.camera_for(i)
-        fm = stages.face_mask(model, v, cam, oval=a.oval, given=a.mask, region=uc.face_region,
+        fm = stages.face_mask(model, v, cam, oval=lm_mod.oval_for(a.landmarks, uc),
+                              given=a.mask, region=uc.face_region,
                               erode_px=uc.erode_px)
         u = stages.unwrap(a.image, v, cam, model, T, fm, min_cos=uc.min_cos)
         seg = stages.seg_mask(model, v, cam, uc.face_region)

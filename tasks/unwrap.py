@@ -112,6 +112,54 @@ def unwrap_batch(images: np.ndarray, model: MorphableModel, fit, uv_size: int,
                           for f in dataclasses.fields(UnwrapResult)))
 
 
+def texels_in(mask: np.ndarray, uv_sampling_map: np.ndarray) -> np.ndarray:
+    """(T, T) bool: the image mask (H, W) read at every texel's image point (nearest pixel of
+    ``uv_sampling_map`` (T, T, 2) in [-1, 1]); texels mapped outside the image are False."""
+    H, W = mask.shape
+    col = np.floor((uv_sampling_map[..., 0] + 1) * 0.5 * W).astype(np.int64)
+    row = np.floor((uv_sampling_map[..., 1] + 1) * 0.5 * H).astype(np.int64)
+    inside = (col >= 0) & (col < W) & (row >= 0) & (row < H)
+    out = np.zeros(uv_sampling_map.shape[:2], bool)
+    out[inside] = mask[row[inside], col[inside]]
+    return out
+
+
+def truly_visible(model: MorphableModel, vertices: np.ndarray, camera, raster, *,
+                  region: str | None, erode_px: int, supersample: int = 4) -> np.ndarray:
+    """(T, T) bool reference for benchmarks and tests on synthetic faces: the texels of the
+    true mesh (V, 3) and camera that the photo shows, independent of the unwrap's own rules.
+
+    A texel counts when a ``supersample`` x finer z-buffer keeps its surface point, its face is
+    front-facing (any positive view cosine: no ``min_cos``), it lies in the model's ``region``,
+    and its image point is inside the true projected region eroded by ``erode_px`` (the band
+    every sampling mask leaves out). ``raster``: the model's UV rasterization at size T.
+    """
+    from facecorpus.renderers.cameras import Camera
+    from facecorpus.renderers.render import rasterize_views
+    from facecorpus.renderers.uv_space import project_to_uv
+    from facecorpus.tasks import masks as masks_mod
+
+    v = np.asarray(vertices, np.float32)
+    f = int(supersample)
+    if camera.kind != "orthographic":
+        raise ValueError("truly_visible: orthographic cameras only")
+    fine = Camera.orthographic(camera.width * f, camera.height * f, camera.scale * f,
+                               rotation=camera.rotation,
+                               translation=np.asarray(camera.translation) * f)
+    frags_f, _ = rasterize_views(v, model.triangles, fine)
+    zbuf = project_to_uv(v, model.triangles, fine, raster, frags_f).uv_visible_mask[0]
+    keep = np.zeros(model.n_vertices, bool)
+    keep[model.regions.get(region, np.arange(model.n_vertices)) if region else
+         np.arange(model.n_vertices)] = True
+    in_region = np.zeros_like(raster.mask)
+    in_region[raster.mask] = keep[model.triangles].all(1)[raster.texel_face[raster.mask]]
+    frags, _ = rasterize_views(v, model.triangles, camera)
+    smap = project_to_uv(v, model.triangles, camera, raster, frags).uv_sampling_map[0]
+    proj = masks_mod.erode(masks_mod.projected_region_mask(model, v, camera, region), erode_px)
+    return (zbuf & (view_cosines(v, model.triangles, camera, raster) > 0) & in_region
+            & texels_in(proj, smap))
+
+
 def reject_occlusions(uv_visible: np.ndarray, uv_visible_mask: np.ndarray,
                       uv_expected: np.ndarray, threshold: float = 0.25) -> np.ndarray:
     """Drop visible texels whose colour disagrees with the fitted rendering in UV space.

@@ -89,7 +89,7 @@ def test_nonrigid_in_the_flow_lowers_landmark_error_and_sharpens_the_unwrap(defo
         v0, v1 = (ds.read("uv_visible", [i])[0].astype(np.float32) / 255 for ds in (ds0, ds1))
         both = (ds0.read("uv_visible_mask", [i])[0, ..., 0] > 0) & (
             ds1.read("uv_visible_mask", [i])[0, ..., 0] > 0)
-        assert both.mean() > 0.2
+        assert both.mean() > 0.15  # of the layout: the narrow (skin) region is about 0.3
         gains.append(psnr(v1, sc["texture"], both) - psnr(v0, sc["texture"], both))
     assert np.mean(gains) > 1.0 and min(gains) > 0, gains
     off = ds1.read("vertex_offsets", idx)
