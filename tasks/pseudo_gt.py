@@ -474,9 +474,13 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
     if fc.photometric_iters > 0 and len(keep):
         sub = fit.select(keep)
 
+        # the image-space occlusion cues (hands, background, padding, clipped pixels) are
+        # known from the analysis: stage 2 must not fit pose and light to them
+        fit_mask = a["mask"] & ~a["occlusion_mask"].astype(bool)
+
         def refine_some(idx):
             ii = np.asarray(keep)[idx]
-            r = stages.refine(model, sub.select(idx), a["image"][ii], a["mask"][ii],
+            r = stages.refine(model, sub.select(idx), a["image"][ii], fit_mask[ii],
                               per_image[ii], a["landmarks"][ii], fc)
             return [r.select([k]) for k in range(len(idx))]
 
