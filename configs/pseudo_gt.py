@@ -50,7 +50,7 @@ class UnwrapConfig(StrictConfig):
         "68 landmarks and the lifted brows, grown by oval_margin; cannot fold); none; polygon "
         "(jaw + lifted brows, the rule before 2026-12-07: it folds into a crescent at large "
         "yaw)")
-    oval_forehead: float = Field(0.7, ge=0, le=2, description="brows lifted by this "
+    oval_forehead: float = Field(0.25, ge=0, le=2, description="brows lifted by this "
                                  "fraction of the brow-to-chin height (hull, polygon)")
     oval_margin: float = Field(0.15, ge=0, le=1, description="hull grown outward by this "
                                "fraction of the brow-to-chin height")
