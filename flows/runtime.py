@@ -7,6 +7,8 @@ lands once.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from contextlib import contextmanager
 
 
@@ -59,6 +61,7 @@ def prefect_api_for_workers(needed: bool = True):
     env = {"PREFECT_API_URL": server.api_url, "PREFECT_LOGGING_TO_API_ENABLED": "false"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    prev_term = _exit_on_sigterm()
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url,
                                  PREFECT_LOGGING_TO_API_ENABLED: False}):
@@ -69,7 +72,26 @@ def prefect_api_for_workers(needed: bool = True):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if prev_term is not None:
+            signal.signal(signal.SIGTERM, prev_term)
         server.stop()
+
+
+def _exit_on_sigterm():
+    """SIGTERM (a scheduler cancelling or pre-empting the run) raises SystemExit so the
+    ``finally`` that stops the run's server runs; with the default action the process dies
+    at once and the server subprocess is left running. Prefect's flow engine reports the
+    crash and then hands the signal on to the handler it found, this one. Returns the
+    previous handler (None off the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    prev = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise)
+    return prev
 
 
 def deployment(flow, entrypoint: str, name: str, cron: str, parameters: dict):
