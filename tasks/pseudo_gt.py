@@ -611,7 +611,7 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
         ka, albedo, rej = isolation.each(
             "albedo", [uris[i] for i in keep],
             lambda j, i: _albedo(state, cfg, stages, fit, a, i, sh[i], blended[j][0],
-                                 prior.mean, uv_mask[i]),
+                                 prior.mean, uv_mask[i] & _unclipped(uv_vis[i])),
             list(range(len(keep))), keep)
         rejected += _tag(rej, ka, [fidx[i] for i in keep])
         keep, blended = [keep[i] for i in ka], [blended[i] for i in ka]
@@ -691,6 +691,13 @@ def _albedo(state, cfg, stages, fit, a, i, sh_i, uv_pseudo_gt, reflectance, seen
             "uv_mask": al.uv_mask[0][..., None].astype(np.uint8),
             "face_mask": fm[..., None].astype(np.uint8),
             "albedo_sh": al.sh[0].astype(np.float32)}
+
+
+def _unclipped(uv_visible: np.ndarray) -> np.ndarray:
+    """(T, T) bool texels whose photo colour did not clip at 8-bit white in any channel: the
+    light solve skips the others (the blend can move a clipped texel below white, so the
+    pseudo-GT alone does not show the clipping)."""
+    return (np.asarray(uv_visible) < 254.5 / 255).all(-1)
 
 
 def sheet_labels(cfg) -> list[str]:
