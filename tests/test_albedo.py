@@ -159,14 +159,14 @@ def uv_scene(model):
 
 
 def test_uv_sh_basis_expands_the_irradiance(uv_scene):
-    tex, sh, basis, irr, seen = uv_scene
+    _, sh, basis, irr, _ = uv_scene
     np.testing.assert_allclose(basis @ sh.reshape(3, 9).T, irr, atol=1e-5)
 
 
 def test_albedo_light_solve_recovers_the_light_and_resists_occluders(uv_scene):
     from facecorpus.tasks.albedo import fit_albedo_light
 
-    tex, sh, basis, irr, seen = uv_scene
+    tex, _, basis, irr, seen = uv_scene
     target = tex * irr
     got = fit_albedo_light(target, tex, basis, seen, _refit_cfg())
     irr_got = basis @ got.reshape(3, 9).T
@@ -190,7 +190,7 @@ def test_albedo_light_solve_recovers_the_light_and_resists_occluders(uv_scene):
 def test_albedo_light_solve_rejects_degenerate_inputs(uv_scene):
     from facecorpus.tasks.albedo import fit_albedo_light
 
-    tex, sh, basis, irr, seen = uv_scene
+    tex, _, basis, irr, seen = uv_scene
     target = tex * irr
     few = np.zeros_like(seen)
     few.reshape(-1)[np.flatnonzero(seen.ravel())[:100]] = True
