@@ -97,7 +97,7 @@ class BlendConfig(StrictConfig):
 class AlbedoConfig(StrictConfig):
     """De-lit texture per sample (``tasks.albedo``): ``uv_albedo`` = ``uv_pseudo_gt`` / the
     fitted SH irradiance, with ``uv_irradiance``, ``uv_mask`` (M_uv) and ``face_mask``
-    (M_face). Needs stage 2 (the SH light comes from it)."""
+    (M_face), ``albedo_sh``. Needs stage 2 (its mesh; and its SH with ``light: stage2``)."""
 
     enabled: bool = Field(False, description="store uv_albedo, uv_irradiance, uv_mask, "
                           "face_mask (off: the dataset's fields and bytes are unchanged)")
@@ -105,6 +105,19 @@ class AlbedoConfig(StrictConfig):
                                   "this; texels darker than it leave uv_mask")
     max_albedo: float = Field(1.0, gt=0, le=1, description="albedo clipped to [0, this]; "
                               "clipped texels leave uv_mask")
+    light: Literal["stage2", "refit"] = Field(
+        "refit", description="the SH light de-lit by (stored as albedo_sh): stage2 - stage "
+        "2's sh (its level trades against the per-image prior's gain fitted to the lit "
+        "photo); refit - solved in closed form on uv_pseudo_gt's visible texels with the "
+        "prior's mean as the unlit reflectance, which pins the scale (tasks/albedo.py; "
+        "default by measurement, docs/benchmarks.md)")
+    refit_min_texels: int = Field(500, ge=9, description="refit: fewer usable texels reject "
+                                  "the sample (degenerate light solve)")
+    refit_max_condition: float = Field(1e6, gt=1, description="refit: a larger condition "
+                                       "number of the column-scaled normal matrix rejects "
+                                       "the sample (degenerate light solve)")
+    refit_iters: int = Field(4, ge=0, description="refit: Huber reweightings after the "
+                             "least-squares solve")
 
 
 class OutputConfig(StrictConfig):

@@ -17,6 +17,28 @@ a negative one, from an SH fit, flips the sign), so
   ``uv_visible_mask``) where the irradiance of every channel is >= ``min_irradiance`` and
   no channel was clipped: exactly the texels where relighting reproduces the pseudo-GT.
 
+Which light (``AlbedoConfig.light``), and what pins its scale (why): albedo x light is
+defined only up to a global scale per channel, so something in albedo space must fix it.
+
+- ``stage2``: stage 2's SH (``FitResult.sh``). Stage 2 fits it against the per-image prior
+  (``TexturePrior.fit_to_visible``), whose per-channel gain and offset were fitted to the
+  *lit* photo, so the light's level and colour are not identified: they trade against that
+  gain (the error that left the flow's ``uv_albedo`` at 15-22 dB, docs/benchmarks.md).
+- ``refit`` (default, measured better): :func:`fit_albedo_light`, the 27 coefficients in
+  closed form (per-channel linear least squares, Huber-reweighted) with the prior's *mean*
+  as the reflectance and no per-image gain, offset or PCA coefficients (each would be
+  fitted to the lit photo and absorb the light), over the visible, unoccluded, unsaturated
+  texels of ``uv_pseudo_gt``, with the final mesh's normals. The scale is then pinned by
+  the prior: the model's albedo (``prior.kind: albedo`` / ``auto`` on a model with one), a
+  user albedo texture (``user``) or the corpus albedo prior of de-lit maps
+  (``albedo_dataset``). With ``prior.kind: corpus`` the prior is the robust mean of *lit*
+  maps, so the light comes out relative to the corpus's average light (its albedo = the
+  corpus's mean appearance): consistent across a corpus, not absolute.
+
+The irradiance is linear in the coefficients and the renderer interpolates it per vertex,
+so :func:`uv_sh_basis` (the 9 basis functions per vertex moved into UV) expands exactly the
+:func:`uv_irradiance` that :func:`delight` divides by.
+
 Shapes: N images, V vertices, T UV size, H x W images.
 """
 
@@ -60,6 +82,100 @@ def vertex_irradiance(vertices: np.ndarray, triangles: np.ndarray, rotations: np
     rot = np.asarray(rotations, np.float64).reshape(len(v), 3, 3)
     return shade_vertices(n, rot, np.ones(3, np.float32),
                           np.asarray(sh, np.float32).reshape(len(v), 27))[0]
+
+
+def uv_sh_basis(model: MorphableModel, vertices: np.ndarray, rotation: np.ndarray,
+                uv_size: int) -> np.ndarray:
+    """(T, T, 9) float32 the renderer's 9 SH basis functions of the camera-space vertex
+    normals, interpolated into the UV layout like the irradiance (0 outside): per channel c,
+    ``uv_irradiance[..., c] = uv_sh_basis @ sh[9c:9c+9]``.
+
+    Args:
+        vertices: (V, 3) one fitted mesh (model space); rotation: (3, 3) model -> camera.
+    """
+    from facecorpus.meshops.geometry import vertex_normals
+    from facecorpus.meshops.uv import rasterize_uv
+    from facecorpus.renderers.shading import sh_basis
+    from facecorpus.renderers.uv_space import to_uv_space
+
+    n = vertex_normals(np.asarray(vertices, np.float32), model.triangles)  # (V, 3)
+    n_cam = n.astype(np.float64) @ np.asarray(rotation, np.float64).reshape(3, 3).T
+    raster = rasterize_uv(model.uv, model.uv_triangles, uv_size)
+    return to_uv_space(sh_basis(n_cam), raster, model.triangles)
+
+
+def fit_albedo_light(uv_target: np.ndarray, reflectance: np.ndarray, basis: np.ndarray,
+                     mask: np.ndarray, cfg) -> np.ndarray:
+    """The albedo-space light estimate (module docstring, ``light: refit``).
+
+    Per channel c, ``uv_target[t, c] ~ reflectance[t, c] * basis[t] . s_c`` over the texels
+    of ``mask`` whose target is unsaturated (the linear model does not hold where 8-bit
+    colour clipped) and whose reflectance is > 1e-3; least squares, then ``cfg.refit_iters``
+    Huber reweightings (threshold 1.345 x the MAD scale of the residuals) so texels the
+    occlusion stage missed (hair, shadows the SH cannot make) weigh less.
+
+    Args:
+        uv_target: (T, T, 3) float in [0, 1] (``uv_pseudo_gt``; uint8 is scaled by 1/255).
+        reflectance: (T, T, 3) the unlit prior albedo (``TexturePrior.mean``).
+        basis: (T, T, 9) :func:`uv_sh_basis` of the mesh ``uv_target`` was unwrapped with.
+        mask: (T, T) bool texels that saw the photo (visible, unoccluded).
+        cfg: :class:`facecorpus.configs.pseudo_gt.AlbedoConfig` (``refit_min_texels``,
+            ``refit_max_condition``, ``refit_iters``, ``min_irradiance``).
+
+    Returns:
+        (27,) float32 SH coefficients, channel-major.
+
+    Raises:
+        ValueError: a degenerate light solve (the reason says which): fewer than
+            ``refit_min_texels`` usable texels, a normal matrix whose condition number (after
+            column scaling) exceeds ``refit_max_condition`` (the normals do not span the
+            basis: nothing separates the bands), a non-finite solution, or a light under which
+            fewer than half the usable texels reach ``min_irradiance`` (no positive light
+            explains the photo with this reflectance).
+    """
+    y = np.asarray(uv_target)
+    y = y.astype(np.float64) / 255.0 if y.dtype == np.uint8 else y.astype(np.float64)
+    R = np.asarray(reflectance, np.float64)
+    B = np.asarray(basis, np.float64)
+    use = (np.asarray(mask, bool) & (y < 254.5 / 255).all(-1) & (R > 1e-3).all(-1)
+           & np.isfinite(y).all(-1) & np.isfinite(R).all(-1) & np.isfinite(B).all(-1))
+    n = int(use.sum())
+    if n < cfg.refit_min_texels:
+        raise ValueError(f"degenerate light solve: {n} usable texels (visible, unsaturated, "
+                         f"reflectance > 0), need albedo.refit_min_texels = "
+                         f"{cfg.refit_min_texels}")
+    Bu, yu, Ru = B[use], y[use], R[use]
+    sh = np.zeros(27)
+    for c in range(3):
+        A = Ru[:, c:c + 1] * Bu  # (n, 9)
+        col = np.sqrt((A ** 2).sum(0))
+        if not (col > 0).all():
+            raise ValueError(f"degenerate light solve: SH basis column {int(np.argmin(col))} "
+                             "is zero on every usable texel")
+        An = A / col
+        w = np.ones(n)
+        for it in range(cfg.refit_iters + 1):
+            M = (An * w[:, None]).T @ An
+            if it == 0:
+                ev = np.linalg.eigvalsh(M)
+                cond = ev[-1] / max(ev[0], 1e-300)
+                if not np.isfinite(cond) or cond > cfg.refit_max_condition:
+                    raise ValueError(f"degenerate light solve: normal matrix condition "
+                                     f"{cond:.3g} > albedo.refit_max_condition = "
+                                     f"{cfg.refit_max_condition:g} (channel {c})")
+            x = np.linalg.solve(M, (An * w[:, None]).T @ yu[:, c])
+            r = yu[:, c] - An @ x
+            scale = max(1.4826 * np.median(np.abs(r - np.median(r))), 1e-4)
+            w = np.minimum(1.0, 1.345 * scale / np.maximum(np.abs(r), 1e-12))
+        sh[9 * c:9 * c + 9] = x / col
+    if not np.isfinite(sh).all():
+        raise ValueError("degenerate light solve: non-finite SH coefficients")
+    irr = Bu @ sh.reshape(3, 9).T  # (n, 3)
+    lit = float((irr >= cfg.min_irradiance).all(-1).mean())
+    if lit < 0.5:
+        raise ValueError(f"degenerate light solve: the fitted light reaches "
+                         f"albedo.min_irradiance on only {lit:.0%} of the usable texels")
+    return sh.astype(np.float32)
 
 
 def uv_irradiance(model: MorphableModel, vertices: np.ndarray, rotations: np.ndarray,

@@ -58,6 +58,7 @@ class Stages:
     blend: Callable = blend_mod.blend_batch
     nonrigid: Callable = nonrigid_mod.refine_nonrigid
     delight: Callable = albedo_mod.delight
+    albedo_light: Callable = albedo_mod.fit_albedo_light
 
 
 STAGES = Stages()
@@ -614,7 +615,8 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
     if cfg.albedo.enabled:
         ka, albedo, rej = isolation.each(
             "albedo", [uris[i] for i in keep],
-            lambda j, i: _albedo(state, cfg, stages, fit, a, i, sh[i], blended[j][0]),
+            lambda j, i: _albedo(state, cfg, stages, fit, a, i, sh[i], blended[j][0],
+                                 prior.mean, uv_mask[i] & _unclipped(uv_vis[i])),
             list(range(len(keep))), keep)
         rejected += _tag(rej, ka, [fidx[i] for i in keep])
         keep, blended = [keep[i] for i in ka], [blended[i] for i in ka]
@@ -667,15 +669,20 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
     return Finished(arrays, rows, rejected, sheet_rows)
 
 
-ALBEDO_FIELDS = ("uv_albedo", "uv_irradiance", "uv_mask", "face_mask")
+ALBEDO_FIELDS = ("uv_albedo", "uv_irradiance", "uv_mask", "face_mask", "albedo_sh")
 
 
-def _albedo(state, cfg, stages, fit, a, i, sh_i, uv_pseudo_gt) -> dict:
+def _albedo(state, cfg, stages, fit, a, i, sh_i, uv_pseudo_gt, reflectance, seen) -> dict:
     """One sample's de-lit texture and masks, from the pseudo-GT as stored (8-bit), so the
-    stored ``uv_albedo x uv_irradiance`` reproduces the stored ``uv_pseudo_gt``."""
+    stored ``uv_albedo x uv_irradiance`` reproduces the stored ``uv_pseudo_gt``.
+    ``light: refit`` solves the light on ``seen`` (visible, unoccluded texels) with the
+    prior's mean ``reflectance`` (T, T, 3) (``tasks.albedo`` module docstring)."""
     model, ac = state.model, cfg.albedo
     v, cam = fit.vertices(model, i), fit.camera_for(i)
     pgt = _to_u8(uv_pseudo_gt)[None]
+    if ac.light == "refit":
+        basis = albedo_mod.uv_sh_basis(model, v, cam.rotation, cfg.unwrap.uv_size)
+        sh_i = stages.albedo_light(pgt[0], reflectance, basis, seen, ac)
     al = stages.delight(pgt, np.asarray(sh_i, np.float32)[None], model, v[None],
                         cam.rotation[None], min_irradiance=ac.min_irradiance,
                         max_albedo=ac.max_albedo)
@@ -687,7 +694,15 @@ def _albedo(state, cfg, stages, fit, a, i, sh_i, uv_pseudo_gt) -> dict:
     return {"uv_albedo": _to_u8(al.uv_albedo[0]),
             "uv_irradiance": al.uv_irradiance[0].astype(np.float16),
             "uv_mask": al.uv_mask[0][..., None].astype(np.uint8),
-            "face_mask": fm[..., None].astype(np.uint8)}
+            "face_mask": fm[..., None].astype(np.uint8),
+            "albedo_sh": al.sh[0].astype(np.float32)}
+
+
+def _unclipped(uv_visible: np.ndarray) -> np.ndarray:
+    """(T, T) bool texels whose photo colour did not clip at 8-bit white in any channel: the
+    light solve skips the others (the blend can move a clipped texel below white, so the
+    pseudo-GT alone does not show the clipping)."""
+    return (np.asarray(uv_visible) < 254.5 / 255).all(-1)
 
 
 def sheet_labels(cfg) -> list[str]:
@@ -873,8 +888,11 @@ def schema(state: State, cfg, content_config: dict, layout_hash: str):
             "uv_albedo": FieldSpec((T, T, 3), "uint8", "linear 0-1 x 255", "uv_pseudo_gt / "
                                    "uv_irradiance, clipped to [0, albedo.max_albedo]"),
             "uv_irradiance": FieldSpec((T, T, 3), "float16", "irradiance", "SH irradiance of "
-                                       "the fitted mesh under sh (unclamped); uv_albedo x "
-                                       "this re-renders uv_pseudo_gt on uv_mask"),
+                                       "the fitted mesh under albedo_sh (unclamped); "
+                                       "uv_albedo x this re-renders uv_pseudo_gt on uv_mask"),
+            "albedo_sh": FieldSpec((27,), "float32", "SH coefficients", "the light uv_albedo "
+                                   "was de-lit by: albedo.light refit (albedo-space solve) "
+                                   "or stage2 (= sh)"),
             "uv_mask": FieldSpec((T, T, 1), "uint8", "0/1", "M_uv: layout texels with "
                                  "irradiance >= albedo.min_irradiance and unclipped albedo"),
             "face_mask": FieldSpec((S, S, 1), "uint8", "0/1", "M_face = seg_mask x the "

@@ -136,3 +136,73 @@ def test_delight_with_the_fitted_light(model):
         assert psnr(alb.uv_albedo[i], tex, m) >= 30.0
         re = relight(alb.uv_albedo, alb.uv_irradiance)[i]
         assert np.abs(re[m] - u.uv_visible[i][m]).max() < 1e-5
+
+
+def _refit_cfg(**kw):
+    from facecorpus.configs.pseudo_gt import AlbedoConfig
+
+    return AlbedoConfig(enabled=True, **kw)
+
+
+@pytest.fixture(scope="module")
+def uv_scene(model):
+    """A known light on the true mesh, in UV: target = albedo x irradiance (float, exact)."""
+    from facecorpus.tasks.albedo import uv_irradiance, uv_sh_basis
+
+    p = synthetic_batch(model, 1, 256, seed=4, yaw_max=0, sh=_light(7), texture_size=128)
+    v, rot = p.truth.vertices(model, 0), p.truth.camera_for(0).rotation
+    basis = uv_sh_basis(model, v, rot, 128)
+    irr = uv_irradiance(model, v[None], rot[None], p.sh, 128)[0]
+    u = unwrap_batch(p.image, model, p.truth, 128, p.mask)
+    seen = u.uv_visible_mask[0]
+    return p.uv_texture, p.sh[0], basis, irr, seen
+
+
+def test_uv_sh_basis_expands_the_irradiance(uv_scene):
+    _, sh, basis, irr, _ = uv_scene
+    np.testing.assert_allclose(basis @ sh.reshape(3, 9).T, irr, atol=1e-5)
+
+
+def test_albedo_light_solve_recovers_the_light_and_resists_occluders(uv_scene):
+    from facecorpus.tasks.albedo import fit_albedo_light
+
+    tex, _, basis, irr, seen = uv_scene
+    target = tex * irr
+    got = fit_albedo_light(target, tex, basis, seen, _refit_cfg())
+    irr_got = basis @ got.reshape(3, 9).T
+    assert np.abs(irr_got - irr)[seen].max() < 1e-3
+    # an unmasked occluder (a white patch over 10% of the seen texels): the Huber
+    # reweighting keeps the light close, plain least squares is pulled off
+    occ = target.copy()
+    ii = np.flatnonzero(seen.ravel())
+    hit = np.random.default_rng(0).choice(ii, len(ii) // 10, replace=False)
+    occ.reshape(-1, 3)[hit] = 0.95
+    err = {}
+    for iters in (0, 4):
+        s = fit_albedo_light(occ, tex, basis, seen, _refit_cfg(refit_iters=iters))
+        e = basis @ s.reshape(3, 9).T - irr
+        clean = seen.copy()
+        clean.reshape(-1)[hit] = False
+        err[iters] = np.abs(e)[clean].mean()
+    assert err[4] < 0.5 * err[0], err
+
+
+def test_albedo_light_solve_rejects_degenerate_inputs(uv_scene):
+    from facecorpus.tasks.albedo import fit_albedo_light
+
+    tex, _, basis, irr, seen = uv_scene
+    target = tex * irr
+    few = np.zeros_like(seen)
+    few.reshape(-1)[np.flatnonzero(seen.ravel())[:100]] = True
+    with pytest.raises(ValueError, match="degenerate light solve: 100 usable texels"):
+        fit_albedo_light(target, tex, basis, few, _refit_cfg())
+    with pytest.raises(ValueError, match="usable texels"):  # no reflectance: nothing pins it
+        fit_albedo_light(target, np.zeros_like(tex), basis, seen, _refit_cfg())
+    with pytest.raises(ValueError, match="usable texels"):  # every texel saturated
+        fit_albedo_light(np.ones_like(target), tex, basis, seen, _refit_cfg())
+    flat = np.broadcast_to(basis[seen].mean(0), basis.shape)  # one normal: bands collapse
+    with pytest.raises(ValueError, match="condition"):
+        fit_albedo_light(target, tex, flat, seen, _refit_cfg())
+    with pytest.raises(ValueError, match="min_irradiance on only"):  # an unlit photo
+        fit_albedo_light(target * 0.01, tex, basis, seen, _refit_cfg())
+    fit_albedo_light(target, tex, basis, seen, _refit_cfg())  # the same inputs, sound
