@@ -105,12 +105,15 @@ class AlbedoConfig(StrictConfig):
                                   "this; texels darker than it leave uv_mask")
     max_albedo: float = Field(1.0, gt=0, le=1, description="albedo clipped to [0, this]; "
                               "clipped texels leave uv_mask")
-    light: Literal["stage2", "refit"] = Field(
-        "refit", description="the SH light de-lit by (stored as albedo_sh): stage2 - stage "
+    light: Literal["auto", "stage2", "refit"] = Field(
+        "auto", description="the SH light de-lit by (stored as albedo_sh): auto - refit when "
+        "the prior is in albedo space (model albedo, user texture, albedo_dataset), stage2 "
+        "with a lit corpus prior (refit against a lit corpus mean gives every face that "
+        "mean's colour and puts the skin tone into the light); stage2 - stage "
         "2's sh (its level trades against the per-image prior's gain fitted to the lit "
         "photo); refit - solved in closed form on uv_pseudo_gt's visible texels with the "
         "prior's mean as the unlit reflectance, which pins the scale (tasks/albedo.py; "
-        "default by measurement, docs/benchmarks.md)")
+        "measured, docs/benchmarks.md)")
     refit_min_texels: int = Field(500, ge=9, description="refit: fewer usable texels reject "
                                   "the sample (degenerate light solve)")
     refit_max_condition: float = Field(1e6, gt=1, description="refit: a larger condition "

@@ -24,7 +24,9 @@ defined only up to a global scale per channel, so something in albedo space must
   (``TexturePrior.fit_to_visible``), whose per-channel gain and offset were fitted to the
   *lit* photo, so the light's level and colour are not identified: they trade against that
   gain (the error that left the flow's ``uv_albedo`` at 15-22 dB, docs/benchmarks.md).
-- ``refit`` (default, measured better): :func:`fit_albedo_light`, the 27 coefficients in
+- ``auto`` (default): ``refit`` when the prior is in albedo space, ``stage2`` with a lit
+  corpus prior (:func:`light_mode`; see the last sentence of the next item).
+- ``refit`` (measured better with an albedo-space prior): :func:`fit_albedo_light`, the 27 coefficients in
   closed form (per-channel linear least squares, Huber-reweighted) with the prior's *mean*
   as the reflectance and no per-image gain, offset or PCA coefficients (each would be
   fitted to the lit photo and absorb the light), over the visible, unoccluded, unsaturated
@@ -102,6 +104,17 @@ def uv_sh_basis(model: MorphableModel, vertices: np.ndarray, rotation: np.ndarra
     n_cam = n.astype(np.float64) @ np.asarray(rotation, np.float64).reshape(3, 3).T
     raster = rasterize_uv(model.uv, model.uv_triangles, uv_size)
     return to_uv_space(sh_basis(n_cam), raster, model.triangles)
+
+
+def light_mode(light: str, prior_kind: str, model_has_albedo: bool) -> str:
+    """``stage2`` or ``refit`` for ``AlbedoConfig.light`` given the run's prior: ``auto`` refits
+    only when the prior is unlit (``albedo``, ``user``, ``albedo_dataset``, or ``auto`` on a
+    model with an albedo). Against a lit corpus mean the refit hands every face that mean's
+    colour and moves its skin tone into the light (measured on ICT photos, docs)."""
+    if light != "auto":
+        return light
+    lit = prior_kind == "corpus" or (prior_kind == "auto" and not model_has_albedo)
+    return "stage2" if lit else "refit"
 
 
 def fit_albedo_light(uv_target: np.ndarray, reflectance: np.ndarray, basis: np.ndarray,

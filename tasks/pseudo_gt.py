@@ -680,7 +680,7 @@ def _albedo(state, cfg, stages, fit, a, i, sh_i, uv_pseudo_gt, reflectance, seen
     model, ac = state.model, cfg.albedo
     v, cam = fit.vertices(model, i), fit.camera_for(i)
     pgt = _to_u8(uv_pseudo_gt)[None]
-    if ac.light == "refit":
+    if albedo_mod.light_mode(ac.light, cfg.prior.kind, model.has_albedo) == "refit":
         basis = albedo_mod.uv_sh_basis(model, v, cam.rotation, cfg.unwrap.uv_size)
         sh_i = stages.albedo_light(pgt[0], reflectance, basis, seen, ac)
     al = stages.delight(pgt, np.asarray(sh_i, np.float32)[None], model, v[None],

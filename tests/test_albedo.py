@@ -206,3 +206,15 @@ def test_albedo_light_solve_rejects_degenerate_inputs(uv_scene):
     with pytest.raises(ValueError, match="min_irradiance on only"):  # an unlit photo
         fit_albedo_light(target * 0.01, tex, basis, seen, _refit_cfg())
     fit_albedo_light(target, tex, basis, seen, _refit_cfg())  # the same inputs, sound
+
+
+def test_light_auto_refits_only_against_an_unlit_prior():
+    from facecorpus.tasks.albedo import light_mode
+
+    assert light_mode("auto", "corpus", False) == "stage2"
+    assert light_mode("auto", "auto", False) == "stage2"  # no model albedo: a lit corpus mean
+    for kind in ("albedo", "user", "albedo_dataset"):
+        assert light_mode("auto", kind, False) == "refit"
+    assert light_mode("auto", "auto", True) == "refit"
+    assert light_mode("refit", "corpus", False) == "refit"  # an explicit choice stands
+    assert light_mode("stage2", "albedo", True) == "stage2"
