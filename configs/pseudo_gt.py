@@ -92,6 +92,23 @@ class PriorConfig(StrictConfig):
 
 class BlendConfig(StrictConfig):
     mixed: bool = Field(False, description="mixed gradients (Pérez et al.)")
+    solver: Literal["numba", "torch"] = Field(
+        "numba", description="numba: the CPU multigrid-PCG (meshops.poisson); torch: the "
+        "batched tensor PCG (meshops.poisson_torch) on `device`, the same equations")
+    device: str = Field("cpu", description="torch solver's device: cpu | cuda | cuda:N | "
+                        "auto (cuda when available)")
+
+    @model_validator(mode="after")
+    def _device(self) -> BlendConfig:
+        d = self.device
+        if not (d in ("cpu", "auto", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise ValueError(f"blend.device: cpu | cuda | cuda:N | auto, not {d!r}")
+        if self.solver == "torch" and d.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():  # fail before any work, not in a worker
+                raise ValueError(f"blend.device {d!r}: no CUDA device on this machine")
+        return self
 
 
 class AlbedoConfig(StrictConfig):

@@ -1082,7 +1082,7 @@ def poisson_residual(f, target, source, mask, *, mixed: bool = False, source_mas
 
 
 def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: bool = False,
-                   tol: float = 5e-6, workers: int | None = None):
+                   tol: float = 5e-6, workers: int | None = None, solver=None):
     """The pseudo-GT UV blend: visible texels into the prior, then the mirror into the rest.
 
     Pass 1 solves the Poisson problem over Ω1 = ``uv_visible_mask`` with ``uv_visible`` as
@@ -1099,6 +1099,9 @@ def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: boo
         prior: (N, S, S, 3) or (S, S, 3) float, the texture prior (3DMM albedo / PCA fit).
         mirror_map: (S, S, 2) int32 ``(row, col)`` of each texel's mirror texel, -1 if none.
         mixed, tol, workers: as in :func:`poisson_blend`.
+        solver: a function with :func:`poisson_blend`'s ``(target, source, mask, *, mixed,
+            source_mask, tol)`` (default: :func:`poisson_blend` on ``workers`` threads; e.g.
+            :func:`facecorpus.meshops.poisson_torch.poisson_blend_torch` for a GPU).
 
     Returns:
         uv_pseudo_gt: float32, shape of the batched inputs ((N, S, S, 3) or (S, S, 3)).
@@ -1118,7 +1121,10 @@ def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: boo
     pri = np.broadcast_to(pri, (n,) + pri.shape[1:])
     # uv_visible is undefined outside its mask: edges leaving Ω1 get no guidance, so the
     # visible texture meets the prior seamlessly instead of jumping by its own value
-    pass1 = poisson_blend(pri, vis, msk, mixed=mixed, source_mask=msk, tol=tol, workers=workers)
+    if solver is None:
+        def solver(t, s, m, **kw):
+            return poisson_blend(t, s, m, workers=workers, **kw)
+    pass1 = solver(pri, vis, msk, mixed=mixed, source_mask=msk, tol=tol)
     if pass1.ndim == 3:
         pass1 = pass1[None]
     has = (mm[..., 0] >= 0) & (mm[..., 1] >= 0)
@@ -1127,8 +1133,7 @@ def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: boo
     mirrored = vis[:, mr, mc]  # (n, S, S, 3)
     avail = has[None] & msk[:, mr, mc]  # the mirror texel is visible
     omega2 = avail & ~msk
-    out = poisson_blend(pass1, mirrored, omega2, mixed=mixed, source_mask=avail, tol=tol,
-                        workers=workers)
+    out = solver(pass1, mirrored, omega2, mixed=mixed, source_mask=avail, tol=tol)
     if out.ndim == 3:
         out = out[None]
     source = np.full((n, S0, S1), SOURCE_PRIOR, np.uint8)

@@ -22,10 +22,27 @@ class BlendResult:
     uv_source: np.ndarray
 
 
+def solver_for(blend_cfg):
+    """The Poisson solver a ``blend`` config asks for: None (the numba CPU solver) or the
+    torch solver bound to its device (``auto``: CUDA when available)."""
+    if blend_cfg is None or blend_cfg.solver == "numba":
+        return None
+    import functools
+
+    from facecorpus.meshops.poisson_torch import poisson_blend_torch
+
+    device = blend_cfg.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return functools.partial(poisson_blend_torch, device=device)
+
+
 def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.ndarray,
                 mirror_map: np.ndarray, *, mixed: bool = False,
                 layout_mask: np.ndarray | None = None, adapt: bool = True,
-                fade_width: float | None = 1 / 16) -> BlendResult:
+                fade_width: float | None = 1 / 16, solver=None) -> BlendResult:
     """Two-pass Poisson blend of N maps.
 
     Args:
@@ -43,6 +60,7 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
             near 0) instead of being pulled towards a prior that differs locally.
         fade_width: with ``adapt``, the adaptation fades out over this fraction of S away
             from the photo-derived texels (:func:`fade_to_prior`); None keeps it everywhere.
+        solver: the Poisson solver of every solve (:func:`solver_for`; None: numba).
     """
     from facecorpus.meshops.poisson import two_pass_blend
 
@@ -52,11 +70,12 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
         prior = np.repeat(prior[None], n, 0)
     base = prior
     if adapt:
-        prior = adapt_prior(uv_visible, uv_visible_mask, prior, layout_mask)
+        prior = adapt_prior(uv_visible, uv_visible_mask, prior, layout_mask, solver=solver)
     if layout_mask is not None:
         prior = extend_outside(prior, layout_mask)
     out, src = two_pass_blend(np.asarray(uv_visible, np.float32),
-                              np.asarray(uv_visible_mask, bool), prior, mirror_map, mixed=mixed)
+                              np.asarray(uv_visible_mask, bool), prior, mirror_map, mixed=mixed,
+                              solver=solver)
     if adapt and fade_width:
         out = fade_to_prior(out, base, src == 0, fade_width * out.shape[1])
     out = np.clip(out, 0.0, 1.0)
@@ -80,7 +99,7 @@ def extend_outside(maps: np.ndarray, inside: np.ndarray) -> np.ndarray:
 
 
 def adapt_prior(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.ndarray,
-                layout_mask: np.ndarray | None = None) -> np.ndarray:
+                layout_mask: np.ndarray | None = None, solver=None) -> np.ndarray:
     """The prior's texture, shifted smoothly to meet the visible texels.
 
     Poisson problem over the non-visible texels of the layout: guidance = prior gradients,
@@ -94,8 +113,8 @@ def adapt_prior(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
     target = np.where(vis[..., None], uv_visible, prior).astype(np.float32)
     src_ok = np.ones_like(vis) if layout_mask is None else np.broadcast_to(layout_mask,
                                                                             vis.shape)
-    return poisson_blend(target, np.asarray(prior, np.float32), inside, source_mask=src_ok,
-                         tol=1e-5)
+    return (solver or poisson_blend)(target, np.asarray(prior, np.float32), inside,
+                                     source_mask=src_ok, tol=1e-5)
 
 
 def fade_to_prior(blended: np.ndarray, prior: np.ndarray, from_prior: np.ndarray,
