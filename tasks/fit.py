@@ -1088,8 +1088,27 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     params = [angles, trans, sh, log_sf, a_w, b_w]
     dead = torch.zeros(N, dtype=torch.bool)  # non-finite energy/gradient: frozen from then on
     dead_step = np.full(N, -1)
+    steps = np.full(N, opts.photometric_iters)
+    lm = opts.photometric_solver == "lm" and opts.photometric_iters > 0
+    if lm:
+        from facecorpus.tasks import photometric
+
+        # the Adam path's start (ambient light matched to the photo), built in one place
+        scene, p0 = photometric.build(model, replace(fit, sh=None), images, masks, albedo_uv,
+                                      landmarks, opts)
+        with torch_threads(opts.photometric_threads):
+            p1, err, steps, dead_step = photometric.levenberg_marquardt(
+                scene, p0, opts.photometric_iters, opts.photometric_modes,
+                opts.photometric_fit_shape, opts.photometric_tol,
+                opts.photometric_hessian_stride)
+        with torch.no_grad():
+            for q, v in zip((angles, trans, log_sf, a_w, b_w, sh),
+                            (p1.angles, p1.trans, p1.log_sf, p1.a_w, p1.b_w, p1.sh)):
+                q.copy_(v)
+        dead = torch.as_tensor(dead_step >= 0)
+        steps = np.where(dead_step >= 0, dead_step, steps)
     with torch_threads(opts.photometric_threads):
-        for _step in range(opts.photometric_iters + 1):
+        for _step in range(0 if lm else opts.photometric_iters + 1):
             X, R, sv_full = forward()
             sv = sv_full * scale_xy
             with torch.no_grad():
@@ -1152,7 +1171,7 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
         beta=(b_w * ex_std).detach().numpy().astype(np.float32),
         sh=sh.detach().numpy().astype(np.float32), photometric_error=err,
         landmark_rmse=rmse.astype(np.float32), landmark_nme=nme.astype(np.float32),
-        iterations=fit.iterations + np.where(dead_step >= 0, dead_step, opts.photometric_iters))
+        iterations=fit.iterations + np.where(dead_step >= 0, dead_step, steps))
     d = dead.numpy()
     if d.any():
         # a frozen image's numbers are not a fit: NaN them, so that any consumer checking
