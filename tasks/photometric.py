@@ -30,10 +30,13 @@ render (which would cost one render per parameter):
   pixel-local colour function: barycentrics, UV, bilinear texture, interpolated irradiance)
   and w.r.t. the corners' irradiance (``albedo x lambda_k``, closed form).
 
-What is left out of the Jacobian (not out of the energy, which every step is accepted on):
-the change of vertex normals with the shape modes (a normals pass per mode for a
-second-order shading effect) and the change of visibility (fragments are fixed within an
-iteration, as in the Adam path's gradient).
+The Jacobian includes the turn of the vertex normals with the shape modes (their
+derivative over the triangles next to the used vertices, closed form): without it LM
+stalled above Adam's energy on the real photos (measured; docs/benchmarks.md). The gradient
+is formed from every pixel, pulled back to the vertices by a scatter (no (P, 3, D)
+Jacobian); the Gauss-Newton matrix from the pixels on a ``photometric_hessian_stride`` grid
+(it does not move the point LM converges to, and every step is accepted on the exact
+energy). Visibility is fixed within an iteration, as in the Adam path's gradient.
 
 Per-image independence: every quantity is per image and the solve is per image; batching
 only shares the rasterizer call. An image whose current energy or normal equations turn
@@ -349,6 +352,47 @@ def _pixel_grad(svc, irrc, uvc, px, py, tex, persp: bool):
     return alb * irr, lam, alb, grad
 
 
+def _cross_m(d: torch.Tensor, e: torch.Tensor, _dim: int = 1) -> torch.Tensor:
+    """cross(d[:, :, j], e) for every column j: d (F, 3, m), e (F, 3) -> (F, 3, m)."""
+    e = e[:, :, None]
+    return torch.stack([d[:, 1] * e[:, 2] - d[:, 2] * e[:, 1],
+                        d[:, 2] * e[:, 0] - d[:, 0] * e[:, 2],
+                        d[:, 0] * e[:, 1] - d[:, 1] * e[:, 0]], 1)
+
+
+def _dnormals(sc: Scene, X: torch.Tensor, used: np.ndarray, nk: int, ne: int
+              ) -> torch.Tensor:
+    """d unit vertex normal (model space, ``renderers.diff.vertex_normals``) / d mode, at
+    the ``used`` vertices: (U, 3, nk + ne).
+
+    The area-weighted normal sum ``acc_v = sum_{f ni v} cross(b - a, c - a)`` changes by
+    ``cross(db - da, c - a) + cross(b - a, dc - da)`` per adjacent triangle, for all modes
+    at once (elementwise: batched 3 x 3 matmuls measured slower)."""
+    V = X.shape[0]
+    loc = np.full(V, -1)
+    loc[used] = np.arange(len(used))
+    tri = sc.tris[(loc[sc.tris] >= 0).any(1)]  # (F', 3)
+    t = torch.as_tensor(tri)
+    a, b, c = X[t[:, 0]], X[t[:, 1]], X[t[:, 2]]
+    e1, e2 = b - a, c - a
+    fn = torch.linalg.cross(e1, e2, dim=-1)
+    lv = loc[tri]  # (F', 3) accumulating corner v (-1: not used)
+    B = sc.basis_rows(slice(None), nk, ne)  # (V, 3, m)
+    Ba = B[t[:, 0]]
+    de1, de2 = B[t[:, 1]] - Ba, B[t[:, 2]] - Ba  # (F', 3, m)
+    dfn = _cross_m(de1, e2, 1) - _cross_m(de2, e1, 1)  # cross(de1, e2) + cross(e1, de2)
+    acc = torch.zeros(len(used), 3)
+    dacc = torch.zeros(len(used), 3, B.shape[2])
+    for k in range(3):
+        ok = torch.as_tensor(lv[:, k] >= 0)
+        idx = torch.as_tensor(lv[:, k])[ok]
+        acc.index_add_(0, idx, fn[ok])
+        dacc.index_add_(0, idx, dfn[ok])
+    nrm = acc.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    n = acc / nrm
+    return (dacc - n[:, :, None] * torch.einsum("ud,udm->um", n, dacc)[:, None]) / nrm[..., None]
+
+
 def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int,
                       stride: int = 1):
     """Gauss-Newton (IRLS) ``H`` (D, D) and gradient ``g`` (D,) float64 of image ``i``'s
@@ -392,10 +436,15 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
     nu = st.n_model[used_t]
     ncam = nu @ R.T
     Y = sh_basis_torch(ncam)  # (U, 9)
-    DY = torch.einsum("ujd,adk,uk->uja", _dsh_basis(ncam), dR, nu)  # (U, 9, 3)
+    dYdn = _dsh_basis(ncam)  # (U, 9, 3)
+    DY = torch.einsum("ujd,adk,uk->uja", dYdn, dR, nu)  # (U, 9, 3)
     shm = p.sh.reshape(3, 9)
     irr = Y @ shm.T  # (U, 3)
     Dirr = torch.einsum("cj,uja->uca", shm, DY)  # (U, 3 channels, 3 angles)
+    if m:  # the shape modes turn the normals: irradiance w.r.t. the modes (U, 3, m)
+        dn = _dnormals(sc, st.X, used, nk, ne)  # (U, 3, m) model-space normal
+        W = torch.einsum("cj,ujd->ucd", shm, dYdn) @ R  # d irr / d model normal (U, 3, 3)
+        Dirr = torch.cat([Dirr, torch.bmm(W, dn)], -1)
 
     H = torch.zeros(D, D, dtype=torch.float64)
     g = torch.zeros(D, dtype=torch.float64)
@@ -437,26 +486,29 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
     girr = torch.zeros(U, 3).index_add_(
         0, flat, torch.einsum("pc,pck->pkc", wr, al).reshape(-1, 3))
     g[:n_pose] += torch.einsum("ud,udg->g", gsv, Dpose[:, :nd]).double()
-    g[:3] += torch.einsum("uc,uca->a", girr, Dirr).double()
+    g[:3] += torch.einsum("uc,uca->a", girr, Dirr[:, :, :3]).double()
     if m:
         gx = torch.einsum("ud,udj->uj", gsv, MR[:, :nd])  # d E / d model point (U, 3)
         g[n_pose:G] += torch.einsum("uj,ujm->m", gx, sc.basis_rows(used_t, nk, ne)).double()
     g[G:] += torch.einsum("pc,pj->cj", wr * alb, ysh).reshape(-1).double()
+    if m:  # through the normals
+        g[n_pose:G] += torch.einsum("uc,ucm->m", girr, Dirr[:, :, 3:]).double()
 
     # H (P x D^2, the dominant cost) from the pixels on a stride grid, scaled to all pixels
     sub = np.flatnonzero((ys % stride == 0) & (xs % stride == 0))
-    if len(sub) < 2 * D:
+    if len(sub) < D:  # too few rows for a full-rank H: all pixels
         sub = np.arange(cnt)
     sub_t = torch.as_tensor(sub)
     ip = inv_pix[sub_t]  # (Ps, 3)
     dc = dcol[sub_t]  # (Ps, channel, corner, coord)
     parts = [torch.einsum("pckd,pkdg->pcg", dc, Dpose[ip][:, :, :nd])]
-    parts[0][:, :, :3] += torch.einsum("pck,pkca->pca", al[sub_t], Dirr[ip])
+    irr_p = torch.einsum("pck,pkcg->pcg", al[sub_t], Dirr[ip])  # via the irradiance
+    parts[0][:, :, :3] += irr_p[:, :, :3]
     if m:
         C = torch.einsum("pckd,pkdj->pckj", dc, MR[ip][:, :, :nd])  # d colour / d point
         Bp = sc.basis_rows(torch.as_tensor(used[inv[:corners_all.size].reshape(-1, 3)[sub]]),
                            nk, ne)  # (Ps, corner, 3, m)
-        parts.append(torch.einsum("pckj,pkjm->pcm", C, Bp))
+        parts.append(torch.einsum("pckj,pkjm->pcm", C, Bp) + irr_p[:, :, 3:])
     parts.append(alb[sub_t][:, :, None] * ysh[sub_t][:, None, :])  # SH of the own channel
     J = torch.cat(parts, -1)  # (Ps, channel, G + 9)
     # IRLS weights (the Charbonnier's majorizer): measured to converge in far fewer

@@ -22,7 +22,7 @@ def model():
 
 def _autograd_energy(sc, q, st, vec, nk, ne):
     """The stage-2 energy of image 0 at ``q + vec`` over ``st``'s fixed fragments, written
-    with torch autograd (vertex normals held fixed, as the LM Jacobian does)."""
+    with torch autograd."""
     from facecorpus.renderers import diff
     from facecorpus.renderers.shading import sh_basis_torch
 
@@ -36,7 +36,7 @@ def _autograd_energy(sc, q, st, vec, nk, ne):
                   torch.cat([q.b_w[:ne] + d[o + nk:o + nk + ne], q.b_w[ne:]]),
                   q.sh + d[o + nk + ne:])
     X = P._shape(sc, qq)
-    n = diff.vertex_normals(X, sc.tris_t).detach()
+    n = diff.vertex_normals(X, sc.tris_t)
     sv = P._project(sc, X, qq.angles, qq.trans, qq.log_sf)
     ys, xs, faces = st.pix
     corners = sc.tris_t[torch.as_tensor(faces)]
