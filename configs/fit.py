@@ -55,11 +55,14 @@ class FitConfig(StrictConfig):
     max_nme: float = Field(0.2, gt=0, description="landmark error / inter-ocular distance "
                                                   "above which a fit is rejected (diverged), "
                                                   "after stage 1 and after stage 2")
-    photometric_iters: int = Field(40, ge=0, description="stage-2 Adam steps or LM "
-                                   "iterations, per photometric_solver (0: off)")
+    photometric_iters: int = Field(6, ge=0, description="stage-2 LM iterations, or Adam "
+                                   "steps with photometric_solver adam (it needs ~40, the "
+                                   "default before #12) (0: off)")
     photometric_solver: Literal["adam", "lm"] = Field(
-        "adam", description="adam: Adam steps on the stage-2 energy; lm: per-image "
-        "Levenberg-Marquardt on the same energy (tasks/photometric.py)")
+        "lm", description="lm: per-image Levenberg-Marquardt on the stage-2 energy "
+        "(tasks/photometric.py; default since #12: lower energy, rotation error, landmark "
+        "RMSE and L1 than 40 Adam steps, in less time - docs/benchmarks.md); adam: the "
+        "Adam steps of before")
     photometric_modes: int | None = Field(None, ge=0, description="lm: the first n identity "
                                           "and the first n expression modes are refined "
                                           "(None: all fitted; the rest keep stage 1's)")
@@ -68,7 +71,7 @@ class FitConfig(StrictConfig):
                                             "and column (scaled; the gradient uses all)")
     photometric_tol: float = Field(1e-4, gt=0, description="lm: an image stops when a step "
                                    "lowers its energy by < tol x (1 + energy)")
-    photometric_lr: float = Field(0.01, gt=0)
+    photometric_lr: float = Field(0.01, gt=0, description="adam: step size")
     photometric_w_landmarks: float = Field(0.05, ge=0, description="weight of the stage-1 "
                                            "landmark term (keeps the fit anchored)")
     photometric_w_prior: float = Field(1e-3, ge=0, description="weight of |alpha/std|^2 + "
