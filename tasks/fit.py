@@ -22,7 +22,7 @@ batch-mates (a garbage image cannot shift the others).
 
 Stage 2 (:func:`refine_photometric`) adds a photometric term over the face mask through the
 differentiable renderer (``renderers.diff``), with SH lighting and the model's albedo or a UV
-texture prior.
+texture prior; solved per image by Levenberg-Marquardt (``tasks/photometric.py``) or Adam.
 
 Shapes: N images, V vertices, K identity, E expression modes, S image size.
 """
@@ -985,7 +985,10 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     colour error over (face mask ∩ rendered mask) + ``w_landmarks`` x the stage-1 landmark
     term (in units of the image size) + ``w_prior`` x the coefficient prior. Visibility comes
     from the numba rasterizer each step; gradients flow through recomputed barycentrics
-    (``renderers.diff``). Adam, ``iters`` steps.
+    (``renderers.diff``). ``photometric_solver``: ``lm`` (default) a per-image
+    Levenberg-Marquardt on this energy (:mod:`facecorpus.tasks.photometric`,
+    ``photometric_iters`` iterations, one render each); ``adam`` ``photometric_iters`` Adam
+    steps (one render and backward pass each).
 
     Args:
         images: (N, S, S, 3) uint8 or float; masks: (N, S, S) bool face masks.
