@@ -985,10 +985,10 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     colour error over (face mask ∩ rendered mask) + ``w_landmarks`` x the stage-1 landmark
     term (in units of the image size) + ``w_prior`` x the coefficient prior. Visibility comes
     from the numba rasterizer each step; gradients flow through recomputed barycentrics
-    (``renderers.diff``). ``photometric_solver``: ``lm`` (default) a per-image
-    Levenberg-Marquardt on this energy (:mod:`facecorpus.tasks.photometric`,
-    ``photometric_iters`` iterations, one render each); ``adam`` ``photometric_iters`` Adam
-    steps (one render and backward pass each).
+    (``renderers.diff``). ``photometric_solver``: ``adam`` (default) ``photometric_iters``
+    Adam steps (one render and backward pass each); ``lm`` a per-image Levenberg-Marquardt
+    on this energy (:mod:`facecorpus.tasks.photometric`, ``photometric_iters`` iterations,
+    one render each).
 
     Args:
         images: (N, S, S, 3) uint8 or float; masks: (N, S, S) bool face masks.
