@@ -624,13 +624,13 @@ def levenberg_marquardt(sc: Scene, params: Params, iters: int, n_modes: int | No
         fin = [i for i in trials if torch.isfinite(tg[i][2]).all()]
         p2f = raster([tg[i][2] for i in fin]) if fin else None
         done = []
-        for i in trials:
+        for i, trial in trials.items():
             its[i] = it + 1
-            st = (_evaluate(sc, i, trials[i], *tg[i], p2f[fin.index(i)]) if i in fin
+            st = (_evaluate(sc, i, trial, *tg[i], p2f[fin.index(i)]) if i in fin
                   else None)
             e0 = states[i].energy
             if st is not None and math.isfinite(st.energy) and st.energy < e0:
-                params.put(i, trials[i])
+                params.put(i, trial)
                 states[i], l1[i], cache[i] = st, st.l1, None
                 mu[i] = max(mu[i] / 3, 1e-7)
                 if e0 - st.energy < tol * (1 + e0):
