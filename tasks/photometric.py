@@ -57,7 +57,6 @@ from numba import njit
 
 T_SCALE = 100.0  # translation in units of 100 (px or mm), as the Adam path
 MU0 = 1e-2  # initial damping (relative to diag H)
-TRACE: list | None = None  # set to a list to record every iteration's energies (benchmarks)
 
 
 def resize_targets(images: np.ndarray, masks: np.ndarray, render_size: int
@@ -639,8 +638,6 @@ def levenberg_marquardt(sc: Scene, params: Params, iters: int, n_modes: int | No
                 mu[i] *= 4
                 if mu[i] > 1e6:
                     done.append(i)
-        if TRACE is not None:
-            TRACE.append([x.energy if x is not None else np.nan for x in states])
         active = [i for i in active if i not in done]
         if not active:
             break
