@@ -12,6 +12,13 @@ solver reaches is printed (ours minus the reference's, per image).
 
     FACECORPUS_ASSETS=../shared python benchmarks/bench_fit.py [--n 16] [--size 256]
 
+Stage 2 runs for both solvers in the same process on the same stage-1 fits (``--solver
+both``, the default): Adam (``--photometric-iters`` steps) and Levenberg-Marquardt
+(``--lm-iters``), each with wall and CPU ms per image, rotation error, landmark RMSE against
+the noise-free landmarks, photometric L1 and the stage-2 energy it reached
+(``tasks.photometric.energy``); ``--w-landmarks W`` adds both again with that
+``photometric_w_landmarks``.
+
 ``--extremes`` (issue #16) runs instead one table over landmark-only synthetic faces
 (``tasks.fit.synthetic_landmarks``: mediapipe-like dense points with correlated noise of
 1.5 % of the face width + 0.4 % i.i.d., far-side points slid to the 2D silhouette, the 68
@@ -115,7 +122,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--photometric-iters", type=int, default=40)
+    ap.add_argument("--photometric-iters", type=int, default=40, help="Adam steps")
+    ap.add_argument("--lm-iters", type=int, default=6, help="LM iterations")
+    ap.add_argument("--solver", choices=["both", "adam", "lm"], default="both",
+                    help="stage-2 solvers to run (both: Adam and LM, same process)")
+    ap.add_argument("--no-stage1-reference", action="store_true",
+                    help="skip the scipy stage-1 references (a minute on 2 cores)")
+    ap.add_argument("--w-landmarks", type=float, default=None, help="also run every solver "
+                    "with this photometric_w_landmarks")
     ap.add_argument("--extremes", action="store_true", help="the #16 table (see docstring)")
     args = ap.parse_args()
     from facecorpus.configs.fit import FitConfig
@@ -164,7 +178,7 @@ def main() -> None:
             ours_as_reference_params(fit, i, model)))) for i in range(N)])
     labels = {"L-BFGS-B": "scipy L-BFGS-B per image, exact autograd gradient",
               "trust-exact": "scipy trust-exact per image, exact autograd gradient and Hessian"}
-    for method, label in labels.items():
+    for method, label in ({} if args.no_stage1_reference else labels).items():
         ref_err, ref_rm, ref_e, ref_it = [], [], [], []
         with F.torch_threads(1):  # the same single thread as ours
             t0 = time.perf_counter()
@@ -195,13 +209,38 @@ def main() -> None:
     print(f"stage 1 median energy (ours) {np.median(our_e):.3f}")
 
     albedo = np.repeat(sb.uv_texture[None], N, 0)
-    t0 = time.perf_counter()
-    fit2 = F.refine_photometric(model, fit, sb.image, sb.mask, albedo, sb.noisy_landmarks,
-                                FitConfig(photometric_iters=args.photometric_iters))
-    t_ph = time.perf_counter() - t0
-    print(f"stage 2 ({args.photometric_iters} Adam steps at 128 px): {N / t_ph:.2f} images/s; "
-          f"median rotation error {np.median(F.rotation_error_deg(fit2, sb.truth)):.2f} deg, "
-          f"median photometric L1 {np.median(fit2.photometric_error):.4f}")
+    from facecorpus.tasks import photometric
+
+    rm1 = np.sqrt(((F.project_landmarks(model, fit) - sb.landmarks) ** 2).sum(-1).mean(-1))
+    print(f"stage 2 input (stage 1): median rotation error {np.median(err):.2f} deg, median "
+          f"landmark RMSE {np.median(rm1):.3f} px")
+    # both solvers in this process, on the same stage-1 fits; each row's energy is the one
+    # of its own config (the same energy when only solver and iterations differ)
+    runs = [("adam", args.photometric_iters, {})]
+    runs += [("lm", args.lm_iters, {})] if args.solver in ("both", "lm") else []
+    runs += [(s, it, {"photometric_w_landmarks": args.w_landmarks})
+             for s, it, _ in list(runs) if args.w_landmarks is not None]
+    if args.solver == "lm":
+        runs = [r for r in runs if r[0] == "lm"]
+    for solver, iters, extra in runs:
+        opts2 = FitConfig(photometric_solver=solver, photometric_iters=iters, **extra)
+        F.refine_photometric(model, fit.select([0]), sb.image[:1], sb.mask[:1], albedo[:1],
+                             sb.noisy_landmarks[:1], opts2)  # warm-up (numba, imports)
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = F.refine_photometric(model, fit, sb.image, sb.mask, albedo, sb.noisy_landmarks,
+                                   opts2)
+        t_ph, c_ph = time.perf_counter() - t0, time.process_time() - c0
+        e2 = photometric.energy(model, out, sb.image, sb.mask, albedo, sb.noisy_landmarks,
+                                opts2)
+        rm2 = np.sqrt(((F.project_landmarks(model, out) - sb.landmarks) ** 2).sum(-1).mean(-1))
+        label = f"{solver} {iters} {'steps' if solver == 'adam' else 'iterations'}"
+        label += "".join(f", {k.removeprefix('photometric_')}={v}" for k, v in extra.items())
+        print(f"stage 2 ({label}, 128 px): {1e3 * t_ph / N:.0f} ms/image wall, "
+              f"{1e3 * c_ph / N:.0f} CPU-ms/image; median rotation error "
+              f"{np.median(F.rotation_error_deg(out, sb.truth)):.2f} deg, median landmark RMSE "
+              f"{np.median(rm2):.3f} px, median photometric L1 "
+              f"{np.median(out.photometric_error):.4f}, mean energy {np.mean(e2):.5f}, "
+              f"iterations median {np.median(out.iterations - fit.iterations):.0f}")
     masks = np.stack([erode(m, 1) for m in sb.mask])
     t0 = time.perf_counter()
     u = unwrap_batch(sb.image, model, sb.truth, 256, masks)

@@ -48,22 +48,24 @@ def make_photos(folder: Path, n: int) -> None:
         Image.fromarray(variant(src[k % len(src)], k)).save(folder / f"p{k:03d}.png")
 
 
-def cli(photos: Path, out: Path, model: str, extra: list[str]) -> tuple[float, np.ndarray, dict]:
+def cli(photos: Path, out: Path, model: str, extra: list[str], sets: list[str] = ()
+        ) -> tuple[float, np.ndarray, dict]:
     cmd = [sys.executable, "-m", "facecorpus.cli", "run", "pseudo-gt", "--input", str(photos),
            "--out", str(out), "--model", model, "--set", "output.samples_per_shard=8", *extra]
+    cmd += [a for kv in sets for a in ("--set", kv)]
     t0, c0 = time.perf_counter(), _cpu()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0, _cpu() - c0, json.loads((out / "summary.json").read_text())
 
 
-def reference(photos: Path, model: str) -> tuple[float, np.ndarray, dict]:
+def reference(photos: Path, model: str, sets: list[str] = ()) -> tuple[float, np.ndarray, dict]:
     """Plain loop: every stage function on the same photos, in this process, nothing kept."""
-    from facecorpus.configs import load_config
+    from facecorpus.configs import load_config, parse_set
     from facecorpus.flows import prior_store
     from facecorpus.tasks import pseudo_gt as st
     from facecorpus.tasks.inputs import hash_inputs, list_planned
 
-    cfg = load_config(None, "pseudo_gt", {"model": model})
+    cfg = load_config(None, "pseudo_gt", {"model": model, **parse_set(list(sets))})
     t0, c0 = time.perf_counter(), _cpu()  # the model/detector load counts, as in a CLI run
     state = st.State.build(cfg)
     state.detector()
@@ -97,20 +99,24 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=24)
     ap.add_argument("--model", default="ict")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for every run (e.g. fit.photometric_solver=lm)")
+    ap.add_argument("--no-reference", action="store_true", help="only the two CLI runs")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         make_photos(tmp / "photos", args.n)
         rows = []
         w, c, s = cli(tmp / "photos", tmp / "prefect", args.model,
-                      ["--workers", str(args.workers)])
+                      ["--workers", str(args.workers)], args.set)
         rows.append((f"CLI, Prefect + Dask ({args.workers} workers)", w, c, s))
-        w, c, s = cli(tmp / "photos", tmp / "local", args.model, ["--no-prefect"])
+        w, c, s = cli(tmp / "photos", tmp / "local", args.model, ["--no-prefect"], args.set)
         rows.append(("CLI, --no-prefect (1 process)", w, c, s))
-        w, c, s = reference(tmp / "photos", args.model)
-        rows.append(("reference: plain loop of the stage functions", w, c, s))
+        if not args.no_reference:
+            w, c, s = reference(tmp / "photos", args.model, args.set)
+            rows.append(("reference: plain loop of the stage functions", w, c, s))
     n = args.n
-    print(f"{n} photos, model {args.model}")
+    print(f"{n} photos, model {args.model}" + "".join(f"; --set {kv}" for kv in args.set))
     print(f"{'run':46s} {'wall s':>7s} {'photos/s':>9s} {'CPU s/photo':>12s} "
           f"{'(user':>6s} {'sys)':>5s} {'photos/CPU-s':>12s} accepted  phases (wall s)")
     for name, w, c, s in rows:
@@ -119,6 +125,11 @@ def main(argv=None) -> int:
             ph += f"; finish CPU-s in shards {s['cpu_seconds_in_shards']:.1f}"
         print(f"{name:46s} {w:7.1f} {n / w:9.2f} {c.sum() / n:12.3f} {c[0] / n:6.3f} "
               f"{c[1] / n:5.3f} {n / c.sum():12.3f} {s['accepted']:8d}  {ph}")
+        if "medians" in s:
+            md = s["medians"]
+            print(f"{'':46s} quality medians: " + ", ".join(
+                f"{k} {md[k]:.4g}" for k in ("landmark_nme", "photometric_error",
+                                             "rerender_psnr", "visible_fraction") if k in md))
     return 0
 
 

@@ -22,7 +22,7 @@ batch-mates (a garbage image cannot shift the others).
 
 Stage 2 (:func:`refine_photometric`) adds a photometric term over the face mask through the
 differentiable renderer (``renderers.diff``), with SH lighting and the model's albedo or a UV
-texture prior.
+texture prior; solved per image by Levenberg-Marquardt (``tasks/photometric.py``) or Adam.
 
 Shapes: N images, V vertices, K identity, E expression modes, S image size.
 """
@@ -985,7 +985,10 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     colour error over (face mask ∩ rendered mask) + ``w_landmarks`` x the stage-1 landmark
     term (in units of the image size) + ``w_prior`` x the coefficient prior. Visibility comes
     from the numba rasterizer each step; gradients flow through recomputed barycentrics
-    (``renderers.diff``). Adam, ``iters`` steps.
+    (``renderers.diff``). ``photometric_solver``: ``adam`` (default) ``photometric_iters``
+    Adam steps (one render and backward pass each); ``lm`` a per-image Levenberg-Marquardt
+    on this energy (:mod:`facecorpus.tasks.photometric`, ``photometric_iters`` iterations,
+    one render each).
 
     Args:
         images: (N, S, S, 3) uint8 or float; masks: (N, S, S) bool face masks.
@@ -1088,8 +1091,27 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     params = [angles, trans, sh, log_sf, a_w, b_w]
     dead = torch.zeros(N, dtype=torch.bool)  # non-finite energy/gradient: frozen from then on
     dead_step = np.full(N, -1)
+    steps = np.full(N, opts.photometric_iters)
+    lm = opts.photometric_solver == "lm" and opts.photometric_iters > 0
+    if lm:
+        from facecorpus.tasks import photometric
+
+        # the Adam path's start (ambient light matched to the photo), built in one place
+        scene, p0 = photometric.build(model, replace(fit, sh=None), images, masks, albedo_uv,
+                                      landmarks, opts)
+        with torch_threads(opts.photometric_threads):
+            p1, err, steps, dead_step = photometric.levenberg_marquardt(
+                scene, p0, opts.photometric_iters, opts.photometric_modes,
+                opts.photometric_fit_shape, opts.photometric_tol,
+                opts.photometric_hessian_stride)
+        with torch.no_grad():
+            for q, v in zip((angles, trans, log_sf, a_w, b_w, sh),
+                            (p1.angles, p1.trans, p1.log_sf, p1.a_w, p1.b_w, p1.sh)):
+                q.copy_(v)
+        dead = torch.as_tensor(dead_step >= 0)
+        steps = np.where(dead_step >= 0, dead_step, steps)
     with torch_threads(opts.photometric_threads):
-        for _step in range(opts.photometric_iters + 1):
+        for _step in range(0 if lm else opts.photometric_iters + 1):
             X, R, sv_full = forward()
             sv = sv_full * scale_xy
             with torch.no_grad():
@@ -1152,7 +1174,7 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
         beta=(b_w * ex_std).detach().numpy().astype(np.float32),
         sh=sh.detach().numpy().astype(np.float32), photometric_error=err,
         landmark_rmse=rmse.astype(np.float32), landmark_nme=nme.astype(np.float32),
-        iterations=fit.iterations + np.where(dead_step >= 0, dead_step, opts.photometric_iters))
+        iterations=fit.iterations + np.where(dead_step >= 0, dead_step, steps))
     d = dead.numpy()
     if d.any():
         # a frozen image's numbers are not a fit: NaN them, so that any consumer checking

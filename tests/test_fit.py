@@ -97,7 +97,8 @@ def test_sliding_jaw_follows_the_silhouette(model):
 
 
 @pytest.mark.slow
-def test_photometric_refinement_improves_fit(model):
+@pytest.mark.parametrize("solver", ["adam", "lm"])
+def test_photometric_refinement_improves_fit(model, solver):
     from facecorpus.tasks.fit import refine_photometric
 
     sb = synthetic_batch(model, 3, 192, seed=3, noise_px=3.0)  # noisier landmarks
@@ -106,7 +107,8 @@ def test_photometric_refinement_improves_fit(model):
     before = refine_photometric(model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks,
                                 FitConfig(photometric_iters=0, photometric_render_size=96))
     fit2 = refine_photometric(model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks,
-                              FitConfig(photometric_iters=30, photometric_render_size=96))
+                              FitConfig(photometric_iters=30, photometric_render_size=96,
+                                        photometric_solver=solver))
     assert (fit2.photometric_error < 0.5 * before.photometric_error).all()
     e1, e2 = rotation_error_deg(fit1, sb.truth), rotation_error_deg(fit2, sb.truth)
     assert np.median(e2) <= np.median(e1) and np.median(e2) < 2.0, (e1, e2)

@@ -108,11 +108,13 @@ def test_degenerate_landmarks_fail_alone(model, faces):
 
 
 @pytest.mark.slow
-def test_stage2_nan_is_reported_for_that_image_only(model):
+@pytest.mark.parametrize("solver", ["adam", "lm"])
+def test_stage2_nan_is_reported_for_that_image_only(model, solver):
     sb = synthetic_batch(model, 3, 128, seed=4, noise_px=1.0)
     fit1 = fit_landmarks(model, sb.noisy_landmarks, 128, FitConfig(slide_min_yaw=90))
     albedo = np.repeat(sb.uv_texture[None], 3, 0)
-    opts = FitConfig(photometric_iters=6, photometric_render_size=64)
+    opts = FitConfig(photometric_iters=6, photometric_render_size=64,
+                     photometric_solver=solver)
     clean = refine_photometric(model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks, opts)
     assert all(f is None for f in clean.failure) and clean.converged.all()
 
@@ -132,7 +134,8 @@ def test_stage2_nan_is_reported_for_that_image_only(model):
 
 
 @pytest.mark.slow
-def test_stage2_rechecks_landmark_error(model):
+@pytest.mark.parametrize("solver", ["adam", "lm"])
+def test_stage2_rechecks_landmark_error(model, solver):
     """A stage-2 result whose landmarks drifted is caught by the recomputed NME."""
     sb = synthetic_batch(model, 2, 128, seed=5, noise_px=1.0)
     fit1 = fit_landmarks(model, sb.noisy_landmarks, 128, FitConfig(slide_min_yaw=90))
@@ -140,7 +143,8 @@ def test_stage2_rechecks_landmark_error(model):
     far = sb.noisy_landmarks.copy()
     far[1] += 40.0  # stage 2 anchored to landmarks 40 px away: its fit cannot match them
     out = refine_photometric(model, fit1, sb.image, sb.mask, albedo, far,
-                             FitConfig(photometric_iters=2, photometric_render_size=64, max_nme=0.2))
+                             FitConfig(photometric_iters=2, photometric_render_size=64, max_nme=0.2,
+                                       photometric_solver=solver))
     assert out.failure[0] is None and out.converged[0]
     assert "inter-ocular" in out.failure[1] and not out.converged[1]
     assert out.landmark_nme[1] > 0.2

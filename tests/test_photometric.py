@@ -1,0 +1,141 @@
+"""Stage 2 as Levenberg-Marquardt (tasks/photometric.py) on synthetic renders of the
+procedural model with known truth: its gradient is the energy's (autograd at fixed
+fragments), it reaches an energy no higher than Adam's in far fewer renders, and an image's
+result does not depend on its batch-mates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from facecorpus.configs.fit import FitConfig
+from facecorpus.tasks import photometric as P
+from facecorpus.tasks.fit import fit_landmarks, refine_photometric, synthetic_batch
+
+
+@pytest.fixture(scope="module")
+def model():
+    from facecorpus.meshops.procedural import procedural_model
+
+    return procedural_model(n=41)
+
+
+def _autograd_energy(sc, q, st, vec, nk, ne):
+    """The stage-2 energy of image 0 at ``q + vec`` over ``st``'s fixed fragments, written
+    with torch autograd."""
+    from facecorpus.renderers import diff
+    from facecorpus.renderers.shading import sh_basis_torch
+
+    k = sc.R / sc.S
+    nt = q.trans.shape[0]
+    d = vec.float()
+    o = 3 + nt + (0 if sc.persp else 1)
+    qq = P.Params(q.angles + d[:3], q.trans + d[3:3 + nt],
+                  q.log_sf + (d[3 + nt] if not sc.persp else 0),
+                  torch.cat([q.a_w[:nk] + d[o:o + nk], q.a_w[nk:]]),
+                  torch.cat([q.b_w[:ne] + d[o + nk:o + nk + ne], q.b_w[ne:]]),
+                  q.sh + d[o + nk + ne:])
+    X = P._shape(sc, qq)
+    n = diff.vertex_normals(X, sc.tris_t)
+    sv = P._project(sc, X, qq.angles, qq.trans, qq.log_sf)
+    ys, xs, faces = st.pix
+    corners = sc.tris_t[torch.as_tensor(faces)]
+    irrc = torch.einsum("pkj,cj->pkc", sh_basis_torch(n[corners] @ P._rot(qq.angles).T),
+                        qq.sh.reshape(3, 9))
+    col, _, _ = P.pixel_colour(sv[corners] * torch.tensor([k, k, 1.0]), irrc,
+                               sc.corner_uv[torch.as_tensor(faces)],
+                               torch.as_tensor(xs, dtype=torch.float32) + 0.5,
+                               torch.as_tensor(ys, dtype=torch.float32) + 0.5, sc.tex[0],
+                               sc.persp)
+    r = col - sc.photo[0][torch.as_tensor(ys), torch.as_tensor(xs)]
+    lm = ((sv[sc.lm_idx, :2] - sc.lm[0]) / sc.S) ** 2
+    return (torch.sqrt(r ** 2 + sc.eps ** 2).sum() / len(ys)
+            + sc.w_landmarks * 1e3 * lm.sum(-1).mean()
+            + sc.w_prior * ((qq.a_w ** 2).sum() + (qq.b_w ** 2).sum()))
+
+
+@pytest.mark.parametrize("camera", ["orthographic", "perspective"])
+def test_lm_gradient_is_the_energy_gradient(model, camera):
+    """The closed-form Jacobian (per-vertex x per-pixel pieces, gradient pulled back through
+    the vertices) gives the autograd gradient of the energy, every parameter kind."""
+    from facecorpus.renderers.raster import rasterize
+
+    sb = synthetic_batch(model, 1, 128, seed=3, noise_px=1.0, camera=camera)
+    opts = FitConfig(camera=camera, slide_min_yaw=90, photometric_render_size=96)
+    fit = fit_landmarks(model, sb.noisy_landmarks, 128, opts)
+    sc, p = P.build(model, fit, sb.image, sb.mask, sb.uv_texture[None], sb.noisy_landmarks,
+                    opts)
+    q = p.row(0)
+    geo = P._geometry(sc, q)
+    k = sc.R / sc.S
+    p2f = rasterize((geo[2] * torch.tensor([k, k, 1.0]))[None].numpy(), sc.tris, sc.R, sc.R,
+                    perspective_correct=sc.persp).pix_to_face[0]
+    st = P._evaluate(sc, 0, q, *geo, p2f)
+    nk, ne = 4, 3
+    _, g = P._normal_equations(sc, 0, q, st, nk, ne, stride=2)
+    vec = torch.zeros(len(g), dtype=torch.float64, requires_grad=True)
+    e = _autograd_energy(sc, q, st, vec, nk, ne)
+    assert abs(e.item() - st.energy) < 1e-5 * st.energy
+    e.backward()
+    ga = vec.grad
+    err = (g - ga).abs() / (ga.abs() + 1e-3 * ga.abs().max())
+    assert err.max() < 1e-3, (g, ga)
+    assert (ga.abs() > 1e-6).sum() > 0.8 * len(ga)  # a real check: most entries non-zero
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("camera", ["orthographic", "perspective"])
+def test_lm_energy_not_above_adam(model, camera):
+    """On synthetic faces LM (run to a tight tolerance, 1e-6: each image stops on its own,
+    in fewer renders than Adam's 41) ends at an energy no higher than Adam's 40 steps, per
+    image, and still beats stage 1 on the truth. (The coarse procedural mesh converges slower than ICT-FaceKit,
+    where the default 6 iterations already end below Adam: benchmarks/bench_fit.py.)"""
+    from facecorpus.tasks.fit import rotation_error_deg
+
+    sb = synthetic_batch(model, 3, 128, seed=9, noise_px=1.0, camera=camera)
+    base = FitConfig(camera=camera, slide_min_yaw=90, photometric_render_size=96)
+    fit1 = fit_landmarks(model, sb.noisy_landmarks, 128, base)
+    albedo = np.repeat(sb.uv_texture[None], 3, 0)
+    out, e = {}, {}
+    for solver, iters in (("adam", 40), ("lm", 40)):
+        opts = base.model_copy(update={"photometric_solver": solver, "photometric_iters": iters,
+                                       "photometric_tol": 1e-6})
+        out[solver] = refine_photometric(model, fit1, sb.image, sb.mask, albedo,
+                                         sb.noisy_landmarks, opts)
+        e[solver] = P.energy(model, out[solver], sb.image, sb.mask, albedo,
+                             sb.noisy_landmarks, opts)
+    e0 = P.energy(model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks, base)
+    assert np.isfinite(e["lm"]).all() and (e["lm"] < e0).all()
+    assert (e["lm"] <= e["adam"] * (1 + 1e-3)).all(), (e["lm"], e["adam"])
+    assert (out["lm"].iterations - fit1.iterations < 40).all()  # stopped on its own
+    assert all(f is None for f in out["lm"].failure)
+    assert np.median(rotation_error_deg(out["lm"], sb.truth)) < 2.0
+
+
+@pytest.mark.slow
+def test_lm_does_not_depend_on_batch_mates(model):
+    """Image 0 refined alone, with other faces, and next to a garbage photo: the same
+    parameters and iteration count."""
+    sb = synthetic_batch(model, 3, 128, seed=5, noise_px=1.0)
+    opts = FitConfig(slide_min_yaw=90, photometric_render_size=64, photometric_solver="lm",
+                     photometric_iters=6)
+    fit1 = fit_landmarks(model, sb.noisy_landmarks, 128, opts)
+    albedo = np.repeat(sb.uv_texture[None], 3, 0)
+    noise = np.random.default_rng(0).integers(0, 256, sb.image[0].shape, dtype=np.uint8)
+
+    def run(idx, image_override=None):
+        imgs = sb.image[idx].copy()
+        if image_override is not None:
+            imgs[image_override] = noise
+        return refine_photometric(model, fit1.select(idx), imgs, sb.mask[idx], albedo[idx],
+                                  sb.noisy_landmarks[idx], opts)
+
+    alone = run([0])
+    runs = [(run([0, 1, 2]), 0), (run([2, 0]), 1), (run([1, 0], image_override=0), 1)]
+    for other, j in runs:
+        for name in ("yaw", "pitch", "roll", "translation", "scale", "alpha", "beta", "sh",
+                     "photometric_error"):
+            np.testing.assert_allclose(getattr(other, name)[j], getattr(alone, name)[0],
+                                       rtol=1e-5, atol=1e-6, err_msg=name)
+        assert other.iterations[j] == alone.iterations[0]
+    assert alone.iterations[0] - fit1.iterations[0] > 1  # it really iterated
