@@ -99,9 +99,9 @@ class FaceLandmarks:
 class AlignedFace:
     """A square crop. ``image`` (S, S, 3) uint8; ``landmarks`` (68, 2) crop pixels;
     ``affine`` (2, 3) maps original-image (x, y, 1) to crop (x, y); ``mask`` (S, S) bool or
-    None (a given mask warped with the image); ``oval`` (K, 2) face-oval polygon in crop pixels
-    (the jaw plus the brows: the face region landmarks can vouch for); ``dense`` (478, 2)
-    mediapipe's points in crop pixels (the same affine) or None (given 68-point landmarks).
+    None (a given mask warped with the image); ``dense`` (478, 2) mediapipe's points in crop
+    pixels (the same affine) or None (given 68-point landmarks). The face oval is derived
+    from ``landmarks`` and the ``unwrap`` config where it is used (:func:`oval_for`).
     """
 
     image: np.ndarray
@@ -109,7 +109,6 @@ class AlignedFace:
     affine: np.ndarray
     source: str
     mask: np.ndarray | None = None
-    oval: np.ndarray | None = None
     dense: np.ndarray | None = None
 
 
@@ -692,7 +691,7 @@ def face_oval(points: np.ndarray, *, forehead: float = 0.25, hull: bool = False,
 
 def oval_for(points: np.ndarray, unwrap_cfg) -> np.ndarray | None:
     """The oval (K, 2) the ``unwrap`` config asks for, or None (``oval: none``)."""
-    mode = getattr(unwrap_cfg, "oval", "polygon")
+    mode = unwrap_cfg.oval
     if mode == "none":
         return None
     return face_oval(points, forehead=unwrap_cfg.oval_forehead, hull=mode == "hull",
@@ -701,7 +700,7 @@ def oval_for(points: np.ndarray, unwrap_cfg) -> np.ndarray | None:
 
 def align_face(image: np.ndarray, lm: FaceLandmarks, size: int,
                mask: np.ndarray | None = None, source_uri: str = "") -> AlignedFace:
-    """Crop (H, W, 3) around ``lm`` into (size, size, 3); landmarks, mask and oval follow.
+    """Crop (H, W, 3) around ``lm`` into (size, size, 3); landmarks and mask follow.
     Degenerate ``lm.points`` raise SampleRejected(``source_uri``, "landmarks", reason)."""
     check_landmarks(lm.points, source_uri)
     A = crop_affine(lm.points, size)
@@ -712,4 +711,4 @@ def align_face(image: np.ndarray, lm: FaceLandmarks, size: int,
         m = warp_image(mask.astype(np.uint8) * 255, A, size, order=0) > 127
     dense = None if lm.dense is None else (lm.dense @ A[:, :2].T + A[:, 2]).astype(np.float32)
     return AlignedFace(image=crop, landmarks=pts.astype(np.float32), affine=A.astype(np.float32),
-                       source=lm.source, mask=m, oval=face_oval(pts), dense=dense)
+                       source=lm.source, mask=m, dense=dense)

@@ -71,7 +71,7 @@ def face_mask(model: MorphableModel, vertices: np.ndarray, camera, *,
 
     Args:
         vertices: (V, 3) fitted shape; camera: its :class:`~facecorpus.renderers.cameras.Camera`.
-        oval: (K, 2) landmark face-oval polygon in pixels (``AlignedFace.oval``), or None.
+        oval: (K, 2) landmark face-oval polygon in pixels (``tasks.landmarks.oval_for``), or None.
         given: (H, W) bool user mask (face, with occluders removed); replaces the oval.
     """
     m = projected_region_mask(model, vertices, camera, region)
