@@ -34,15 +34,17 @@ import time
 import numpy as np
 
 
-def scene(model, n: int, S: int, T: int, seed: int = 3):
+def scene(model, n: int, S: int, T: int, seed: int = 3, texture: str = "pattern",
+          kinds=None):
     from facecorpus.meshops.uv import uv_mirror_map
     from facecorpus.renderers.render import render
     from facecorpus.tasks import occlusion as O
     from facecorpus.tasks.fit import synthetic_batch
     from facecorpus.tasks.masks import erode
+    from facecorpus.tasks.skin import RIM_KINDS, SKIN_TONES, paste_rim, skin_texture
     from facecorpus.tasks.unwrap import unwrap_one
 
-    kinds = (*O.OCCLUDER_KINDS, "clean")
+    kinds = kinds or (*O.OCCLUDER_KINDS, "clean")
     b = synthetic_batch(model, n, S, seed=seed, yaw_max=30, noise_px=0, texture_size=T)
     mirror = uv_mirror_map(model, T)
     tex = b.uv_texture.copy()
@@ -54,8 +56,10 @@ def scene(model, n: int, S: int, T: int, seed: int = 3):
     k_hair = S / 160  # the strands are drawn in pixels: keep them face-relative
     for i in range(n):
         v, cam = b.truth.vertices(model, i), b.truth.camera_for(i)
+        tex_i = tex if texture == "pattern" else skin_texture(
+            model, T, tex, SKIN_TONES[i % len(SKIN_TONES)], rng)
         r = render(v, model.triangles, cam, outputs=("image", "mask"), uv=model.uv,
-                   uv_triangles=model.uv_triangles, uv_texture=tex, sh=b.sh[i])
+                   uv_triangles=model.uv_triangles, uv_texture=tex_i, sh=b.sh[i])
         img = np.where(r.mask[0][..., None], r.image[0], rng.uniform(0.2, 0.8, (S, S, 3)))
         kind = kinds[i % len(kinds)]
         if kind == "clean":
@@ -66,6 +70,8 @@ def scene(model, n: int, S: int, T: int, seed: int = 3):
             pasted = O.paste_occluder(kind, img, b.landmarks[i], rng)
             pasted = binary_dilation(pasted, iterations=round(k_hair) - 1)
             img[pasted] = [0.12, 0.08, 0.05]
+        elif kind in RIM_KINDS:
+            pasted = paste_rim(kind, img, b.landmarks[i], rng)
         else:
             pasted = O.paste_occluder(kind, img, b.landmarks[i], rng)
         u = unwrap_one(img.astype(np.float32), v, cam, model, T, erode(b.mask[i], 3))
@@ -86,14 +92,16 @@ def scene(model, n: int, S: int, T: int, seed: int = 3):
 
 
 def score(sc, occ) -> dict:
+    """Per kind: (IoU with the pasted occluder, its recall); clean: (flagged share, nan)."""
     got: dict[str, list] = {}
     for i, kind in enumerate(sc["kind"]):
         p, g, vis = occ[i], sc["uv_truth"][i], sc["uv_visible_mask"][i]
         if kind == "clean":
-            got.setdefault(kind, []).append(p.sum() / max(vis.sum(), 1))
+            got.setdefault(kind, []).append((p.sum() / max(vis.sum(), 1), np.nan))
         else:
-            got.setdefault(kind, []).append((p & g).sum() / max((p | g).sum(), 1))
-    return {k: float(np.mean(v)) for k, v in got.items()}
+            got.setdefault(kind, []).append(((p & g).sum() / max((p | g).sum(), 1),
+                                             (p & g).sum() / max(g.sum(), 1)))
+    return {k: tuple(np.mean(np.array(v), 0)) for k, v in got.items()}
 
 
 def main():
@@ -102,10 +110,19 @@ def main():
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--uv", type=int, default=128)
     ap.add_argument("--model", default="procedural")
+    ap.add_argument("--texture", choices=("pattern", "skin"), default="pattern",
+                    help="pattern: the smooth multicolour test texture; skin: skin tones "
+                         "(light to dark) with brows and lips, as photos have")
+    ap.add_argument("--rim", action="store_true",
+                    help="occluders at the face region's rim instead: light collars, fringes")
+    ap.add_argument("--batch", type=int, default=0,
+                    help="the EM judges batches of this many images, as the flow does per "
+                         "shard (0: all at once; below occlusion.min_images: no EM)")
     a = ap.parse_args()
     from facecorpus.configs.occlusion import OcclusionConfig
     from facecorpus.tasks import occlusion as O
     from facecorpus.tasks.prior import build_prior
+    from facecorpus.tasks.skin import skin_layout, skin_outliers
     from facecorpus.tasks.unwrap import reject_occlusions
 
     if a.model == "procedural":
@@ -117,9 +134,12 @@ def main():
 
         model = load_model(a.model)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus; "
-          f"model {a.model}, {a.n} faces {a.size}^2, UV {a.uv}^2")
+          f"model {a.model}, {a.n} faces {a.size}^2, UV {a.uv}^2, texture {a.texture}")
     t = time.perf_counter()
-    sc = scene(model, a.n, a.size, a.uv)
+    from facecorpus.tasks.skin import RIM_KINDS
+
+    kinds = (*RIM_KINDS, "clean") if a.rim else (*O.OCCLUDER_KINDS, "clean")
+    sc = scene(model, a.n, a.size, a.uv, texture=a.texture, kinds=kinds)
     print(f"scene built in {time.perf_counter() - t:.1f} s")
     vis = sc["uv_visible_mask"]
     rows = []
@@ -138,20 +158,40 @@ def main():
         sc["uv_sampling_map"][i]) for i in range(a.n)]) & vis
     t_img = time.perf_counter() - t
     rows.append(("image cues only (padding, saturation)", img_uv, t_img))
+    layout = skin_layout(model, a.uv)
+    B = a.batch or a.n
+
+    def em(known, kw):  # per batch of B images, as per shard
+        out = np.zeros_like(known)
+        for s0 in range(0, a.n, B):
+            sl = slice(s0, s0 + B)
+            out[sl] = O.cross_fitted_outliers(
+                sc["uv_visible"][sl], vis[sl], sc["mirror"], cfg, uv_occlusion_mask=known[sl],
+                **{k: v[sl] for k, v in kw.items()}).uv_outliers
+        return out
+
     for name, kw in (("shading", {"uv_shading": sc["shading"]}),
                      ("normals", {"uv_normals": sc["normals"]})):
         t = time.perf_counter()
-        res = O.cross_fitted_outliers(sc["uv_visible"], vis, sc["mirror"], cfg,
-                                      uv_occlusion_mask=img_uv, **kw)
-        rows.append((f"ours: image cues + cross-fitted EM ({name})",
-                     img_uv | res.uv_outliers, t_img + time.perf_counter() - t))
-    kinds = (*O.OCCLUDER_KINDS, "clean")
-    print(f"{'method':58s} " + " ".join(f"{k:>8s}" for k in kinds) + "   ms/face")
+        rows.append((f"image cues + cross-fitted EM ({name})",
+                     img_uv | em(img_uv, kw), t_img + time.perf_counter() - t))
+        # the flow's order: image cues, the skin cue (on the albedo when the light is known),
+        # then the EM on what is left
+        t = time.perf_counter()
+        known = img_uv | skin_outliers(sc["uv_visible"], vis, layout, cfg,
+                                       uv_shading=kw.get("uv_shading"), uv_occlusion_mask=img_uv)
+        t_skin = time.perf_counter() - t
+        rows.append((f"ours: image cues + skin + cross-fitted EM ({name})",
+                     known | em(known, kw), t_img + t_skin + time.perf_counter() - t))
+        rows.append((f"skin cue alone ({name})", known & ~img_uv, t_skin))
+    print(f"EM batches of {B} images (occlusion.min_images {cfg.min_images})")
+    print(f"{'method':58s} " + " ".join(f"{k:>11s}" for k in kinds) + "   ms/face")
     for name, occ, sec in rows:
         s = score(sc, occ)
-        print(f"{name:58s} " + " ".join(f"{s.get(k, float('nan')):8.3f}" for k in kinds)
-              + f"   {1000 * sec / a.n:7.1f}")
-    print("(IoU with the pasted occluder; clean: share of visible texels flagged)")
+        cell = lambda v: f"{v[0]:.3f}" if np.isnan(v[1]) else f"{v[0]:.2f}/{v[1]:.2f}"
+        print(f"{name:58s} " + " ".join(f"{cell(s.get(k, (np.nan, np.nan))):>11s}"
+                                        for k in kinds) + f"   {1000 * sec / a.n:7.1f}")
+    print("(IoU/recall of the pasted occluder; clean: share of visible texels flagged)")
     if O.mediapipe_occlusion_dir() is not None:
         seg = O.segmenter()
         img = sc["images"][0]

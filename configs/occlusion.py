@@ -54,5 +54,20 @@ class OcclusionConfig(StrictConfig):
                         "found after 3)")
     pca_rank: int = Field(4, ge=0, description="PCA modes of each fold's prior (0: mean only)")
     pca_min_images: int = Field(8, ge=2, description="fewer images per prior: mean only")
+    skin: bool = Field(True, description="per-image skin-colour outliers (tasks/skin.py): "
+                       "texels outside brows, eyes, nostrils and lips whose colour is far "
+                       "from the image's own cheeks, nose and chin (hair, collars, frames "
+                       "at the face's rim, where the EM's prior has little support)")
+    skin_threshold: float = Field(16.27, gt=0, description="squared Mahalanobis distance "
+                                  "(log chromaticity + log luminance) beyond which a texel "
+                                  "is an occluder; 16.27 = chi2 with 3 dof at 0.999")
+    skin_floor: tuple[float, float] = Field((0.04, 0.15), description="lowest std of the "
+                                            "skin model: (log chromaticity, log luminance of "
+                                            "the albedo; doubled without a fitted light)")
+    skin_rim: float = Field(0.12, ge=0, le=1, description="the skin cue judges texels at most "
+                            "this share of the UV side from the visible region's edge "
+                            "(1: all); further in, the EM's prior is well supported")
+    skin_min_core: float = Field(0.25, gt=0, le=1, description="an image seeing less of the "
+                                 "core gets no skin cue")
     min_images: int = Field(3, ge=2, description="fewer images in the batch: no UV outliers "
                                                  "(no unbiased prior can be built)")

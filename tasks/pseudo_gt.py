@@ -34,6 +34,7 @@ from facecorpus.tasks import landmarks as lm_mod
 from facecorpus.tasks import masks as masks_mod
 from facecorpus.tasks import nonrigid as nonrigid_mod
 from facecorpus.tasks import occlusion as occ_mod
+from facecorpus.tasks import skin as skin_mod
 from facecorpus.tasks import unwrap as unwrap_mod
 
 METRICS = ("landmark_rmse", "landmark_nme", "photometric_error", "rerender_l1",
@@ -55,6 +56,7 @@ class Stages:
     occlusion: Callable = unwrap_mod.reject_occlusions  # the legacy colour rule
     image_occlusion: Callable = occ_mod.image_occlusion
     uv_outliers: Callable = occ_mod.cross_fitted_outliers
+    skin_outliers: Callable = skin_mod.skin_outliers
     blend: Callable = blend_mod.blend_batch
     nonrigid: Callable = nonrigid_mod.refine_nonrigid
     delight: Callable = albedo_mod.delight
@@ -283,7 +285,13 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
         io = _trust_person(io)
         uv_occ = (occ_mod.image_mask_to_uv(io.occlusion_mask, o[2].uv_sampling_map[0])
                   & o[2].uv_visible_mask[0])
+        if skin_layout is not None:  # no light yet: the prior is built from these texels
+            uv_occ |= stages.skin_outliers(o[2].uv_visible, o[2].uv_visible_mask, skin_layout,
+                                           cfg.occlusion, uv_occlusion_mask=uv_occ[None])[0]
         return io, uv_occ
+
+    skin_layout = (skin_mod.skin_layout(model, T)
+                   if cfg.occlusion.enabled and cfg.occlusion.skin else None)
 
     kept, occs, rej = isolation.each("occlusion", uris, image_occlusion, aligned, outs)
     rejected += _tag(rej, kept, fidx)
@@ -556,9 +564,18 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
         return occ_mod.image_mask_to_uv(a["occlusion_mask"][j], uv_map[j]) & uv_mask[j]
 
     need_em = oc.enabled and oc.outliers and n >= oc.min_images
-    k5, occ_in, rej = isolation.each(
-        "occlusion", uris, lambda j: (image_occ(j), shading(j) if need_em else None),
-        list(range(n)))
+    skin_layout = skin_mod.skin_layout(model, T) if oc.enabled and oc.skin else None
+
+    def occ_cues(j):  # image cues, then the skin cue (any shard size) on the lit albedo
+        known = image_occ(j)
+        sh_j = shading(j) if need_em or (skin_layout is not None and lit) else None
+        if skin_layout is not None:
+            known = known | stages.skin_outliers(
+                uv_vis[j][None], uv_mask[j][None], skin_layout, oc,
+                uv_shading=sh_j[None] if lit else None, uv_occlusion_mask=known[None])[0]
+        return known, sh_j if need_em else None
+
+    k5, occ_in, rej = isolation.each("occlusion", uris, occ_cues, list(range(n)))
     rejected += _tag(rej, k5, fidx)
     if len(k5) < n:
         a, fit, sh = select_arrays(a, k5), fit.select(k5), sh[k5]

@@ -1,0 +1,245 @@
+"""Per-image skin-colour outliers in UV: the occluders at the edge of the face region.
+
+The cross-fitted EM (:mod:`facecorpus.tasks.occlusion`) judges a texel against a prior built
+from *other* images; at the rim of the face region (the forehead under the hairline, the jaw
+and chin above the collar) few other images see the texel, so the prior has no support there
+and hair strands or a white collar pass as face colour. A shard smaller than
+``occlusion.min_images`` gets no EM at all. This cue needs neither: each image's own skin
+colour is learnt from its **core** (cheeks, nose and chin inside the jaw line, below the
+eyes, away from brows, eyes, nostrils and lips: rarely occluded, almost always seen), and
+every visible texel of the rim (within ``skin_rim`` of the visible region's edge) outside
+the face's non-skin parts whose colour is far from that model is an occluder. As in skin detection for 3DMM fitting (Deng et al. 2019 train a Bayes skin
+classifier; no skin data can be had here, so the classifier is the image's own core), colour
+is compared in log chromaticity, which a white light's shading does not change, plus a loose
+log-luminance term for the albedo (colour divided by the fitted SH irradiance when known).
+
+Robust model: a Gaussian whose mean and covariance are re-estimated on the 75 % of core
+texels closest to it (a cheap minimum-covariance-determinant), with a floor per axis so a
+very uniform core does not make every shading error an outlier.
+
+Shapes: N images, T x T UV texels, V model vertices.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+from facecorpus.configs.occlusion import OcclusionConfig
+
+#: landmark groups (Multi-PIE 68) that are face but not skin, and their radius in
+#: inter-ocular distances on the mean shape
+FEATURES = {"brows": (range(17, 27), 0.20), "eyes": (range(36, 48), 0.17),
+            "nostrils": (range(31, 36), 0.10), "mouth": (range(48, 68), 0.13)}
+#: the core polygon: jaw points 2-14, closed along the lower eye line
+CORE_POLYGON = (*range(2, 15), 46, 47, 42, 39, 40, 41)
+CORE_SHRINK = 0.92  # towards the polygon's centroid: away from the jaw edge
+_CACHE: dict = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class SkinLayout:
+    """``core`` (T, T) bool texels a skin model is learnt from; ``judged`` (T, T) bool texels
+    that must look like skin (the layout minus brows, eyes, nostrils and lips)."""
+
+    core: np.ndarray
+    judged: np.ndarray
+
+
+def _to_uv(model, flag: np.ndarray, T: int) -> np.ndarray:
+    """(V,) per-vertex bool -> (T, T) bool by the UV raster's barycentric majority."""
+    from facecorpus.meshops.uv import rasterize_uv
+
+    r = rasterize_uv(model.uv, model.uv_triangles, T)
+    face = r.texel_face
+    inside = face >= 0
+    val = np.zeros((T, T), np.float32)
+    corners = flag.astype(np.float32)[np.asarray(model.triangles)[face[inside]]]  # (n, 3)
+    val[inside] = (corners * r.texel_bary[inside]).sum(1)
+    return inside & (val > 0.5)
+
+
+def skin_layout(model, T: int) -> SkinLayout:
+    """The model's :class:`SkinLayout` at UV size ``T`` (cached per model content and T)."""
+    key = (model.content_hash(), int(T))
+    with _LOCK:
+        hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    from skimage.measure import points_in_poly
+
+    v = np.asarray(model.vertices, np.float64)
+    lm = v[np.asarray(model.landmarks)]
+    iod = float(np.linalg.norm(lm[36:42].mean(0) - lm[42:48].mean(0)))
+    feature = np.zeros(len(v), bool)
+    for idx, radius in FEATURES.values():
+        pts = lm[list(idx)]
+        d = np.min(np.linalg.norm(v[:, None, :] - pts[None], axis=2), 1)
+        feature |= d < radius * iod
+    poly = lm[list(CORE_POLYGON), :2]
+    c = poly.mean(0)
+    poly = c + CORE_SHRINK * (poly - c)
+    # front half only: the polygon is a frontal (x, y) outline; back-facing or deep vertices
+    # (mouth bag, eyeballs' backs) must not count
+    from facecorpus.meshops.geometry import vertex_normals
+
+    nz = vertex_normals(v, np.asarray(model.triangles))[:, 2]
+    core = points_in_poly(v[:, :2], poly) & ~feature & (nz > 0.3)
+    out = SkinLayout(core=_to_uv(model, core, T), judged=_to_uv(model, ~feature, T))
+    for a in (out.core, out.judged):
+        a.flags.writeable = False
+    with _LOCK:
+        _CACHE[key] = out
+    return out
+
+
+def _features(y: np.ndarray) -> np.ndarray:
+    """(..., 3) colour -> (..., 3) [log R/G, log B/G, log G]."""
+    y = np.maximum(np.asarray(y, np.float64), 1e-3)
+    lg = np.log(y)
+    return np.stack([lg[..., 0] - lg[..., 1], lg[..., 2] - lg[..., 1], lg[..., 1]], -1)
+
+
+def _robust_gaussian(f: np.ndarray, floor: np.ndarray, keep: float = 0.75, iters: int = 3
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (3,) and covariance (3, 3) of the ``keep`` share of rows of f (n, 3) nearest the
+    estimate, re-estimated ``iters`` times from a median / MAD start; ``floor`` (3,) std."""
+    mu = np.median(f, 0)
+    mad = 1.4826 * np.median(np.abs(f - mu), 0)
+    cov = np.diag(np.maximum(mad, floor) ** 2)
+    # the covariance of a normal's nearest 75 % is shrunk by F5(t) / F3(t) (t its chi2_3
+    # quantile): undo it, or every texel beyond the core would look like an outlier
+    corr = 3.0 / _trunc_mean_chi2_3(keep)
+    for _ in range(iters):
+        d2 = _mahalanobis2(f, mu, cov)
+        sel = d2 <= np.quantile(d2, keep)
+        g = f[sel]
+        mu = g.mean(0)
+        cov = np.cov(g.T) * corr + np.diag(floor ** 2)
+    return mu, cov
+
+
+def _trunc_mean_chi2_3(q: float) -> float:
+    from scipy.stats import chi2
+
+    t = chi2.ppf(q, 3)
+    # E[X | X <= t] for X ~ chi2_3: 3 * F_5(t) / F_3(t)
+    return float(3.0 * chi2.cdf(t, 5) / chi2.cdf(t, 3))
+
+
+def _mahalanobis2(f: np.ndarray, mu: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    d = f - mu
+    return np.einsum("ni,ij,nj->n", d, np.linalg.inv(cov), d)
+
+
+def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: SkinLayout,
+                  cfg: OcclusionConfig, *, uv_shading: np.ndarray | None = None,
+                  uv_occlusion_mask: np.ndarray | None = None) -> np.ndarray:
+    """Visible texels whose colour is far from the image's own core skin colour.
+
+    Args:
+        uv_visible: (N, T, T, 3) float colours in [0, 1]; uv_visible_mask: (N, T, T) bool.
+        layout: :func:`skin_layout` of the model at this T.
+        cfg: ``occlusion`` config (``skin``, ``skin_threshold``, ``skin_min_core``,
+            ``skin_floor``, ``skin_rim``).
+        uv_shading: (N, T, T, 3) SH irradiance per texel, or None: colours are divided by it
+            first (an albedo), which lets the luminance term stay tight.
+        uv_occlusion_mask: (N, T, T) bool texels already known occluded: not learnt from.
+
+    Returns:
+        (N, T, T) bool, True = occluded (within ``uv_visible_mask & layout.judged``, at most
+        ``skin_rim`` T from the visible region's edge); all
+        False for an image that sees less than ``skin_min_core`` of the core.
+    """
+    from scipy.ndimage import binary_dilation, binary_opening, distance_transform_edt
+
+    vis = np.asarray(uv_visible_mask, bool)
+    out = np.zeros(vis.shape, bool)
+    if not (cfg.enabled and cfg.skin):
+        return out
+    lum_floor = cfg.skin_floor[1] if uv_shading is not None else 2 * cfg.skin_floor[1]
+    floor = np.array([cfg.skin_floor[0], cfg.skin_floor[0], lum_floor])
+    for i in range(len(vis)):
+        known = vis[i] if uv_occlusion_mask is None else vis[i] & ~uv_occlusion_mask[i]
+        core = known & layout.core
+        if core.sum() < cfg.skin_min_core * layout.core.sum():
+            continue
+        y = np.asarray(uv_visible[i], np.float64)
+        if uv_shading is not None:
+            y = y / np.maximum(np.asarray(uv_shading[i], np.float64), 0.05)
+        f = _features(y)
+        mu, cov = _robust_gaussian(f[core], floor)
+        # only the rim: inside, the cross-fitted EM has support and judges texture, not
+        # colour (freckles, stubble, make-up are face there)
+        rim = distance_transform_edt(vis[i]) <= cfg.skin_rim * vis.shape[-1]
+        judged = known & layout.judged & rim
+        d2 = np.zeros(vis.shape[1:])
+        d2[judged] = _mahalanobis2(f[judged], mu, cov)
+        occ = judged & (d2 > cfg.skin_threshold)
+        # single texels are noise; an occluder's soft edge is a texel wider than its core
+        occ = binary_opening(occ, iterations=1)
+        occ = binary_dilation(occ, iterations=1) & judged
+        out[i] = occ
+    return out
+
+
+# ------------------------------------------------ synthetic truth (tests, benchmarks)
+#: skin albedos from light to dark (linear-ish RGB in [0, 1])
+SKIN_TONES = ((0.86, 0.68, 0.58), (0.78, 0.58, 0.46), (0.64, 0.45, 0.33), (0.48, 0.32, 0.23),
+              (0.34, 0.22, 0.16))
+
+
+def skin_texture(model, T: int, base: np.ndarray, tone, rng) -> np.ndarray:
+    """(T, T, 3) a skin-like albedo: ``tone`` modulated by the smooth texture's luminance
+    (+-10 %) and a little chroma noise, with darker brows and redder lips painted at the
+    model's landmarks (smaller than the skin cue's exclusion zones, as real features are)."""
+    lum = base.mean(-1, keepdims=True)
+    tex = np.asarray(tone) * (1 + 0.2 * (lum - lum.mean())) * (
+        1 + 0.03 * rng.standard_normal(3))
+    v = np.asarray(model.vertices, np.float64)
+    lm = v[np.asarray(model.landmarks)]
+    iod = float(np.linalg.norm(lm[36:42].mean(0) - lm[42:48].mean(0)))
+    for idx, r, col in ((range(17, 27), 0.08, (0.25, 0.18, 0.13)),
+                        (range(48, 60), 0.07, (0.70, 0.35, 0.33))):
+        d = np.min(np.linalg.norm(v[:, None] - lm[list(idx)][None], axis=2), 1)
+        zone = _to_uv(model, d < r * iod, T)
+        tex[zone] = 0.5 * tex[zone] + 0.5 * np.asarray(col)
+    return np.clip(tex, 0.02, 0.98).astype(np.float32)
+
+
+RIM_KINDS = ("collar", "fringe")
+
+
+def paste_rim(kind: str, img: np.ndarray, lm: np.ndarray, rng) -> np.ndarray:
+    """The tests' and benchmark's rim occluders (known truth on rendered faces): occluders at the face region's rim, where few other images see the texels: a light
+    shirt collar over the chin and jaw bottom, a blond or brown fringe over the hairline.
+    In place on (H, W, 3) ``img``; returns the (H, W) bool pasted pixels."""
+    from skimage.draw import polygon
+
+    H, W = img.shape[:2]
+    m = np.zeros((H, W), bool)
+    face_h = lm[8, 1] - lm[17:27, 1].mean()
+    if kind == "collar":
+        jaw = lm[3:14].astype(np.float64)
+        up = jaw - [0, 0.06 * face_h]
+        down = jaw + [0, 0.25 * face_h]
+        pts = np.concatenate([up, down[::-1]])
+        rr, cc = polygon(pts[:, 1], pts[:, 0], (H, W))
+        m[rr, cc] = True
+        img[m] = np.array([0.93, 0.93, 0.9]) * (0.85 + 0.1 * rng.random())
+    elif kind == "fringe":
+        brow = lm[17:27].astype(np.float64)
+        lo = brow - [0, 0.18 * face_h]
+        hi = brow - [0, 0.6 * face_h]
+        lo[:, 1] += 0.06 * face_h * np.sin(np.arange(10) * 1.7 + rng.random() * 6)
+        pts = np.concatenate([lo, hi[::-1]])
+        rr, cc = polygon(pts[:, 1], pts[:, 0], (H, W))
+        m[rr, cc] = True
+        col = ((0.86, 0.72, 0.45), (0.35, 0.22, 0.12))[int(rng.random() < 0.5)]
+        strands = 0.85 + 0.15 * np.sin(np.arange(W) / 2.0)[None, :].repeat(H, 0)[m]
+        img[m] = np.asarray(col) * strands[:, None]
+    else:
+        raise ValueError(kind)
+    return m

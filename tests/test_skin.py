@@ -1,0 +1,110 @@
+"""The per-image skin-colour cue (tasks/skin.py): rim occluders (light collars, fringes) on
+rendered skin-toned faces are found without any other image (a shard too small for the EM),
+clean faces and their brows and lips are not flagged, and the layout is what it claims."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from facecorpus.configs.occlusion import OcclusionConfig
+from facecorpus.tasks import skin
+
+S, T = 192, 96
+CFG = OcclusionConfig(hands=False, person=False)
+KINDS = ("collar", "fringe", "clean")
+
+
+@pytest.fixture(scope="module")
+def scene():
+    from facecorpus.meshops.procedural import procedural_model
+    from facecorpus.renderers.render import render
+    from facecorpus.tasks import occlusion as O
+    from facecorpus.tasks.fit import synthetic_batch
+    from facecorpus.tasks.masks import erode
+    from facecorpus.tasks.unwrap import unwrap_one
+
+    model = procedural_model()
+    N = 6
+    b = synthetic_batch(model, N, S, seed=5, yaw_max=25, noise_px=0, texture_size=T)
+    rng = np.random.default_rng(1)
+    out = {k: [] for k in ("kind", "uv_visible", "uv_visible_mask", "truth", "shading")}
+    for i in range(N):
+        kind = KINDS[i % 3]
+        tex = skin.skin_texture(model, T, b.uv_texture, skin.SKIN_TONES[(2 * i) % 5], rng)
+        v, cam = b.truth.vertices(model, i), b.truth.camera_for(i)
+        r = render(v, model.triangles, cam, outputs=("image", "mask"), uv=model.uv,
+                   uv_triangles=model.uv_triangles, uv_texture=tex, sh=b.sh[i])
+        img = np.where(r.mask[0][..., None], r.image[0], rng.uniform(0.2, 0.8, (S, S, 3)))
+        pasted = (np.zeros((S, S), bool) if kind == "clean"
+                  else skin.paste_rim(kind, img, b.landmarks[i], rng))
+        u = unwrap_one(img.astype(np.float32), v, cam, model, T, erode(b.mask[i], 3))
+        out["kind"].append(kind)
+        out["uv_visible"].append(u.uv_visible[0])
+        out["uv_visible_mask"].append(u.uv_visible_mask[0])
+        out["truth"].append(O.image_mask_to_uv(pasted & b.mask[i], u.uv_sampling_map[0])
+                            & u.uv_visible_mask[0])
+        out["shading"].append(O.uv_irradiance(model, v, cam.rotation, b.sh[i], T))
+    out = {k: (np.stack(v) if k != "kind" else v) for k, v in out.items()}
+    out["model"] = model
+    out["layout"] = skin.skin_layout(model, T)
+    return out
+
+
+@pytest.mark.parametrize("light", ["shading", "none"])
+def test_rim_occluders_found_in_a_batch_too_small_for_the_em(scene, light):
+    sh = scene["shading"] if light == "shading" else None
+    for i, kind in enumerate(scene["kind"]):
+        # one image at a time: no other image, no prior, as in a 1-photo shard
+        occ = skin.skin_outliers(scene["uv_visible"][i:i + 1], scene["uv_visible_mask"][i:i + 1],
+                                 scene["layout"], CFG,
+                                 uv_shading=None if sh is None else sh[i:i + 1])[0]
+        vis, g = scene["uv_visible_mask"][i], scene["truth"][i]
+        assert not (occ & ~vis).any()
+        if kind == "clean":
+            assert occ.sum() / vis.sum() <= 0.01, (light, occ.sum() / vis.sum())
+        else:
+            assert g.sum() > 50
+            recall = (occ & g).sum() / g.sum()
+            false = (occ & ~g).sum() / max((vis & ~g).sum(), 1)
+            assert recall >= {"fringe": 0.85, "collar": 0.6}[kind], (kind, light, recall)
+            assert false <= 0.01, (kind, light, false)
+
+
+def test_off_and_too_little_core_flag_nothing(scene):
+    vis = scene["uv_visible_mask"][1:2]
+    args = (scene["uv_visible"][1:2], vis, scene["layout"])
+    assert skin.skin_outliers(*args, CFG).any()
+    assert not skin.skin_outliers(*args, CFG.model_copy(update={"skin": False})).any()
+    assert not skin.skin_outliers(*args, CFG.model_copy(update={"enabled": False})).any()
+    # an image that sees a fifth of the core: no model of its skin is learnt
+    core = np.argwhere(scene["layout"].core)
+    hidden = vis.copy()
+    hidden[0][tuple(core[: int(0.8 * len(core))].T)] = False
+    assert not skin.skin_outliers(scene["uv_visible"][1:2], hidden, scene["layout"], CFG).any()
+
+
+def test_known_occluded_texels_are_not_learnt_from(scene):
+    """A core half covered by a known (image-cue) occluder of another colour: the skin model
+    comes from the rest, and the rim occluder is still found."""
+    i = 1  # the fringe face
+    y, vis = scene["uv_visible"][i:i + 1].copy(), scene["uv_visible_mask"][i:i + 1]
+    core = np.argwhere(scene["layout"].core & vis[0])
+    known = np.zeros_like(vis)
+    half = tuple(core[: len(core) // 2].T)
+    y[0][half] = [0.1, 0.6, 0.1]  # green paint over half the core
+    known[0][half] = True
+    occ = skin.skin_outliers(y, vis, scene["layout"], CFG, uv_occlusion_mask=known)[0]
+    g = scene["truth"][i]
+    assert (occ & g).sum() / g.sum() >= 0.9
+
+
+def test_layout_core_is_skin_and_features_are_excluded(scene):
+    lay, model = scene["layout"], scene["model"]
+    from facecorpus.meshops.uv import rasterize_uv
+
+    inside = rasterize_uv(model.uv, model.uv_triangles, T).mask
+    assert lay.core.sum() > 0.02 * inside.sum()
+    assert not (lay.core & ~lay.judged).any()  # the core is skin, never a feature
+    assert (inside & ~lay.judged).sum() > 0.02 * inside.sum()  # brows, eyes, lips excluded
+    assert not (lay.judged & ~inside).any()
+    assert skin.skin_layout(model, T) is lay  # cached
