@@ -42,7 +42,10 @@ def recipe(cfg, model_hash: str) -> dict:
             "model": model_hash, "uv_size": cfg.unwrap.uv_size,
             # only for this kind: the other recipes keep their bytes (and stored priors)
             **({"dataset": albedo_mod.dataset_content(pc.dataset)}
-               if pc.kind == "albedo_dataset" else {})}
+               if pc.kind == "albedo_dataset" else {}),
+            # a corpus prior is built from the texels the occlusion cues leave
+            **({"occlusion": cfg.occlusion.model_dump(mode="json")}
+               if pc.kind in ("corpus", "auto") else {})}
 
 
 def needs_corpus(cfg, model) -> bool:

@@ -298,3 +298,18 @@ def test_prior_from_a_datasets_albedo(lit, tmp_path):
     assert psnr(z["mean"], tex, seen) > psnr(lit_mean, tex, seen)
     with pytest.raises(Exception, match="uv_albedo"):  # a dataset made without albedo
         albedo_prior_from_dataset(str(tmp_path / "out" / "dataset"), uv_size=128)
+
+
+def test_corpus_prior_recipe_covers_the_occlusion_cues():
+    """A corpus prior is built from the texels the occlusion cues leave: changing a cue
+    rebuilds it; a prior made without the corpus (the model's albedo) keeps its recipe."""
+    from facecorpus.flows import prior_store
+    from facecorpus.flows.pseudo_gt import load_config
+
+    def rec(**over):
+        return prior_store.recipe(load_config(None, over), "m")
+
+    assert rec() != rec(**{"occlusion.skin": False})
+    assert rec() != rec(**{"occlusion.rounds": 2})
+    assert (rec(**{"prior.kind": "albedo"})
+            == rec(**{"prior.kind": "albedo", "occlusion.skin": False}))
