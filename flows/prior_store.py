@@ -145,17 +145,6 @@ def build(cfg, state, analysis_paths: list[str]) -> tuple[object, int]:
                         m = m & ~z["uv_occlusion_mask"][local]
                     msk.append(m)
     vis, msk = np.concatenate(vis), np.concatenate(msk)
-    oc = cfg.occlusion
-    if needs_corpus(cfg, state.model) and oc.enabled and oc.outliers and len(vis) >= oc.min_images:
-        # the analyses only know the image and skin cues: texels the cross-fitted EM calls
-        # occluders (judged by priors without their image) are not face colour either
-        from facecorpus.tasks.occlusion import cross_fitted_outliers
-
-        t0 = time.perf_counter()
-        outl = cross_fitted_outliers(vis, msk, state.mirror_map, oc).uv_outliers
-        log.info("prior: %.1f%% of the sampled texels are EM outliers (%.1f s)",
-                 100 * outl.sum() / max(msk.sum(), 1), time.perf_counter() - t0)
-        msk = msk & ~outl
     if needs_corpus(cfg, state.model) and not len(vis):
         from facecorpus.core.errors import InputError
 

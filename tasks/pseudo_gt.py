@@ -286,8 +286,14 @@ def analyse(state: State, inputs: list, cfg, stages: Stages = STAGES) -> Analysi
         uv_occ = (occ_mod.image_mask_to_uv(io.occlusion_mask, o[2].uv_sampling_map[0])
                   & o[2].uv_visible_mask[0])
         if skin_layout is not None:  # no light yet: the prior is built from these texels
-            uv_occ |= stages.skin_outliers(o[2].uv_visible, o[2].uv_visible_mask, skin_layout,
-                                           cfg.occlusion, uv_occlusion_mask=uv_occ[None])[0]
+            sk = stages.skin_outliers(o[2].uv_visible, o[2].uv_visible_mask, skin_layout,
+                                      cfg.occlusion, uv_occlusion_mask=uv_occ[None])[0]
+            if sk.any():  # in image space too: stage 2 must not fit light to a collar
+                uv_occ |= sk
+                back = skin_mod.uv_mask_to_image(sk, o[2].uv_sampling_map[0],
+                                                 io.occlusion_mask.shape)
+                io = dataclasses.replace(io, occlusion_mask=io.occlusion_mask
+                                         | (back & o[0].astype(bool)))
         return io, uv_occ
 
     skin_layout = (skin_mod.skin_layout(model, T)

@@ -185,6 +185,33 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
     return out
 
 
+def uv_mask_to_image(uv_mask: np.ndarray, uv_sampling_map: np.ndarray,
+                     shape: tuple[int, int]) -> np.ndarray:
+    """The image pixels a UV mask's texels were sampled from (the inverse of
+    ``occlusion.image_mask_to_uv``): each set texel marks the pixel its sample centre falls
+    in, and a 1-px closing fills the gaps between texel footprints.
+
+    Args:
+        uv_mask: (T, T) bool; uv_sampling_map: (T, T, 2) ``grid_sample`` coordinates
+            (align_corners=False); shape: (H, W) of the image.
+
+    Returns:
+        (H, W) bool.
+    """
+    from scipy.ndimage import binary_closing
+
+    H, W = shape
+    out = np.zeros((H, W), bool)
+    smap = np.asarray(uv_sampling_map, np.float32)[np.asarray(uv_mask, bool)]
+    if not len(smap):
+        return out
+    x = np.floor((smap[:, 0] + 1) * 0.5 * W).astype(np.int64)
+    y = np.floor((smap[:, 1] + 1) * 0.5 * H).astype(np.int64)
+    ok = (x >= 0) & (x < W) & (y >= 0) & (y < H)
+    out[y[ok], x[ok]] = True
+    return binary_closing(out, iterations=1) | out
+
+
 # ------------------------------------------------ synthetic truth (tests, benchmarks)
 #: skin albedos from light to dark (linear-ish RGB in [0, 1])
 SKIN_TONES = ((0.86, 0.68, 0.58), (0.78, 0.58, 0.46), (0.64, 0.45, 0.33), (0.48, 0.32, 0.23),

@@ -108,3 +108,25 @@ def test_layout_core_is_skin_and_features_are_excluded(scene):
     assert (inside & ~lay.judged).sum() > 0.02 * inside.sum()  # brows, eyes, lips excluded
     assert not (lay.judged & ~inside).any()
     assert skin.skin_layout(model, T) is lay  # cached
+
+
+def test_uv_mask_to_image_inverts_image_mask_to_uv():
+    """A UV mask moved into the image and back covers the same texels (and little more)."""
+    from facecorpus.meshops.procedural import procedural_model
+    from facecorpus.tasks import occlusion as O
+    from facecorpus.tasks.fit import synthetic_batch
+    from facecorpus.tasks.unwrap import unwrap_one
+
+    model = procedural_model()
+    b = synthetic_batch(model, 1, S, seed=2, yaw_max=20, noise_px=0, texture_size=T)
+    u = unwrap_one(b.image[0], b.truth.vertices(model, 0), b.truth.camera_for(0), model, T,
+                   b.mask[0])
+    vis, smap = u.uv_visible_mask[0], u.uv_sampling_map[0]
+    lay = skin.skin_layout(model, T)
+    uv = vis & lay.core  # a compact patch
+    img = skin.uv_mask_to_image(uv, smap, (S, S))
+    assert img.sum() > 0 and not img[~b.mask[0]].any()
+    back = O.image_mask_to_uv(img, smap) & vis
+    assert (back & uv).sum() / uv.sum() >= 0.98
+    assert (back & ~uv).sum() / uv.sum() <= 0.5  # the bilinear footprint's rim
+    assert not skin.uv_mask_to_image(np.zeros_like(uv), smap, (S, S)).any()
