@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rerender_common_mask import COLS, rerender  # noqa: E402
+from rerender_common_mask import COLS, rerender
 
 
 def occluded_pixels(model, s: dict) -> np.ndarray:
