@@ -263,7 +263,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="torch intra-op threads for CPU tensors (0: torch's default; 2 "
-                    "oversubscribe a shared 2-core box: 3-15x slower rasterizing, measured)")
+                    "oversubscribe a shared 2-core box: 3-17x slower rasterizing, measured)")
     args = ap.parse_args()
     import torch
 
