@@ -142,18 +142,19 @@ def bench_raster(args, dev: str) -> None:
     for size in args.raster_sizes:
         sv = np.stack([framing_camera(v, size, size, yaw=y, pitch=p, roll=r,
                                       kind="perspective").project(v) for y, p, r in poses])
-        t_nb, ref = best_of(lambda: rasterize(sv, tris, size, size), args.repeats, lambda: None)
+        t_nb, ref = best_of(lambda sv=sv, size=size: rasterize(sv, tris, size, size),
+                            args.repeats, lambda: None)
         rows = [(f"numba (CPU, {os.cpu_count()} cores)", t_nb, None)]
         for d in dict.fromkeys(["cpu", dev]):
             sv_t = torch.as_tensor(sv, device=d)
             tris_t = torch.as_tensor(tris, device=d)
-            t, got = best_of(lambda: rasterize_torch(sv_t, tris_t, size, size),
-                             args.repeats, syncer(d))
+            t, got = best_of(lambda sv_t=sv_t, tris_t=tris_t, size=size: rasterize_torch(
+                sv_t, tris_t, size, size), args.repeats, syncer(d))
             p2f = got.pix_to_face.cpu().numpy()
             agree = ((p2f == ref.pix_to_face) & ref.mask).sum() / ref.mask.sum()
             same_cov = bool(((p2f >= 0) == ref.mask).all())
-            rows.append((f"torch ({d})", t, f"same face {100 * agree:.3f}% of covered px, "
-                                             f"coverage identical {same_cov}"))
+            rows.append((f"torch ({d})", t, (f"same face {100 * agree:.3f}% of covered px, "
+                                              f"coverage identical {same_cov}")))
         for label, t, extra in rows:
             print(f"  {size:4d}^2 {label:>26}: {1e3 * t / args.raster_n:8.2f} ms/image "
                   f"{args.raster_n / t:8.1f} images/s ({t_nb / t:5.2f}x numba)"
@@ -190,9 +191,9 @@ def bench_fit(args, dev: str) -> None:
         runs.append((f"torch raster, {dev}", dev, "torch"))
     ref = None
     for label, d, r in runs:
-        opts = base.model_copy(update=dict(device=d, rasterizer=r))
-        t, out = best_of(lambda: refine_photometric(model, fit1, sb.image, sb.mask, albedo,
-                                                    sb.noisy_landmarks, opts),
+        opts = FitConfig(**{**base.model_dump(), "device": d, "rasterizer": r})  # validated
+        t, out = best_of(lambda opts=opts: refine_photometric(
+            model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks, opts),
                          args.repeats, syncer(d))
         ref = ref or t
         e2 = rotation_error_deg(out, sb.truth)
@@ -204,7 +205,6 @@ def bench_fit(args, dev: str) -> None:
 
 
 def bench_train(args, dev: str) -> None:
-    import torch
     from bench_train import run
     from facecorpus.configs.train import TrainConfig
     from facecorpus.training.data import TensorSource
@@ -231,7 +231,7 @@ def bench_train(args, dev: str) -> None:
                               cpu_threads=0 if d == "cuda" else 1)
             r = run(cfg, mem, os.path.join(tmp, str(k)))
             ref = ref or r["samples_per_s"]
-            print(f"  {d} precision {prec} channels_last {str(cl):5}: "
+            print(f"  {d} precision {prec} channels_last {cl!s:5}: "
                   f"{r['samples_per_s']:8.1f} samples/s ({r['samples_per_s'] / ref:4.2f}x "
                   f"fp32 NCHW)")
     finally:

@@ -22,8 +22,9 @@ keys agree to float32 the lower face id wins, which can differ from numba on suc
 
 from __future__ import annotations
 
-import torch
+import itertools
 
+import torch
 from facecorpus.renderers.raster import Fragments
 
 _SUB = 256.0
@@ -130,7 +131,7 @@ def rasterize_torch(screen_vertices: torch.Tensor, triangles, height: int, width
             cuts = torch.searchsorted(ends, marks, right=True).tolist()
             bounds = [0] + sorted(set(cuts) - {0, sel.numel()}) + [sel.numel()]
             sign = -1.0 if persp else 1.0  # nearer = larger 1/w
-            for s, e in zip(bounds[:-1], bounds[1:]):
+            for s, e in itertools.pairwise(bounds):
                 if s >= e:
                     continue
                 t = sel[s:e]

@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 from facecorpus.configs.fit import FitConfig
-from facecorpus.tasks.fit import fit_landmarks, refine_photometric, rotation_error_deg, synthetic_batch
+from facecorpus.tasks.fit import (
+    fit_landmarks,
+    refine_photometric,
+    rotation_error_deg,
+    synthetic_batch,
+)
 
 PARAMS = ("yaw", "pitch", "roll", "translation", "scale", "focal", "alpha", "beta", "sh",
           "photometric_error")
@@ -30,8 +35,8 @@ def test_torch_rasterizer_matches_numba_quality(model, camera):
     albedo = np.repeat(sb.uv_texture[None], 4, 0)
     out = {}
     for r in ("numba", "torch"):
-        opts = base.model_copy(update=dict(photometric_iters=30, photometric_render_size=96,
-                                           rasterizer=r))
+        opts = FitConfig(**{**base.model_dump(), "photometric_iters": 30,
+                            "photometric_render_size": 96, "rasterizer": r})
         out[r] = refine_photometric(model, fit1, sb.image, sb.mask, albedo,
                                     sb.noisy_landmarks, opts)
     e1 = rotation_error_deg(fit1, sb.truth)
