@@ -984,8 +984,9 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     layout times SH irradiance of the camera-space vertex normals. Energy: Charbonnier
     colour error over (face mask ∩ rendered mask) + ``w_landmarks`` x the stage-1 landmark
     term (in units of the image size) + ``w_prior`` x the coefficient prior. Visibility comes
-    from the numba rasterizer each step; gradients flow through recomputed barycentrics
-    (``renderers.diff``). ``photometric_solver``: ``adam`` (default) ``photometric_iters``
+    from a rasterizer each step (``fit.rasterizer``: numba on the CPU, or
+    ``renderers.raster_torch`` on ``fit.device``, where the Adam path keeps all its tensors);
+    gradients flow through recomputed barycentrics (``renderers.diff``). ``photometric_solver``: ``adam`` (default) ``photometric_iters``
     Adam steps (one render and backward pass each); ``lm`` a per-image Levenberg-Marquardt
     on this energy (:mod:`facecorpus.tasks.photometric`, ``photometric_iters`` iterations,
     one render each).
