@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from facecorpus.configs.base import StrictConfig
-from pydantic import Field
+from pydantic import Field, model_validator
 
 
 class FitConfig(StrictConfig):
@@ -83,3 +83,44 @@ class FitConfig(StrictConfig):
                                                 "this resolution (None: the crop's size)")
     photometric_threads: int | None = Field(1, ge=1, description="torch threads in stage 2 "
                                             "(measured: 1 beats 2 on a 2-core box)")
+    device: str = Field(
+        "cpu", description="torch device of stage 2 with photometric_solver adam: cpu | cuda | "
+        "cuda:N | auto (cuda when available). Stage 1 and the lm solver run on the CPU")
+    rasterizer: Literal["auto", "numba", "torch"] = Field(
+        "auto", description="stage-2 visibility pass: numba (renderers/raster.py, CPU only) "
+        "or torch (renderers/raster_torch.py, on `device`, the same fragments up to depth "
+        "ties); auto: numba on the CPU, torch on a CUDA device")
+
+    @model_validator(mode="after")
+    def _device(self) -> FitConfig:
+        d = self.device
+        if not (d in ("cpu", "auto", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise ValueError(f"fit.device: cpu | cuda | cuda:N | auto, not {d!r}")
+        if d.startswith("cuda"):
+            if self.rasterizer == "numba":
+                raise ValueError(f"fit.rasterizer numba runs on the CPU only: use torch or "
+                                 f"auto with fit.device {d!r}")
+            if self.photometric_solver == "lm":
+                raise ValueError(f"fit.device {d!r}: photometric_solver lm runs on the CPU "
+                                 f"only (per-image numba Jacobians); use adam or device cpu")
+            import torch
+
+            if not torch.cuda.is_available():  # fail before any work, not in a worker
+                raise ValueError(f"fit.device {d!r}: no CUDA device on this machine")
+        if self.rasterizer == "torch" and self.photometric_solver == "lm":
+            raise ValueError("fit.rasterizer torch is used by photometric_solver adam only")
+        return self
+
+    def resolved_device(self) -> str:
+        """The torch device stage 2 runs on (``auto``: cuda when available, else cpu)."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_rasterizer(self) -> str:
+        """numba or torch (``auto``: numba on the CPU, torch on a CUDA device)."""
+        if self.rasterizer != "auto":
+            return self.rasterizer
+        return "numba" if self.resolved_device() == "cpu" else "torch"

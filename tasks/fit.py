@@ -984,8 +984,9 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     layout times SH irradiance of the camera-space vertex normals. Energy: Charbonnier
     colour error over (face mask ∩ rendered mask) + ``w_landmarks`` x the stage-1 landmark
     term (in units of the image size) + ``w_prior`` x the coefficient prior. Visibility comes
-    from the numba rasterizer each step; gradients flow through recomputed barycentrics
-    (``renderers.diff``). ``photometric_solver``: ``adam`` (default) ``photometric_iters``
+    from a rasterizer each step (``fit.rasterizer``: numba on the CPU, or
+    ``renderers.raster_torch`` on ``fit.device``, where the Adam path keeps all its tensors);
+    gradients flow through recomputed barycentrics (``renderers.diff``). ``photometric_solver``: ``adam`` (default) ``photometric_iters``
     Adam steps (one render and backward pass each); ``lm`` a per-image Levenberg-Marquardt
     on this energy (:mod:`facecorpus.tasks.photometric`, ``photometric_iters`` iterations,
     one render each).
@@ -1011,7 +1012,12 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     import cv2
     from facecorpus.renderers import diff
     from facecorpus.renderers.raster import rasterize
+    from facecorpus.renderers.raster_torch import rasterize_torch
 
+    lm = opts.photometric_solver == "lm" and opts.photometric_iters > 0
+    # lm's per-image Jacobians are numba/numpy: it and its final re-render stay on the CPU
+    dev = torch.device("cpu" if lm else opts.resolved_device())
+    use_torch_raster = not lm and opts.resolved_rasterizer() == "torch"
     N, S = images.shape[0], fit.image_size
     persp = fit.camera == "perspective"
     K, E = fit.alpha.shape[1], fit.beta.shape[1]
@@ -1029,26 +1035,29 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     photo = torch.as_tensor(imgs)
     mask_t = torch.as_tensor(msk)
     tris = np.asarray(model.triangles, np.int64)
-    tris_t = torch.as_tensor(tris)
-    corner_uv = torch.as_tensor(model.uv[model.uv_triangles], dtype=dt)  # (F, 3, 2)
+    tris_t = torch.as_tensor(tris, device=dev)
+    corner_uv = torch.as_tensor(model.uv[model.uv_triangles], dtype=dt,
+                                device=dev)  # (F, 3, 2)
     tex = torch.as_tensor(np.asarray(albedo_uv, np.float32))
-    mean = torch.as_tensor(model.vertices, dtype=dt)
-    id_b = torch.as_tensor(model.id_basis[:K], dtype=dt)
-    ex_b = torch.as_tensor(model.exp_basis[:E], dtype=dt)
-    id_std = torch.as_tensor(model.id_std[:K], dtype=dt)
-    ex_std = torch.as_tensor(model.exp_std[:E], dtype=dt)
-    lm_idx = torch.as_tensor(np.asarray(model.landmarks, np.int64))
-    lm_t = torch.as_tensor(np.asarray(landmarks, np.float32))
+    mean = torch.as_tensor(model.vertices, dtype=dt, device=dev)
+    id_b = torch.as_tensor(model.id_basis[:K], dtype=dt, device=dev)
+    ex_b = torch.as_tensor(model.exp_basis[:E], dtype=dt, device=dev)
+    id_std = torch.as_tensor(model.id_std[:K], dtype=dt, device=dev)
+    ex_std = torch.as_tensor(model.exp_std[:E], dtype=dt, device=dev)
+    lm_idx = torch.as_tensor(np.asarray(model.landmarks, np.int64), device=dev)
+    lm_t = torch.as_tensor(np.asarray(landmarks, np.float32), device=dev)
 
     angles = torch.tensor(np.deg2rad(np.c_[fit.yaw, fit.pitch, fit.roll]), dtype=dt,
-                          requires_grad=True)
+                          requires_grad=True, device=dev)
     # translation in units of 100 (px or mm) so one Adam step moves every parameter alike
     t_scale = 100.0
-    trans = torch.tensor(fit.translation / t_scale, dtype=dt, requires_grad=True)
+    trans = torch.tensor(fit.translation / t_scale, dtype=dt, requires_grad=True, device=dev)
     sf0 = fit.focal if persp else fit.scale
-    log_sf = torch.tensor(np.log(sf0), dtype=dt, requires_grad=not persp)
-    a_w = torch.tensor(fit.alpha / model.id_std[:K], dtype=dt, requires_grad=opts.photometric_fit_shape)
-    b_w = torch.tensor(fit.beta / model.exp_std[:E], dtype=dt, requires_grad=opts.photometric_fit_shape)
+    log_sf = torch.tensor(np.log(sf0), dtype=dt, requires_grad=not persp, device=dev)
+    a_w = torch.tensor(fit.alpha / model.id_std[:K], dtype=dt, device=dev,
+                       requires_grad=opts.photometric_fit_shape)
+    b_w = torch.tensor(fit.beta / model.exp_std[:E], dtype=dt, device=dev,
+                       requires_grad=opts.photometric_fit_shape)
     # light: start ambient, matched to the photo's brightness over the mask
     from facecorpus.renderers.shading import A0, C0
 
@@ -1061,7 +1070,9 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
             sh0[i, 0::9] = (ratio.numpy() / (A0 * C0)).clip(0.05, 5)
         else:
             sh0[i, 0::9] = 1.0 / (A0 * C0)
-    sh = torch.tensor(sh0, requires_grad=True)
+    sh = torch.tensor(sh0, requires_grad=True, device=dev)
+    # moved only now: the light start above reads them on the CPU
+    photo, mask_t, tex = photo.to(dev), mask_t.to(dev), tex.to(dev)
     groups = [{"params": [angles], "lr": opts.photometric_lr}, {"params": [trans], "lr": opts.photometric_lr * 0.5},
               {"params": [sh], "lr": opts.photometric_lr * 2}]
     if not persp:
@@ -1087,12 +1098,11 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
         return X, R, sv
 
     err = np.full(N, np.nan, np.float32)
-    scale_xy = torch.tensor([k, k, 1.0], dtype=dt)
+    scale_xy = torch.tensor([k, k, 1.0], dtype=dt, device=dev)
     params = [angles, trans, sh, log_sf, a_w, b_w]
-    dead = torch.zeros(N, dtype=torch.bool)  # non-finite energy/gradient: frozen from then on
+    dead = torch.zeros(N, dtype=torch.bool, device=dev)  # non-finite energy/gradient: frozen from then on
     dead_step = np.full(N, -1)
     steps = np.full(N, opts.photometric_iters)
-    lm = opts.photometric_solver == "lm" and opts.photometric_iters > 0
     if lm:
         from facecorpus.tasks import photometric
 
@@ -1108,14 +1118,19 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
             for q, v in zip((angles, trans, log_sf, a_w, b_w, sh),
                             (p1.angles, p1.trans, p1.log_sf, p1.a_w, p1.b_w, p1.sh)):
                 q.copy_(v)
-        dead = torch.as_tensor(dead_step >= 0)
+        dead = torch.as_tensor(dead_step >= 0, device=dev)
         steps = np.where(dead_step >= 0, dead_step, steps)
     with torch_threads(opts.photometric_threads):
         for _step in range(0 if lm else opts.photometric_iters + 1):
             X, R, sv_full = forward()
             sv = sv_full * scale_xy
             with torch.no_grad():
-                frags = rasterize(sv.detach().numpy(), tris, R_, R_, perspective_correct=persp)
+                if use_torch_raster:  # fragments stay on dev: no host round trip per step
+                    frags = rasterize_torch(sv.detach(), tris_t, R_, R_,
+                                            perspective_correct=persp)
+                else:
+                    frags = rasterize(sv.detach().numpy(), tris, R_, R_,
+                                      perspective_correct=persp)
             p2f = frags.pix_to_face
             bary = diff.barycentrics(sv, tris_t, p2f, perspective_correct=persp)
             uvp = diff.interpolate(corner_uv, bary, p2f)
@@ -1128,10 +1143,10 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
             cnt = m.flatten(1).sum(1).clamp(min=1)
             per_pix = torch.sqrt(d**2 + opts.photometric_charbonnier_eps**2).sum(-1)
             img_idx = torch.nonzero(m, as_tuple=True)[0]
-            photo_e = torch.zeros(N).index_add(0, img_idx, per_pix) / cnt
+            photo_e = torch.zeros(N, device=dev).index_add(0, img_idx, per_pix) / cnt
             with torch.no_grad():
-                l1 = torch.zeros(N).index_add(0, img_idx, d.abs().mean(-1)) / cnt
-                err = l1.numpy().astype(np.float32)
+                l1 = torch.zeros(N, device=dev).index_add(0, img_idx, d.abs().mean(-1)) / cnt
+                err = l1.cpu().numpy().astype(np.float32)
             if _step == opts.photometric_iters:
                 break
             lm_xy = sv_full[:, lm_idx, :2]
@@ -1145,7 +1160,7 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
                 for q in params:
                     if q.grad is not None:
                         bad |= ~torch.isfinite(q.grad.reshape(N, -1)).all(1)
-                dead_step[(bad & ~dead).numpy()] = _step
+                dead_step[(bad & ~dead).cpu().numpy()] = _step
                 dead |= bad
                 keep = [q.detach().clone() for q in params]
                 for q in params:
@@ -1157,25 +1172,25 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
                     q[dead] = q0[dead]  # Adam's momentum would still move a frozen image
     with torch.no_grad():
         _, _, sv = forward()
-        lm_xy = sv[:, lm_idx, :2].numpy()
+        lm_xy = sv[:, lm_idx, :2].cpu().numpy()
     lm_np = np.asarray(landmarks, np.float64)
     rmse = np.sqrt(((lm_xy - lm_np) ** 2).sum(-1).mean(-1))
-    a = angles.detach().numpy().astype(np.float64)
+    a = angles.detach().cpu().numpy().astype(np.float64)
     yaw, pitch, roll = rotation_to_euler(euler_to_rotation(*np.rad2deg(a).T))
-    sf = log_sf.detach().exp().numpy()
+    sf = log_sf.detach().exp().cpu().numpy()
     nme = rmse / np.maximum(inter_ocular(np.nan_to_num(lm_np)), 1e-6)
     out = replace(
         fit, yaw=yaw.astype(np.float32), pitch=pitch.astype(np.float32),
         roll=roll.astype(np.float32),
-        translation=(trans.detach().numpy() * t_scale).astype(np.float32),
+        translation=(trans.detach().cpu().numpy() * t_scale).astype(np.float32),
         scale=(sf if not persp else fit.scale).astype(np.float32),
         focal=(sf if persp else fit.focal).astype(np.float32),
-        alpha=(a_w * id_std).detach().numpy().astype(np.float32),
-        beta=(b_w * ex_std).detach().numpy().astype(np.float32),
-        sh=sh.detach().numpy().astype(np.float32), photometric_error=err,
+        alpha=(a_w * id_std).detach().cpu().numpy().astype(np.float32),
+        beta=(b_w * ex_std).detach().cpu().numpy().astype(np.float32),
+        sh=sh.detach().cpu().numpy().astype(np.float32), photometric_error=err,
         landmark_rmse=rmse.astype(np.float32), landmark_nme=nme.astype(np.float32),
         iterations=fit.iterations + np.where(dead_step >= 0, dead_step, steps))
-    d = dead.numpy()
+    d = dead.cpu().numpy()
     if d.any():
         # a frozen image's numbers are not a fit: NaN them, so that any consumer checking
         # finiteness (not only one reading ``failure``) drops the image
