@@ -35,6 +35,7 @@ FEATURES = {"brows": (range(17, 27), 0.20), "eyes": (range(36, 48), 0.17),
 #: the core polygon: jaw points 2-14, closed along the lower eye line
 CORE_POLYGON = (*range(2, 15), 46, 47, 42, 39, 40, 41)
 CORE_SHRINK = 0.92  # towards the polygon's centroid: away from the jaw edge
+MIN_COMPONENT = 12  # texels at UV 256^2: smaller flagged components are noise
 _CACHE: dict = {}
 _LOCK = threading.Lock()
 
@@ -153,7 +154,7 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
         ``skin_rim`` T from the visible region's edge); all
         False for an image that sees less than ``skin_min_core`` of the core.
     """
-    from scipy.ndimage import binary_dilation, binary_opening, distance_transform_edt
+    from scipy.ndimage import binary_dilation, binary_fill_holes, distance_transform_edt, label
 
     vis = np.asarray(uv_visible_mask, bool)
     out = np.zeros(vis.shape, bool)
@@ -173,13 +174,20 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
         mu, cov = _robust_gaussian(f[core], floor)
         # only the rim: inside, the cross-fitted EM has support and judges texture, not
         # colour (freckles, stubble, make-up are face there)
-        rim = distance_transform_edt(vis[i]) <= cfg.skin_rim * vis.shape[-1]
+        # the outer edge: eye and mouth holes do not make a rim
+        rim = (distance_transform_edt(binary_fill_holes(vis[i]))
+               <= cfg.skin_rim * vis.shape[-1])
         judged = known & layout.judged & rim
         d2 = np.zeros(vis.shape[1:])
         d2[judged] = _mahalanobis2(f[judged], mu, cov)
         occ = judged & (d2 > cfg.skin_threshold)
-        # single texels are noise; an occluder's soft edge is a texel wider than its core
-        occ = binary_opening(occ, iterations=1)
+        # specks are noise, but a hair strand is thin and long: drop small components (an
+        # opening would erase the strands too); an occluder's soft edge is a texel wider
+        lab, n = label(occ)
+        if n:
+            size = np.bincount(lab.ravel())
+            size[0] = 0
+            occ = size[lab] >= max(4, round(MIN_COMPONENT * (vis.shape[-1] / 256) ** 2))
         occ = binary_dilation(occ, iterations=1) & judged
         out[i] = occ
     return out
