@@ -131,13 +131,13 @@ def _harmonic_fill(tex: np.ndarray, known: np.ndarray) -> np.ndarray:
 @njit(cache=True, nogil=True)
 def _masked_median_kernel(values, seen, gains, out):
     N, P, C = values.shape
-    buf = np.empty(N)
+    buf = np.empty(N, out.dtype)
     for p in range(P):
         for c in range(C):
             k = 0
             for i in range(N):  # insertion sort of the seen, non-NaN values: N is small
                 if seen[i, p]:
-                    x = np.float64(values[i, p, c]) * gains[i, c]
+                    x = values[i, p, c] * gains[i, c]  # both already in out's dtype
                     if x == x:
                         j = k
                         while j > 0 and buf[j - 1] > x:
@@ -158,22 +158,24 @@ def masked_median(values: np.ndarray, mask: np.ndarray, gains: np.ndarray) -> np
     is masked in (or only NaNs are).
 
     Bit for bit ``np.nanmedian(np.where(mask[..., None], values * gains[:, None, None, :],
-    nan), axis=0)`` (the same float64 products, the same (low + high) / 2 of the sorted
-    middle; ``tests/test_prior.py``), but one pass over the texels with an insertion sort
-    of each texel's few values: nanmedian's masked-array path on the strided stack was most
-    of the prior build and of every occlusion fold (``docs/benchmarks.md``, #12).
+    nan), axis=0)``: the products in numpy's result dtype of ``values * gains`` (float32
+    for float32 UV maps and gains), the same (low + high) / 2 of the sorted middle in that
+    dtype (``tests/test_prior.py``); but one pass over the texels with an insertion sort of
+    each texel's few values: nanmedian's masked-array path on the strided stack was most of
+    the prior build and of every occlusion fold (``docs/benchmarks.md``, #12).
 
     Args:
         values: (N, S, S, C) float; mask: (N, S, S) bool; gains: (N, C) float.
 
     Returns:
-        (S, S, C) float64.
+        (S, S, C) in the result dtype of ``values * gains``.
     """
     N, S1, S2, C = values.shape
-    out = np.empty((S1 * S2, C))
-    _masked_median_kernel(np.ascontiguousarray(values).reshape(N, -1, C),
+    dtype = (np.zeros(1, values.dtype) * np.zeros(1, gains.dtype)).dtype
+    out = np.empty((S1 * S2, C), dtype)
+    _masked_median_kernel(np.ascontiguousarray(values, dtype=dtype).reshape(N, -1, C),
                           np.ascontiguousarray(mask, dtype=bool).reshape(N, -1),
-                          np.ascontiguousarray(gains, dtype=np.float64), out)
+                          np.ascontiguousarray(gains, dtype=dtype), out)
     return out.reshape(S1, S2, C)
 
 
