@@ -118,6 +118,10 @@ def main():
     ap.add_argument("--batch", type=int, default=0,
                     help="the EM judges batches of this many images, as the flow does per "
                          "shard (0: all at once; below occlusion.min_images: no EM)")
+    ap.add_argument("--speed", action="store_true",
+                    help="only CPU-s of cross_fitted_outliers (both lights) and a digest of its "
+                         "masks (run it on two checkouts to compare), and the robust mean's "
+                         "median against np.nanmedian in this process")
     a = ap.parse_args()
     from facecorpus.configs.occlusion import OcclusionConfig
     from facecorpus.tasks import occlusion as O
@@ -142,6 +146,8 @@ def main():
     sc = scene(model, a.n, a.size, a.uv, texture=a.texture, kinds=kinds)
     print(f"scene built in {time.perf_counter() - t:.1f} s")
     vis = sc["uv_visible_mask"]
+    if a.speed:
+        return speed(sc, vis)
     rows = []
 
     t = time.perf_counter()
@@ -202,6 +208,46 @@ def main():
             seg.person_probability(im)
         print(f"mediapipe hands + selfie segmentation: "
               f"{1000 * (time.perf_counter() - t) / a.n:.1f} ms/face at {a.size}^2")
+
+
+def speed(sc, vis) -> None:
+    """CPU seconds (process time) of the cross-fitting per light, with a digest of the masks,
+    and the per-texel median of ``tasks.prior`` against ``np.nanmedian`` on the same stack."""
+    import hashlib
+    import warnings
+
+    from facecorpus.configs.occlusion import OcclusionConfig
+    from facecorpus.tasks import occlusion as O
+
+    cfg = OcclusionConfig(hands=False, person=False)
+    for name, kw in (("shading", {"uv_shading": sc["shading"]}),
+                     ("normals", {"uv_normals": sc["normals"]})):
+        O.cross_fitted_outliers(sc["uv_visible"][:4], vis[:4], sc["mirror"], cfg,
+                                **{k: v[:4] for k, v in kw.items()})  # kernels loaded
+        t = time.process_time()
+        res = O.cross_fitted_outliers(sc["uv_visible"], vis, sc["mirror"], cfg, **kw)
+        dt = time.process_time() - t
+        h = hashlib.sha256(np.packbits(res.uv_outliers).tobytes()).hexdigest()[:16]
+        print(f"cross_fitted_outliers ({name}): {dt:.2f} CPU-s for {len(vis)} faces, "
+              f"{res.uv_outliers.sum()} texels flagged, masks sha256 {h}")
+    try:
+        from facecorpus.tasks.prior import masked_median
+    except ImportError:
+        print("tasks.prior.masked_median: not in this checkout")
+        return
+    y = sc["uv_visible"].astype(np.float32)
+    gains = np.ones((len(y), 3), np.float32)
+    masked_median(y[:2], vis[:2], gains[:2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t = time.process_time()
+        ref = np.nanmedian(np.where(vis[..., None], y * gains[:, None, None, :], np.nan), 0)
+        t_ref = time.process_time() - t
+    t = time.process_time()
+    got = masked_median(y, vis, gains)
+    t_new = time.process_time() - t
+    print(f"per-texel median of {len(y)} maps {y.shape[1]}^2: np.nanmedian {t_ref:.3f} CPU-s, "
+          f"masked_median {t_new:.3f} CPU-s; equal: {np.array_equal(ref, got, equal_nan=True)}")
 
 
 if __name__ == "__main__":

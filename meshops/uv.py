@@ -135,7 +135,8 @@ def uv_to_texel(uv: np.ndarray, size: int) -> np.ndarray:
     return np.stack([row, col], -1).astype(np.int32)
 
 
-def uv_mirror_map(model, size: int, *, max_distance: float | None = None) -> np.ndarray:
+def uv_mirror_map(model, size: int, *, max_distance: float | None = None,
+                  cache: bool = True) -> np.ndarray:
     """For each covered texel, the texel of the mirrored surface point.
 
     The texel centre's surface point ``p`` (through its UV triangle and barycentrics) is
@@ -150,11 +151,41 @@ def uv_mirror_map(model, size: int, *, max_distance: float | None = None) -> np.
         size: S.
         max_distance: mirror images farther than this from the surface (model units) get no
             mirror; default 2 x the median edge length.
+        cache: keep the map in ``$FACECORPUS_CACHE/uv_mirror/``, keyed by the model's
+            content hash, S, ``max_distance`` and the meshops source: every pseudo-GT process
+            (the driver and each Dask worker) needs it and computing it costs ~1 CPU-s on
+            ICT-FaceKit at S = 256 (#12). A cached file is the computed array itself.
 
     Returns:
         (S, S, 2) int32 ``(row, col)`` of the mirror texel; -1 where the texel is not covered
         or has no mirror.
     """
+    if not cache:
+        return _uv_mirror_map(model, size, max_distance)
+    from facecorpus.core.atomic import save_npz
+    from facecorpus.core.hashing import digest, source_digest
+    from facecorpus.meshops.assets import cache_dir
+
+    key = digest(model.content_hash(), int(size), max_distance, source_digest(("meshops",)),
+                 n=24)
+    path = cache_dir() / "uv_mirror" / f"{key}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            got = z["mirror"]
+        if got.shape == (size, size, 2) and got.dtype == np.int32:
+            return got
+    except (OSError, KeyError, ValueError):
+        pass  # absent or unreadable: compute and (re)write
+    out = _uv_mirror_map(model, size, max_distance)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_npz(path, {"mirror": out})
+    except OSError:
+        pass  # a read-only cache only costs the recomputation
+    return out
+
+
+def _uv_mirror_map(model, size: int, max_distance: float | None) -> np.ndarray:
     from facecorpus.meshops.geometry import closest_points_on_mesh
 
     raster = rasterize_uv(model.uv, model.uv_triangles, size)

@@ -29,9 +29,13 @@ def region_triangles(model: MorphableModel, region: str | None) -> np.ndarray:
 def boundary_vertices(triangles: np.ndarray) -> np.ndarray:
     """Vertices on the open boundary of a triangle set (edges used by exactly one triangle)."""
     e = np.sort(np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]],
-                                triangles[:, [2, 0]]]), axis=1)
-    uniq, counts = np.unique(e, axis=0, return_counts=True)
-    return np.unique(uniq[counts == 1])
+                                triangles[:, [2, 0]]]), axis=1).astype(np.int64)
+    # one int64 key per edge: np.unique(axis=0) on the pairs sorts structured rows and cost
+    # ~0.2 s per photo on ICT-FaceKit (#12); the keys give the same edges
+    base = int(e.max(initial=0)) + 1
+    uniq, counts = np.unique(e[:, 0] * base + e[:, 1], return_counts=True)
+    once = uniq[counts == 1]
+    return np.unique(np.concatenate([once // base, once % base])).astype(triangles.dtype)
 
 
 def polygon_mask(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -352,16 +352,28 @@ def _design(mu: np.ndarray, basis: np.ndarray | None, normals: np.ndarray | None
     return X, idx, x0
 
 
-def _smooth_logodds(logodds: np.ndarray, mask: np.ndarray, radius: int) -> np.ndarray:
-    """Normalised box smoothing of (T, T) log-odds over the texels of ``mask``."""
+def _smooth_logodds(logodds: np.ndarray, mask: np.ndarray, radius: int,
+                    den: np.ndarray | None = None) -> np.ndarray:
+    """Normalised box smoothing of (T, T) log-odds over the texels of ``mask``; ``den`` (T, T)
+    the box-filtered mask (:func:`_smooth_den`), passed by callers that smooth many
+    log-odds maps over one mask."""
     if radius <= 0:
         return logodds
     from scipy.ndimage import uniform_filter
 
     k = 2 * radius + 1
     num = uniform_filter(np.where(mask, logodds, 0.0), k, mode="constant")
-    den = uniform_filter(mask.astype(np.float64), k, mode="constant")
-    return np.where(mask, num / np.maximum(den, 1e-9), 0.0)
+    if den is None:
+        den = _smooth_den(mask, radius)
+    return np.where(mask, num / den, 0.0)
+
+
+def _smooth_den(mask: np.ndarray, radius: int) -> np.ndarray:
+    """(T, T) the normaliser of :func:`_smooth_logodds`: the box-filtered mask, floored."""
+    from scipy.ndimage import uniform_filter
+
+    den = uniform_filter(mask.astype(np.float64), 2 * radius + 1, mode="constant")
+    return np.maximum(den, 1e-9)
 
 
 @dataclass
@@ -415,6 +427,7 @@ def em_outliers_one(y: np.ndarray, mask: np.ndarray, prior, cfg: OcclusionConfig
     pi_face = 1.0 - cfg.occluder_prior
     log_occ = np.log(cfg.occluder_density)
     sigma = np.full(3, cfg.sigma_floor)
+    den = _smooth_den(mask, cfg.smooth_px) if cfg.smooth_px > 0 else None  # same every iteration
     for it in range(cfg.em_iters):
         # regularisation scales with the inlier count, not the texel count
         scale = max(float(w.sum()), 1.0) / n
@@ -436,7 +449,7 @@ def em_outliers_one(y: np.ndarray, mask: np.ndarray, prior, cfg: OcclusionConfig
         lo = np.log(pi_face) - np.log1p(-pi_face) + log_face - log_occ
         grid = np.zeros((T, T))
         grid[mask] = np.clip(lo, -10.0, 10.0)
-        lo = _smooth_logodds(grid, mask, cfg.smooth_px)[mask]
+        lo = _smooth_logodds(grid, mask, cfg.smooth_px, den)[mask]
         w = 1.0 / (1.0 + np.exp(-lo))
         pi_face = float(np.clip(w.mean(), 0.5, 0.99))
     post[mask] = w
@@ -572,11 +585,17 @@ def cross_fitted_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray,
     usable = vis.copy() if uv_occlusion_mask is None else vis & ~uv_occlusion_mask
     y = np.stack([_albedo(uv_visible[i], None if uv_shading is None else uv_shading[i])
                   for i in range(N)])
+    last_train: dict[int, np.ndarray] = {}
     for _ in range(cfg.rounds):
         new = np.zeros_like(out)
         for k in range(folds):
             judged, others = fold == k, fold != k
             train = usable[others] & ~out[others]
+            if k in last_train and np.array_equal(train, last_train[k]):
+                # same training texels, same prior, same judged inputs: last round's verdict
+                new[judged] = out[judged]
+                continue
+            last_train[k] = train
             prior = robust_mean_texture(y[others], train, mirror_map)
             if cfg.pca_rank > 0 and others.sum() >= cfg.pca_min_images:
                 prior.basis, prior.std = pca_with_missing(y[others], train, prior.mean,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from facecorpus.meshops.model import MorphableModel
+from numba import njit
 
 SKIN = np.array([0.72, 0.55, 0.46], np.float32)  # neutral fill when nothing was ever seen
 
@@ -127,6 +128,57 @@ def _harmonic_fill(tex: np.ndarray, known: np.ndarray) -> np.ndarray:
     return poisson_blend(tex, flat, ~known, tol=1e-5).astype(np.float32)
 
 
+@njit(cache=True, nogil=True)
+def _masked_median_kernel(values, seen, gains, out):
+    N, P, C = values.shape
+    buf = np.empty(N, out.dtype)
+    for p in range(P):
+        for c in range(C):
+            k = 0
+            for i in range(N):  # insertion sort of the seen, non-NaN values: N is small
+                if seen[i, p]:
+                    x = values[i, p, c] * gains[i, c]  # both already in out's dtype
+                    if x == x:
+                        j = k
+                        while j > 0 and buf[j - 1] > x:
+                            buf[j] = buf[j - 1]
+                            j -= 1
+                        buf[j] = x
+                        k += 1
+            if k == 0:
+                out[p, c] = np.nan
+            else:
+                h = k // 2
+                lo = h if k % 2 == 1 else h - 1
+                out[p, c] = (buf[lo] + buf[h]) / 2
+
+
+def masked_median(values: np.ndarray, mask: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """Per-texel median over images of ``values * gains`` where ``mask``; NaN where no image
+    is masked in (or only NaNs are).
+
+    Bit for bit ``np.nanmedian(np.where(mask[..., None], values * gains[:, None, None, :],
+    nan), axis=0)``: the products in numpy's result dtype of ``values * gains`` (float32
+    for float32 UV maps and gains), the same (low + high) / 2 of the sorted middle in that
+    dtype (``tests/test_prior.py``); but one pass over the texels with an insertion sort of
+    each texel's few values: nanmedian's masked-array path on the strided stack was most of
+    the prior build and of every occlusion fold (``docs/benchmarks.md``, #12).
+
+    Args:
+        values: (N, S, S, C) float; mask: (N, S, S) bool; gains: (N, C) float.
+
+    Returns:
+        (S, S, C) in the result dtype of ``values * gains``.
+    """
+    N, S1, S2, C = values.shape
+    dtype = (np.zeros(1, values.dtype) * np.zeros(1, gains.dtype)).dtype
+    out = np.empty((S1 * S2, C), dtype)
+    _masked_median_kernel(np.ascontiguousarray(values, dtype=dtype).reshape(N, -1, C),
+                          np.ascontiguousarray(mask, dtype=bool).reshape(N, -1),
+                          np.ascontiguousarray(gains, dtype=dtype), out)
+    return out.reshape(S1, S2, C)
+
+
 def robust_mean_texture(uv_visible: np.ndarray, uv_visible_mask: np.ndarray,
                         mirror_map: np.ndarray | None = None, layout_mask=None,
                         max_images: int = 256) -> TexturePrior:
@@ -152,13 +204,7 @@ def robust_mean_texture(uv_visible: np.ndarray, uv_visible_mask: np.ndarray,
                      if uv_visible_mask[i].any() else np.full(3, np.nan) for i in range(N)])
     ref = np.nanmedian(meds, 0)
     gains = np.where(np.isfinite(meds), ref / np.maximum(meds, 1e-3), 1.0)
-    stack = np.where(uv_visible_mask[..., None], uv_visible * gains[:, None, None, :], np.nan)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.nanmedian(stack, axis=0)  # (S, S, 3), NaN where never seen
+    mean = masked_median(uv_visible, uv_visible_mask, gains)  # (S, S, 3), NaN where never seen
     known = np.isfinite(mean).all(-1)
     mean = np.where(known[..., None], mean, 0.0).astype(np.float32)
     if mirror_map is not None:

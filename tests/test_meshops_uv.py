@@ -157,3 +157,24 @@ def test_raster_property_centres_inside_exactly_when_covered(coords, size):
     assert r.mask[m > 1e-4].all()
     rec = np.einsum("hwi,ij->hwj", r.texel_bary.astype(np.float64), np.stack([a, b, c]))
     np.testing.assert_allclose(rec[r.mask], p[r.mask], atol=1e-4)
+
+
+def test_uv_mirror_map_cache_returns_the_computed_map(model, tmp_path, monkeypatch):
+    monkeypatch.setenv("FACECORPUS_CACHE", str(tmp_path))
+    fresh = uv_mirror_map(model, 64, cache=False)
+    first = uv_mirror_map(model, 64)  # computes and writes
+    files = list((tmp_path / "uv_mirror").glob("*.npz"))
+    assert len(files) == 1
+    second = uv_mirror_map(model, 64)  # reads
+    np.testing.assert_array_equal(first, fresh)
+    np.testing.assert_array_equal(second, fresh)
+    assert second.dtype == np.int32
+    # another size or max_distance is another entry, not the cached one
+    assert uv_mirror_map(model, 32).shape == (32, 32, 2)
+    near = uv_mirror_map(model, 64, max_distance=1e-9)
+    np.testing.assert_array_equal(near, uv_mirror_map(model, 64, max_distance=1e-9,
+                                                      cache=False))
+    assert len(list((tmp_path / "uv_mirror").glob("*.npz"))) == 3
+    # a corrupt entry is recomputed, not trusted
+    files[0].write_bytes(b"not an npz")
+    np.testing.assert_array_equal(uv_mirror_map(model, 64), fresh)

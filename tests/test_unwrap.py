@@ -83,3 +83,22 @@ def test_masks(model):
     square = np.array([[10, 10], [30, 10], [30, 20], [10, 20]], np.float64)
     pm = polygon_mask(square, (40, 40))
     assert pm.sum() == 200 and pm[10, 10] and not pm[20, 10]
+
+
+def test_boundary_vertices_of_a_grid_and_a_holed_grid():
+    from facecorpus.tasks.masks import boundary_vertices
+
+    n = 5  # n x n vertex grid, two triangles per cell
+    idx = np.arange(n * n).reshape(n, n)
+    cells = [(idx[r, c], idx[r, c + 1], idx[r + 1, c], idx[r + 1, c + 1])
+             for r in range(n - 1) for c in range(n - 1)]
+    tris = np.array([t for a, b, c, d in cells for t in ((a, b, c), (b, d, c))], np.int32)
+    outer = np.unique(np.r_[idx[0], idx[-1], idx[:, 0], idx[:, -1]])
+    got = boundary_vertices(tris)
+    assert got.dtype == tris.dtype
+    np.testing.assert_array_equal(got, outer)
+    # remove the centre cell: its four corners join the boundary
+    centre = (n - 1) // 2 * (n - 1) + (n - 1) // 2
+    holed = np.delete(tris, [2 * centre, 2 * centre + 1], axis=0)
+    a, b, c, d = cells[centre]
+    np.testing.assert_array_equal(boundary_vertices(holed), np.union1d(outer, [a, b, c, d]))
