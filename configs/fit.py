@@ -72,6 +72,10 @@ class FitConfig(StrictConfig):
                                             "and column (scaled; the gradient uses all)")
     photometric_tol: float = Field(1e-4, gt=0, description="lm: an image stops when a step "
                                    "lowers its energy by < tol x (1 + energy)")
+    photometric_max_extension: float = Field(2.0, ge=1.0, description="lm: after an accepted "
+                                             "step, one more render at the step length the "
+                                             "1-D parabola predicts, at most this x the step "
+                                             "(1: off; the IRLS model's steps are short)")
     photometric_lr: float = Field(0.01, gt=0, description="adam: step size")
     photometric_w_landmarks: float = Field(0.05, ge=0, description="weight of the stage-1 "
                                            "landmark term (keeps the fit anchored)")

@@ -1113,7 +1113,7 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
             p1, err, steps, dead_step = photometric.levenberg_marquardt(
                 scene, p0, opts.photometric_iters, opts.photometric_modes,
                 opts.photometric_fit_shape, opts.photometric_tol,
-                opts.photometric_hessian_stride)
+                opts.photometric_hessian_stride, opts.photometric_max_extension)
         with torch.no_grad():
             for q, v in zip((angles, trans, log_sf, a_w, b_w, sh),
                             (p1.angles, p1.trans, p1.log_sf, p1.a_w, p1.b_w, p1.sh)):
