@@ -13,7 +13,12 @@ with ``M`` = face mask ∩ rendered pixels (at ``photometric_render_size``) and
 ``1 / sqrt(d^2 + eps^2)``, the Jacobian of the residuals w.r.t. the free parameters
 at fixed fragments, the damped normal equations ``(H + mu diag H) delta = -g`` solved per
 image, one rasterization of every image's trial point, accept (``mu / 3``) or reject
-(``mu x 4``, the cached ``H, g`` are reused) on the exact energy, per image.
+(``mu x 4``, the cached ``H, g`` are reused) on the exact energy, per image; an accepted
+step is then tried once more at the length the 1-D parabola through (energy, slope
+``g . delta``, trial energy) puts its minimum (``photometric_max_extension``, :func:`extension`),
+the lower point kept. The gradient is exact (finite differences on the astronaut agree to
+< 1 %), but the IRLS curvature along the step is 2-4x the true one on real photos, so the
+plain Gauss-Newton step stops short (docs/benchmarks.md, "Stage 2 LM convergence").
 
 Free parameters: pose (6; 6 perspective: the focal stays fixed, as in the Adam path), the
 27 SH coefficients and the first ``photometric_modes`` identity and expression modes (the
