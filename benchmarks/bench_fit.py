@@ -128,6 +128,8 @@ def main() -> None:
                     help="stage-2 solvers to run (both: Adam and LM, same process)")
     ap.add_argument("--no-stage1-reference", action="store_true",
                     help="skip the scipy stage-1 references (a minute on 2 cores)")
+    ap.add_argument("--lm-max-extension", type=float, nargs="+", default=None,
+                    help="run LM once per value of photometric_max_extension (1: plain LM)")
     ap.add_argument("--w-landmarks", type=float, default=None, help="also run every solver "
                     "with this photometric_w_landmarks")
     ap.add_argument("--extremes", action="store_true", help="the #16 table (see docstring)")
@@ -217,9 +219,12 @@ def main() -> None:
     # both solvers in this process, on the same stage-1 fits; each row's energy is the one
     # of its own config (the same energy when only solver and iterations differ)
     runs = [("adam", args.photometric_iters, {})]
-    runs += [("lm", args.lm_iters, {})] if args.solver in ("both", "lm") else []
-    runs += [(s, it, {"photometric_w_landmarks": args.w_landmarks})
-             for s, it, _ in list(runs) if args.w_landmarks is not None]
+    if args.solver in ("both", "lm"):
+        runs += ([("lm", args.lm_iters, {})] if args.lm_max_extension is None else
+                 [("lm", args.lm_iters, {"photometric_max_extension": v})
+                  for v in args.lm_max_extension])
+    runs += [(s, it, {**e, "photometric_w_landmarks": args.w_landmarks})
+             for s, it, e in list(runs) if args.w_landmarks is not None]
     if args.solver == "lm":
         runs = [r for r in runs if r[0] == "lm"]
     for solver, iters, extra in runs:

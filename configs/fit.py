@@ -55,15 +55,14 @@ class FitConfig(StrictConfig):
     max_nme: float = Field(0.2, gt=0, description="landmark error / inter-ocular distance "
                                                   "above which a fit is rejected (diverged), "
                                                   "after stage 1 and after stage 2")
-    photometric_iters: int = Field(40, ge=0, description="stage-2 Adam steps, or LM "
-                                   "iterations with photometric_solver lm (6 suffice: "
-                                   "docs/benchmarks.md) (0: off)")
+    photometric_iters: int = Field(6, ge=0, description="stage-2 LM iterations, or Adam "
+                                   "steps with photometric_solver adam (40 there) (0: off)")
     photometric_solver: Literal["adam", "lm"] = Field(
-        "adam", description="adam: Adam steps on the stage-2 energy; lm: per-image "
-        "Levenberg-Marquardt on the same energy (tasks/photometric.py): lower energy, "
-        "rotation error, landmark RMSE, L1 and ~0.7x the stage-2 time at 6 iterations, "
-        "but a lower median re-render PSNR on the 48-photo CLI set (docs/benchmarks.md), "
-        "so not the default yet")
+        "lm", description="lm: per-image Levenberg-Marquardt on the stage-2 energy "
+        "(tasks/photometric.py): lower energy, photometric error and NME than Adam-40 on the "
+        "3 real photos and the 48-photo corpus at ~0.8x its CPU (docs/benchmarks.md, "
+        "'Stage 2 LM convergence'); CPU only. adam: Adam steps on the same energy, on "
+        "fit.device")
     photometric_modes: int | None = Field(None, ge=0, description="lm: the first n identity "
                                           "and the first n expression modes are refined "
                                           "(None: all fitted; the rest keep stage 1's)")
@@ -72,6 +71,10 @@ class FitConfig(StrictConfig):
                                             "and column (scaled; the gradient uses all)")
     photometric_tol: float = Field(1e-4, gt=0, description="lm: an image stops when a step "
                                    "lowers its energy by < tol x (1 + energy)")
+    photometric_max_extension: float = Field(2.0, ge=1.0, description="lm: after an accepted "
+                                             "step, one more render at the step length the "
+                                             "1-D parabola predicts, at most this x the step "
+                                             "(1: off; the IRLS model's steps are short)")
     photometric_lr: float = Field(0.01, gt=0, description="adam: step size")
     photometric_w_landmarks: float = Field(0.05, ge=0, description="weight of the stage-1 "
                                            "landmark term (keeps the fit anchored)")

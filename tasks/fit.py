@@ -986,10 +986,10 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
     term (in units of the image size) + ``w_prior`` x the coefficient prior. Visibility comes
     from a rasterizer each step (``fit.rasterizer``: numba on the CPU, or
     ``renderers.raster_torch`` on ``fit.device``, where the Adam path keeps all its tensors);
-    gradients flow through recomputed barycentrics (``renderers.diff``). ``photometric_solver``: ``adam`` (default) ``photometric_iters``
-    Adam steps (one render and backward pass each); ``lm`` a per-image Levenberg-Marquardt
-    on this energy (:mod:`facecorpus.tasks.photometric`, ``photometric_iters`` iterations,
-    one render each).
+    gradients flow through recomputed barycentrics (``renderers.diff``). ``photometric_solver``: ``lm`` (default) a per-image
+    Levenberg-Marquardt on this energy (:mod:`facecorpus.tasks.photometric`,
+    ``photometric_iters`` iterations, one or two renders each, CPU); ``adam``
+    ``photometric_iters`` Adam steps (one render and backward pass each, on ``fit.device``).
 
     Args:
         images: (N, S, S, 3) uint8 or float; masks: (N, S, S) bool face masks.
@@ -1113,7 +1113,7 @@ def refine_photometric(model: MorphableModel, fit: FitResult, images: np.ndarray
             p1, err, steps, dead_step = photometric.levenberg_marquardt(
                 scene, p0, opts.photometric_iters, opts.photometric_modes,
                 opts.photometric_fit_shape, opts.photometric_tol,
-                opts.photometric_hessian_stride)
+                opts.photometric_hessian_stride, opts.photometric_max_extension)
         with torch.no_grad():
             for q, v in zip((angles, trans, log_sf, a_w, b_w, sh),
                             (p1.angles, p1.trans, p1.log_sf, p1.a_w, p1.b_w, p1.sh)):

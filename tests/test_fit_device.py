@@ -36,7 +36,8 @@ def test_torch_rasterizer_matches_numba_quality(model, camera):
     out = {}
     for r in ("numba", "torch"):
         opts = FitConfig(**{**base.model_dump(), "photometric_iters": 30,
-                            "photometric_render_size": 96, "rasterizer": r})
+                            "photometric_render_size": 96, "rasterizer": r,
+                            "photometric_solver": "adam"})
         out[r] = refine_photometric(model, fit1, sb.image, sb.mask, albedo,
                                     sb.noisy_landmarks, opts)
     e1 = rotation_error_deg(fit1, sb.truth)
@@ -53,7 +54,8 @@ def test_torch_rasterizer_keeps_images_independent(model):
     sb = synthetic_batch(model, 3, 128, seed=4, noise_px=1.0)
     fit1 = fit_landmarks(model, sb.noisy_landmarks, 128, FitConfig(slide_min_yaw=90))
     albedo = np.repeat(sb.uv_texture[None], 3, 0)
-    opts = FitConfig(photometric_iters=6, photometric_render_size=64, rasterizer="torch")
+    opts = FitConfig(photometric_iters=6, photometric_render_size=64, rasterizer="torch",
+                     photometric_solver="adam")
     clean = refine_photometric(model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks, opts)
     img = sb.image.copy()
     ys, xs = np.nonzero(sb.mask[1])
@@ -73,17 +75,20 @@ def test_torch_rasterizer_keeps_images_independent(model):
 def test_device_and_rasterizer_validation():
     assert FitConfig().resolved_device() == "cpu"
     assert FitConfig().resolved_rasterizer() == "numba"  # today's path stays the default
-    assert FitConfig(rasterizer="torch").resolved_rasterizer() == "torch"
+    adam = {"photometric_solver": "adam", "photometric_iters": 40}  # the device path's solver
+    assert FitConfig(rasterizer="torch", **adam).resolved_rasterizer() == "torch"
     with pytest.raises(ValueError, match="fit.device"):
         FitConfig(device="gpu")
     with pytest.raises(ValueError, match="adam only"):
         FitConfig(rasterizer="torch", photometric_solver="lm")
     if torch.cuda.is_available():
-        assert FitConfig(device="cuda").resolved_rasterizer() == "torch"
+        assert FitConfig(device="cuda", **adam).resolved_rasterizer() == "torch"
         with pytest.raises(ValueError, match="CPU only"):
-            FitConfig(device="cuda", rasterizer="numba")
+            FitConfig(device="cuda", rasterizer="numba", **adam)
     else:
         with pytest.raises(ValueError, match="no CUDA device"):
+            FitConfig(device="cuda", **adam)
+        with pytest.raises(ValueError, match="lm runs on the CPU"):  # the default solver
             FitConfig(device="cuda")
         assert FitConfig(device="auto").resolved_device() == "cpu"
         assert FitConfig(device="auto").resolved_rasterizer() == "numba"

@@ -139,3 +139,40 @@ def test_lm_does_not_depend_on_batch_mates(model):
                                        rtol=1e-5, atol=1e-6, err_msg=name)
         assert other.iterations[j] == alone.iterations[0]
     assert alone.iterations[0] - fit1.iterations[0] > 1  # it really iterated
+
+
+def test_extension_is_the_parabola_minimiser():
+    """The step length after an accepted LM step: the exact minimiser on a parabola whose
+    full step lands short (the IRLS model's case), clipped to [1, max_scale]; 1 when the
+    full step already passed the minimum; no NaN out of a non-finite trial."""
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        e0, c = rng.uniform(0.1, 1.0), rng.uniform(1e-3, 1.0)
+        a_star = rng.uniform(0.2, 5.0)
+        s = -2 * c * a_star  # E(a) = e0 + s a + c a^2, minimum at a_star
+        a = P.extension(e0, s, e0 + s + c, 4.0)
+        assert a == pytest.approx(min(max(a_star, 1.0), 4.0), rel=1e-9)
+    assert P.extension(1.0, -1.0, 0.2, 3.0) == pytest.approx(2.5)  # minimum of 1 - a + 0.2 a^2
+    assert P.extension(1.0, -1.0, -0.1, 3.0) == 3.0  # below the tangent: concave, go far
+    assert P.extension(1.0, -1.0, float("nan"), 3.0) == 1.0
+    assert P.extension(1.0, 0.5, 0.9, 3.0) == 1.0  # not a descent direction
+
+
+@pytest.mark.slow
+def test_lm_extension_lowers_the_energy_at_few_iterations(model):
+    """On synthetic faces at 3 iterations, the extension ends no higher than plain LM on
+    every image and lower on average (the steps it lengthens are kept only if lower)."""
+    sb = synthetic_batch(model, 3, 128, seed=9, noise_px=1.0)
+    base = FitConfig(slide_min_yaw=90, photometric_render_size=96, photometric_solver="lm",
+                     photometric_iters=3, photometric_tol=1e-7)
+    fit1 = fit_landmarks(model, sb.noisy_landmarks, 128, base)
+    albedo = np.repeat(sb.uv_texture[None], 3, 0)
+    e = {}
+    for mx in (1.0, 2.0):
+        opts = base.model_copy(update={"photometric_max_extension": mx})
+        r = refine_photometric(model, fit1, sb.image, sb.mask, albedo, sb.noisy_landmarks, opts)
+        e[mx] = P.energy(model, r, sb.image, sb.mask, albedo, sb.noisy_landmarks, opts)
+    print(e)
+    assert np.isfinite(e[2.0]).all()
+    assert (e[2.0] <= e[1.0] * (1 + 1e-3)).all(), e
+    assert e[2.0].mean() < e[1.0].mean(), e
