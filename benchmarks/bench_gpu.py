@@ -175,7 +175,9 @@ def bench_fit(args, dev: str) -> None:
     model = load(args.model)
     N, S = args.fit_n, args.fit_size
     sb = synthetic_batch(model, N, S, seed=1, noise_px=2.0)
-    base = FitConfig(slide_min_yaw=90, photometric_iters=args.photometric_iters)
+    # the device path is Adam's (LM, the CPU default, builds its Jacobians in numpy/numba)
+    base = FitConfig(slide_min_yaw=90, photometric_iters=args.photometric_iters,
+                     photometric_solver="adam")
     albedo = np.repeat(sb.uv_texture[None], N, 0)
     print(f"fit: {args.model}, {N} synthetic photos {S}^2, stage 2 Adam "
           f"{args.photometric_iters} steps at {base.photometric_render_size}^2; load "
