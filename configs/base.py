@@ -92,3 +92,16 @@ RUNNER_FIELDS = frozenset(RunnerFields.model_fields)
 def content_config(cfg: BaseModel) -> dict:
     """The part of a run config that determines the output bytes (not how it is scheduled)."""
     return cfg.model_dump(mode="json", exclude=set(RUNNER_FIELDS))
+
+
+def check_device(key: str, device: str, *, needs_cuda: bool) -> None:
+    """Validate a torch device setting (``cpu | cuda | cuda:N | auto``); with ``needs_cuda``
+    (a cuda device the run will use) fail now when CUDA is absent, not later in a worker."""
+    d = device
+    if not (d in ("cpu", "auto", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
+        raise ValueError(f"{key}: cpu | cuda | cuda:N | auto, not {d!r}")
+    if needs_cuda and d.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key} {d!r}: no CUDA device on this machine")

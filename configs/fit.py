@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from facecorpus.configs.base import StrictConfig
+from facecorpus.configs.base import StrictConfig, check_device
 from pydantic import Field, model_validator
 
 
@@ -97,8 +97,7 @@ class FitConfig(StrictConfig):
     @model_validator(mode="after")
     def _device(self) -> FitConfig:
         d = self.device
-        if not (d in ("cpu", "auto", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise ValueError(f"fit.device: cpu | cuda | cuda:N | auto, not {d!r}")
+        check_device("fit.device", d, needs_cuda=False)
         if d.startswith("cuda"):
             if self.rasterizer == "numba":
                 raise ValueError(f"fit.rasterizer numba runs on the CPU only: use torch or "
@@ -106,10 +105,7 @@ class FitConfig(StrictConfig):
             if self.photometric_solver == "lm":
                 raise ValueError(f"fit.device {d!r}: photometric_solver lm runs on the CPU "
                                  f"only (per-image numba Jacobians); use adam or device cpu")
-            import torch
-
-            if not torch.cuda.is_available():  # fail before any work, not in a worker
-                raise ValueError(f"fit.device {d!r}: no CUDA device on this machine")
+            check_device("fit.device", d, needs_cuda=True)
         if self.rasterizer == "torch" and self.photometric_solver == "lm":
             raise ValueError("fit.rasterizer torch is used by photometric_solver adam only")
         return self

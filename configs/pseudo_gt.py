@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from facecorpus.configs.base import RunnerFields, StrictConfig
+from facecorpus.configs.base import RunnerFields, StrictConfig, check_device
 from facecorpus.configs.fit import FitConfig
 from facecorpus.configs.nonrigid import NonrigidConfig
 from facecorpus.configs.occlusion import OcclusionConfig
@@ -100,14 +100,7 @@ class BlendConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _device(self) -> BlendConfig:
-        d = self.device
-        if not (d in ("cpu", "auto", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise ValueError(f"blend.device: cpu | cuda | cuda:N | auto, not {d!r}")
-        if self.solver == "torch" and d.startswith("cuda"):
-            import torch
-
-            if not torch.cuda.is_available():  # fail before any work, not in a worker
-                raise ValueError(f"blend.device {d!r}: no CUDA device on this machine")
+        check_device("blend.device", self.device, needs_cuda=self.solver == "torch")
         return self
 
 
