@@ -97,6 +97,11 @@ class BlendConfig(StrictConfig):
         "batched tensor PCG (meshops.poisson_torch) on `device`, the same equations")
     device: str = Field("cpu", description="torch solver's device: cpu | cuda | cuda:N | "
                         "auto (cuda when available)")
+    visible: Literal["gradient", "exact"] = Field(
+        "gradient", description="gradient: pass 1 keeps the photo's gradients on the visible "
+        "texels and lets their values float to meet the prior (a smooth offset from the photo); "
+        "exact: the visible texels keep the photo's values and the prior is shifted to meet "
+        "them (tasks.blend.blend_batch; measured in docs/benchmarks.md)")
 
     @model_validator(mode="after")
     def _device(self) -> BlendConfig:

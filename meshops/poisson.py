@@ -1082,7 +1082,8 @@ def poisson_residual(f, target, source, mask, *, mixed: bool = False, source_mas
 
 
 def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: bool = False,
-                   tol: float = 5e-6, workers: int | None = None, solver=None):
+                   tol: float = 5e-6, workers: int | None = None, solver=None,
+                   visible: str = "gradient", domain=None):
     """The pseudo-GT UV blend: visible texels into the prior, then the mirror into the rest.
 
     Pass 1 solves the Poisson problem over Ω1 = ``uv_visible_mask`` with ``uv_visible`` as
@@ -1093,6 +1094,16 @@ def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: boo
     and the pass-1 result as boundary. Edges from Ω2 to a texel without a mirrored value get
     zero guidance (the membrane interpolates across them).
 
+    ``visible="exact"`` turns pass 1 around: the visible texels keep ``uv_visible``'s values
+    exactly (Dirichlet) and the Poisson problem is solved over the *non-visible* texels of
+    ``domain`` with the prior's gradients as guidance, so the prior is shifted smoothly to meet
+    the photo instead of the photo being shifted to meet the prior. In the gradient form the
+    photo keeps only its gradients and its values float by the harmonic interpolation of the
+    boundary mismatch (a smooth offset over the whole visible region; measured ~0.02 mean on
+    real photos, docs/benchmarks.md); in the exact form that offset is 0 by construction.
+    Outside ``domain`` pass 1 is copied from the nearest domain texel, so pass 2 meets the
+    shifted prior there rather than the unshifted one.
+
     Args:
         uv_visible: (N, S, S, 3) or (S, S, 3) float, texels sampled from the photo.
         uv_visible_mask: (N, S, S) or (S, S) bool, which texels of ``uv_visible`` are valid.
@@ -1102,6 +1113,11 @@ def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: boo
         solver: a function with :func:`poisson_blend`'s ``(target, source, mask, *, mixed,
             source_mask, tol)`` (default: :func:`poisson_blend` on ``workers`` threads; e.g.
             :func:`facecorpus.meshops.poisson_torch.poisson_blend_torch` for a GPU).
+        visible: ``"gradient"`` (pass 1 over the visible texels, photo gradients, prior
+            boundary) or ``"exact"`` (pass 1 over the non-visible texels of ``domain``, prior
+            gradients, photo boundary: visible texels unchanged).
+        domain: optional (S, S) bool, the texels pass 1 may change with ``visible="exact"``
+            (the UV layout; default: every texel); the prior guides only inside it.
 
     Returns:
         uv_pseudo_gt: float32, shape of the batched inputs ((N, S, S, 3) or (S, S, 3)).
@@ -1124,7 +1140,26 @@ def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: boo
     if solver is None:
         def solver(t, s, m, **kw):
             return poisson_blend(t, s, m, workers=workers, **kw)
-    pass1 = solver(pri, vis, msk, mixed=mixed, source_mask=msk, tol=tol)
+    if visible == "gradient":
+        pass1 = solver(pri, vis, msk, mixed=mixed, source_mask=msk, tol=tol)
+    elif visible == "exact":
+        dom = np.ones((S0, S1), bool) if domain is None else np.asarray(domain, bool)
+        if dom.shape != (S0, S1):
+            raise ValueError(f"domain: expected shape ({S0}, {S1}), got {dom.shape}")
+        target = np.where(msk[..., None], vis, pri).astype(np.float32)
+        pass1 = solver(target, np.ascontiguousarray(pri, np.float32), ~msk & dom[None],
+                       mixed=mixed, source_mask=np.broadcast_to(dom, msk.shape), tol=tol)
+        if pass1.ndim == 3:
+            pass1 = pass1[None]
+        if not dom.all() and dom.any():
+            from scipy.ndimage import distance_transform_edt
+
+            _, (ri, ci) = distance_transform_edt(~dom, return_indices=True)
+            pass1 = pass1[:, ri, ci, :]
+        # the solver leaves Dirichlet texels as given; restate it so no float path can drift
+        pass1 = np.where(msk[..., None], vis, pass1).astype(np.float32)
+    else:
+        raise ValueError(f"visible: expected 'gradient' or 'exact', got {visible!r}")
     if pass1.ndim == 3:
         pass1 = pass1[None]
     has = (mm[..., 0] >= 0) & (mm[..., 1] >= 0)

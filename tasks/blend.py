@@ -42,7 +42,8 @@ def solver_for(blend_cfg):
 def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.ndarray,
                 mirror_map: np.ndarray, *, mixed: bool = False,
                 layout_mask: np.ndarray | None = None, adapt: bool = True,
-                fade_width: float | None = 1 / 16, solver=None) -> BlendResult:
+                fade_width: float | None = 1 / 16, solver=None,
+                visible: str = "gradient") -> BlendResult:
     """Two-pass Poisson blend of N maps.
 
     Args:
@@ -61,6 +62,11 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
         fade_width: with ``adapt``, the adaptation fades out over this fraction of S away
             from the photo-derived texels (:func:`fade_to_prior`); None keeps it everywhere.
         solver: the Poisson solver of every solve (:func:`solver_for`; None: numba).
+        visible: ``"gradient"``: pass 1 re-solves the visible texels from the photo's
+            gradients with the adapted prior as boundary (their values float by a smooth
+            offset); ``"exact"``: the adaptation *is* pass 1 (``two_pass_blend(visible=
+            "exact")`` over the layout's non-visible texels), the visible texels keep the
+            photo's values and one solve per map fewer is made. ``adapt`` is implied.
     """
     from facecorpus.meshops.poisson import two_pass_blend
 
@@ -69,13 +75,22 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
     if prior.ndim == 3:
         prior = np.repeat(prior[None], n, 0)
     base = prior
-    if adapt:
-        prior = adapt_prior(uv_visible, uv_visible_mask, prior, layout_mask, solver=solver)
-    if layout_mask is not None:
-        prior = extend_outside(prior, layout_mask)
-    out, src = two_pass_blend(np.asarray(uv_visible, np.float32),
-                              np.asarray(uv_visible_mask, bool), prior, mirror_map, mixed=mixed,
-                              solver=solver)
+    if visible == "exact":
+        adapt = True  # pass 1 below is the adaptation
+        out, src = two_pass_blend(np.asarray(uv_visible, np.float32),
+                                  np.asarray(uv_visible_mask, bool), prior, mirror_map,
+                                  mixed=mixed, solver=solver, visible="exact",
+                                  domain=layout_mask)
+    elif visible == "gradient":
+        if adapt:
+            prior = adapt_prior(uv_visible, uv_visible_mask, prior, layout_mask, solver=solver)
+        if layout_mask is not None:
+            prior = extend_outside(prior, layout_mask)
+        out, src = two_pass_blend(np.asarray(uv_visible, np.float32),
+                                  np.asarray(uv_visible_mask, bool), prior, mirror_map,
+                                  mixed=mixed, solver=solver)
+    else:
+        raise ValueError(f"visible: expected 'gradient' or 'exact', got {visible!r}")
     if adapt and fade_width:
         out = fade_to_prior(out, base, src == 0, fade_width * out.shape[1])
     out = np.clip(out, 0.0, 1.0)
