@@ -97,12 +97,73 @@ def ict_maps(n_faces: int, size: int):
 
     poisson.poisson_blend = record  # the stage looks it up at call time
     try:
-        blend_batch(u.uv_visible, u.uv_visible_mask, prior, mirror, layout_mask=layout)
+        # the gradient form: its three solves cover every kind of map the stage solves (the
+        # exact form, the default, makes the first and the last of them)
+        blend_batch(u.uv_visible, u.uv_visible_mask, prior, mirror, layout_mask=layout,
+                    visible="gradient")
     finally:
         poisson.poisson_blend = solve
     kinds = ("adapt (ring)", "pass 1 (visible)", "pass 2 (mirrored)")
     assert len(calls) == len(kinds), len(calls)
     return dict(zip(kinds, calls))
+
+
+def stage_rows(n_faces: int, size: int, modes, repeats: int):
+    """The blend stage itself (``tasks.blend.blend_batch``) per ``blend.visible`` mode on the
+    same ICT-FaceKit faces, under ambient light (so ``uv_visible`` is the known texture up to
+    unwrap resampling): thread CPU ms per face, and PSNR against the known texture on the
+    visible, mirrored and prior texels, the mean |uv_pseudo_gt - uv_visible| on the visible
+    texels, and the mean step across the visible border."""
+    from facecorpus.meshops.catalog import load_model
+    from facecorpus.meshops.uv import rasterize_uv, uv_mirror_map
+    from facecorpus.tasks.blend import blend_batch
+    from facecorpus.tasks.fit import synthetic_batch
+    from facecorpus.tasks.masks import erode
+    from facecorpus.tasks.prior import build_prior
+    from facecorpus.tasks.unwrap import psnr, unwrap_batch
+
+    model = load_model("ict")
+    amb = np.zeros(27, np.float32)
+    amb[0::9] = 2 / np.sqrt(np.pi)
+    sb = synthetic_batch(model, n_faces, 256, seed=3, sh=amb, yaw_max=60, texture_size=size)
+    u = unwrap_batch(sb.image, model, sb.truth, size, np.stack([erode(m, 2) for m in sb.mask]))
+    prior = build_prior(u.uv_visible, u.uv_visible_mask).fit_to_visible(u.uv_visible,
+                                                                         u.uv_visible_mask)
+    mirror = uv_mirror_map(model, size)
+    layout = rasterize_uv(model.uv, model.uv_triangles, size).mask
+    truth = np.asarray(sb.uv_texture, np.float32)
+    truth = truth if truth.ndim == 4 else np.repeat(truth[None], n_faces, 0)
+    print(f"\n== the blend stage (tasks.blend.blend_batch), {n_faces} ICT-FaceKit faces, yaw "
+          f"<= 60, ambient light, UV {size}^2; load avg {os.getloadavg()[0]:.1f}")
+    print(f"{'visible':>9} {'CPU ms/face':>12} {'PSNR visible':>13} {'mirrored':>9} "
+          f"{'prior':>7} {'|pgt - uv_visible| vis':>23} {'border step':>12}")
+    for mode in modes:
+        blend_batch(u.uv_visible[:1], u.uv_visible_mask[:1], prior[:1], mirror,
+                    layout_mask=layout, visible=mode)  # warm-up
+        best = None
+        for _ in range(repeats):
+            c = time.process_time()  # the solver's worker threads included
+            res = blend_batch(u.uv_visible, u.uv_visible_mask, prior, mirror,
+                              layout_mask=layout, visible=mode, solver=None)
+            c = time.process_time() - c
+            best = c if best is None else min(best, c)
+        p = {k: [] for k in (1, 2, 0)}
+        off, step = [], []
+        for i in range(n_faces):
+            src, out = res.uv_source[i], res.uv_pseudo_gt[i]
+            for k in p:
+                m = (src == k) & layout
+                if m.sum() > 50:
+                    p[k].append(psnr(out, truth[i], m))
+            v = u.uv_visible_mask[i]
+            off.append(np.abs(out[v] - np.clip(u.uv_visible[i][v], 0, 1)).mean())
+            edge = v & ndi.binary_dilation(~v & layout)
+            ring = ndi.binary_dilation(v) & ~v & layout
+            step.append(np.abs(out[ring].mean(0) - out[edge].mean(0)).mean())
+        print(f"{mode:>9} {1e3 * best / n_faces:>12.1f} {np.median(p[1]):>13.2f} "
+              f"{np.median(p[2]):>9.2f} {np.median(p[0]):>7.2f} {np.mean(off):>23.4f} "
+              f"{np.mean(step):>12.4f}")
+    print("(PSNR in dB, medians over faces; CPU = process CPU time, best of the repeats)")
 
 
 def compare(cv2, label, T, S, M, G, tol, repeats):
@@ -214,7 +275,14 @@ def main():
     ap.add_argument("--maps", default="uv-like,ict",
                     help="comma-separated: uv-like, ict (ict is skipped, saying so, when the "
                          "ICT-FaceKit model cannot be loaded)")
+    ap.add_argument("--visible", default="",
+                    help="comma-separated blend.visible modes (gradient, exact): time the "
+                         "blend stage itself per mode with PSNR on a known texture, then stop")
     args = ap.parse_args()
+    if args.visible:
+        stage_rows(max(2, args.n // 2), args.size,
+                   [m.strip() for m in args.visible.split(",") if m.strip()], args.repeats)
+        return
     import cv2
 
     kinds = [k.strip() for k in args.maps.split(",") if k.strip()]

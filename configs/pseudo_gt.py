@@ -98,7 +98,7 @@ class BlendConfig(StrictConfig):
     device: str = Field("cpu", description="torch solver's device: cpu | cuda | cuda:N | "
                         "auto (cuda when available)")
     visible: Literal["gradient", "exact"] = Field(
-        "gradient", description="gradient: pass 1 keeps the photo's gradients on the visible "
+        "exact", description="gradient: pass 1 keeps the photo's gradients on the visible "
         "texels and lets their values float to meet the prior (a smooth offset from the photo); "
         "exact: the visible texels keep the photo's values and the prior is shifted to meet "
         "them (tasks.blend.blend_batch; measured in docs/benchmarks.md)")

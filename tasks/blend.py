@@ -1,8 +1,10 @@
 """Blend: the pseudo-GT UV map of each image (a thin stage around
 :func:`facecorpus.meshops.poisson.two_pass_blend`).
 
-Pass 1 blends ``uv_visible`` into the image's fitted texture prior over ``uv_visible_mask``;
-pass 2 blends the mirrored visible texture (the model's UV mirror map through the surface)
+Pass 1 joins ``uv_visible`` and the image's fitted texture prior: by default
+(``blend.visible: exact``) the visible texels keep the photo's values and the prior is
+shifted by a Poisson solve (its own gradients) to meet them; ``gradient`` instead re-solves
+the visible texels from the photo's gradients with the prior as boundary. Pass 2 blends the mirrored visible texture (the model's UV mirror map through the surface)
 into the still-missing symmetric region. ``uv_source`` says per texel where the value came
 from: 0 prior, 1 visible, 2 mirrored.
 """
@@ -43,7 +45,7 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
                 mirror_map: np.ndarray, *, mixed: bool = False,
                 layout_mask: np.ndarray | None = None, adapt: bool = True,
                 fade_width: float | None = 1 / 16, solver=None,
-                visible: str = "gradient") -> BlendResult:
+                visible: str = "exact") -> BlendResult:
     """Two-pass Poisson blend of N maps.
 
     Args:

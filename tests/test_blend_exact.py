@@ -113,7 +113,8 @@ def test_blend_batch_exact_on_an_unwrapped_face():
     flat = np.full((S, S, 3), 0.5, np.float32)  # far from the texture: a large mismatch
     ex = blend_batch(u.uv_visible, u.uv_visible_mask, flat, mirror, layout_mask=layout,
                      visible="exact")
-    gr = blend_batch(u.uv_visible, u.uv_visible_mask, flat, mirror, layout_mask=layout)
+    gr = blend_batch(u.uv_visible, u.uv_visible_mask, flat, mirror, layout_mask=layout,
+                     visible="gradient")
     assert np.array_equal(ex.uv_source, gr.uv_source)
     vm = u.uv_visible_mask
     assert np.array_equal(ex.uv_pseudo_gt[vm], np.clip(u.uv_visible[vm], 0, 1))

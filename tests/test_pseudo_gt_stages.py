@@ -103,7 +103,7 @@ def test_blend_with_true_prior_and_mirror(model):
     # correct); without adaptation prior texels are the prior exactly
     prior = np.repeat(sb.uv_texture[None], 2, 0)
     res = blend_batch(u.uv_visible, u.uv_visible_mask, prior, mirror, layout_mask=layout,
-                      adapt=False)
+                      adapt=False, visible="gradient")
     assert res.uv_pseudo_gt.shape == (2, S, S, 3) and res.uv_source.dtype == np.uint8
     assert ((res.uv_source == 1) == u.uv_visible_mask).all()
     assert (res.uv_source == 2).any()  # turned heads: the far side comes from the mirror
@@ -117,8 +117,9 @@ def test_blend_with_true_prior_and_mirror(model):
     # (detail kept up to a smooth offset); adapting the prior keeps them (the photo) as is
     flat = np.full((S, S, 3), 0.5, np.float32)
     raw = blend_batch(u.uv_visible, u.uv_visible_mask, flat, mirror, layout_mask=layout,
-                      adapt=False)
-    ada = blend_batch(u.uv_visible, u.uv_visible_mask, flat, mirror, layout_mask=layout)
+                      adapt=False, visible="gradient")
+    ada = blend_batch(u.uv_visible, u.uv_visible_mask, flat, mirror, layout_mask=layout,
+                      visible="gradient")
     vm = u.uv_visible_mask[0]
     d = raw.uv_pseudo_gt[0] - sb.uv_texture
     assert np.abs(d[vm] - d[vm].mean(0)).mean() < 0.05
