@@ -74,6 +74,11 @@ class PriorConfig(StrictConfig):
     dataset: str | None = Field(None, description="pseudo-GT dataset root with uv_albedo "
                                 "(kind: albedo_dataset)")
     pca_rank: int = Field(8, ge=0)
+    edge_trim: int = Field(0, ge=0, le=8, description="the outermost this many texels of each "
+                           "image's visible region are left out of the corpus prior: where few "
+                           "images see a texel most samples are such edge texels, sampled at "
+                           "grazing angles or the mask's edge with hair mixed in "
+                           "(tasks.masks.trim_edge; docs/benchmarks.md)")
     pca_min_images: int = Field(32, ge=2)
     max_images: int = Field(256, ge=1, description="images used for the corpus prior")
     rebuild_growth: float | None = Field(
@@ -102,6 +107,10 @@ class BlendConfig(StrictConfig):
         "texels and lets their values float to meet the prior (a smooth offset from the photo); "
         "exact: the visible texels keep the photo's values and the prior is shifted to meet "
         "them (tasks.blend.blend_batch; measured in docs/benchmarks.md)")
+    edge_trim: int = Field(0, ge=0, le=8, description="the outermost this many texels of each "
+                           "visible region are filled like hidden ones instead of kept (edge "
+                           "texels are sampled at grazing angles / the image mask's edge; 0 "
+                           "keeps every photo value, measured in docs/benchmarks.md)")
 
     @model_validator(mode="after")
     def _device(self) -> BlendConfig:

@@ -117,6 +117,7 @@ def _npz(path: str):
 def build(cfg, state, analysis_paths: list[str]) -> tuple[object, int]:
     """The prior from analysed shards (an even subsample of at most ``prior.max_images``
     images over the corpus, read shard by shard: only the selected maps are ever decoded)."""
+    from facecorpus.tasks.masks import trim_edge
     from facecorpus.tasks.prior import build_prior
 
     pc, T = cfg.prior, cfg.unwrap.uv_size
@@ -144,7 +145,7 @@ def build(cfg, state, analysis_paths: list[str]) -> tuple[object, int]:
                     if "uv_occlusion_mask" in z.files:  # occluded texels: not face colour
                         m = m & ~z["uv_occlusion_mask"][local]
                     msk.append(m)
-    vis, msk = np.concatenate(vis), np.concatenate(msk)
+    vis, msk = np.concatenate(vis), trim_edge(np.concatenate(msk), pc.edge_trim)
     if needs_corpus(cfg, state.model) and not len(vis):
         from facecorpus.core.errors import InputError
 

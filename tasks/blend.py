@@ -45,7 +45,7 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
                 mirror_map: np.ndarray, *, mixed: bool = False,
                 layout_mask: np.ndarray | None = None, adapt: bool = True,
                 fade_width: float | None = 1 / 16, solver=None,
-                visible: str = "exact") -> BlendResult:
+                visible: str = "exact", edge_trim: int = 0) -> BlendResult:
     """Two-pass Poisson blend of N maps.
 
     Args:
@@ -69,6 +69,9 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
             offset); ``"exact"``: the adaptation *is* pass 1 (``two_pass_blend(visible=
             "exact")`` over the layout's non-visible texels), the visible texels keep the
             photo's values and one solve per map fewer is made. ``adapt`` is implied.
+        edge_trim: the outermost this many texels of each visible region (texels with a
+            non-visible 4-neighbour, peeled repeatedly) are not used as visible or as mirror
+            source: they are filled like the hidden ones (``tasks.masks.trim_edge``).
     """
     from facecorpus.meshops.poisson import two_pass_blend
 
@@ -77,6 +80,9 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
     if prior.ndim == 3:
         prior = np.repeat(prior[None], n, 0)
     base = prior
+    from facecorpus.tasks.masks import trim_edge
+
+    uv_visible_mask = trim_edge(np.asarray(uv_visible_mask, bool), edge_trim)
     if visible == "exact":
         adapt = True  # pass 1 below is the adaptation
         out, src = two_pass_blend(np.asarray(uv_visible, np.float32),

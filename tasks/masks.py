@@ -102,3 +102,21 @@ def segmentation_mask(model: MorphableModel, vertices: np.ndarray, camera,
     except (QhullError, ValueError):
         return np.zeros((camera.height, camera.width), bool)
     return polygon_mask(hull, (camera.height, camera.width))
+
+
+def trim_edge(mask: np.ndarray, width: int) -> np.ndarray:
+    """``mask`` (N, S, S) bool without its outermost ``width`` texels (4-connected erosion;
+    texels outside the map count as not visible).
+
+    Why: the texels at a visible region's edge are sampled where the surface turns away or
+    where the image mask ends, and were measured far worse than the interior (ICT-FaceKit,
+    known texture, ambient light: 34–42 dB against 58–63 dB two rings in; docs/benchmarks.md).
+    Where few images see a texel (the forehead's top, the jaw), most of a corpus prior's
+    samples there are such edge texels — hair and background mixed in.
+    """
+    if width <= 0:
+        return mask
+    from scipy.ndimage import binary_erosion, generate_binary_structure
+
+    st = generate_binary_structure(2, 1)[None]  # no erosion across the batch axis
+    return binary_erosion(mask, st, iterations=int(width), border_value=0)

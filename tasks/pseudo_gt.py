@@ -628,7 +628,8 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
     def blend_some(idx):
         b = stages.blend(uv_vis[idx], uv_mask[idx], per_image[idx], state.mirror_map,
                          mixed=cfg.blend.mixed, layout_mask=state.layout,
-                         solver=blend_mod.solver_for(cfg.blend), visible=cfg.blend.visible)
+                         solver=blend_mod.solver_for(cfg.blend), visible=cfg.blend.visible,
+                         edge_trim=cfg.blend.edge_trim)
         if not np.isfinite(b.uv_pseudo_gt).all():
             raise ValueError("non-finite uv_pseudo_gt")
         return list(zip(b.uv_pseudo_gt, b.uv_source, strict=True))

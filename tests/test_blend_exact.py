@@ -154,3 +154,48 @@ def test_blend_visible_config():
     assert cfg.blend.visible == "exact"
     with pytest.raises(ConfigError):
         load_config(None, "pseudo_gt", parse_set(["blend.visible=photo"]))
+
+
+def test_trim_edge_peels_rings_per_map():
+    from facecorpus.tasks.masks import trim_edge
+
+    m = np.zeros((2, 12, 12), bool)
+    m[0, 2:10, 2:10] = True
+    m[1, :, :6] = True  # touches the map border: that counts as an edge too
+    t1 = trim_edge(m, 1)
+    assert t1[0].sum() == 36 and t1[0, 3:9, 3:9].all()
+    assert t1[1].sum() == 10 * 4 and t1[1, 1:11, 1:5].all()
+    assert trim_edge(m, 2)[0].sum() == 16
+    assert trim_edge(m, 0) is m
+
+
+def test_edge_trim_keeps_a_dark_edge_texel_out_of_the_fill():
+    """A dark texel on the visible region's edge (a grazing-angle or mask-edge sample): kept,
+    it is Dirichlet data the exact fill spreads from; trimmed, it is filled like a hidden
+    texel and the map stays near the texture there."""
+    from facecorpus.tasks.blend import blend_batch
+
+    covered, texture, visible, mm = _scene(5)
+    no_mirror = -np.ones((S, S, 2), np.int32)
+    uv_vis = np.where(visible[..., None], texture, 0).astype(np.float32)
+    edge = visible & ndi.binary_dilation(~visible & covered)
+    r, c = S // 2 + 5, 39  # on the border between the visible side and the hidden one
+    assert edge[r, c]
+    uv_vis[r, c] = 0.0
+    kept = blend_batch(uv_vis[None], visible[None], texture, no_mirror, layout_mask=covered,
+                       edge_trim=0)
+    trim = blend_batch(uv_vis[None], visible[None], texture, no_mirror, layout_mask=covered,
+                       edge_trim=1)
+    ring = visible & ~ndi.binary_erosion(visible, ndi.generate_binary_structure(2, 1),
+                                         border_value=0)
+    assert (trim.uv_source[0][ring] != SOURCE_VISIBLE).all()
+    assert (trim.uv_source[0][visible & ~ring] == SOURCE_VISIBLE).all()
+    assert np.array_equal(trim.uv_pseudo_gt[0][visible & ~ring], uv_vis[visible & ~ring])
+    near = np.zeros((S, S), bool)
+    near[max(r - 2, 0):r + 3, max(c - 2, 0):c + 3] = True
+    near &= covered & ~visible  # the hidden side next to the speck
+    assert near.any()
+    err_kept = np.abs(kept.uv_pseudo_gt[0][near] - texture[near]).mean()
+    err_trim = np.abs(trim.uv_pseudo_gt[0][near] - texture[near]).mean()
+    assert err_kept > 0.03 and err_trim < err_kept / 3
+    assert abs(trim.uv_pseudo_gt[0][r, c] - texture[r, c]).max() < 0.05

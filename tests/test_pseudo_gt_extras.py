@@ -313,3 +313,36 @@ def test_corpus_prior_recipe_covers_the_occlusion_cues():
     assert rec() != rec(**{"occlusion.rounds": 2})
     assert (rec(**{"prior.kind": "albedo"})
             == rec(**{"prior.kind": "albedo", "occlusion.skin": False}))
+
+
+def test_corpus_prior_leaves_out_each_images_visible_edge(tmp_path):
+    """Where every image sees a texel only at the edge of its visible region (the
+    forehead's top), edge samples (hair mixed in: dark here) would make the prior there;
+    with ``prior.edge_trim`` the prior takes those texels from the interior instead."""
+    from types import SimpleNamespace
+
+    from facecorpus.flows import prior_store
+    from facecorpus.flows.pseudo_gt import load_config
+    from facecorpus.meshops.procedural import procedural_model
+
+    T, n = 32, 6
+    vis = np.full((n, T, T, 3), 0.6, np.float32)
+    msk = np.zeros((n, T, T), bool)
+    msk[:, 8:24, 6:26] = True
+    vis[:, 8, 6:26] = 0.05  # every image's top edge row: dark
+    path = tmp_path / "analysis-0.npz"
+    np.savez(path, sample_uri=np.array([f"p{i}" for i in range(n)]), uv_visible=vis,
+             uv_visible_mask=msk)
+    state = SimpleNamespace(model=procedural_model(n=21), mirror_map=None)
+
+    def prior_at_edge(k):
+        cfg = load_config(None, {"prior.kind": "corpus", "prior.edge_trim": k,
+                                 "unwrap.uv_size": T})
+        prior, used = prior_store.build(cfg, state, [str(path)])
+        assert used == n
+        return float(prior.mean[8, 10:22].mean())
+
+    assert prior_at_edge(0) < 0.1
+    assert abs(prior_at_edge(1) - 0.6) < 0.02
+    assert prior_store.recipe(load_config(None, {"prior.edge_trim": 1}), "m") != \
+        prior_store.recipe(load_config(None, {}), "m")
