@@ -137,7 +137,7 @@ def _mahalanobis2(f: np.ndarray, mu: np.ndarray, cov: np.ndarray) -> np.ndarray:
 
 def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: SkinLayout,
                   cfg: OcclusionConfig, *, uv_shading: np.ndarray | None = None,
-                  uv_occlusion_mask: np.ndarray | None = None) -> np.ndarray:
+                  uv_occlusion_mask: np.ndarray | None = None, grow: bool = True) -> np.ndarray:
     """Visible texels whose colour is far from the image's own core skin colour.
 
     Args:
@@ -149,6 +149,8 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
             first (an albedo), which lets the luminance term stay tight.
         uv_occlusion_mask: (N, T, T) bool texels already known occluded: not learnt from
             (still judged, so they may be in the result).
+        grow: False: no hysteresis whatever ``skin_grow_px`` says (the flow's analysis
+            pass, before stage 2's light).
 
     Returns:
         (N, T, T) bool, True = occluded (within ``uv_visible_mask & layout.judged``): texels
@@ -166,7 +168,7 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
     lum_floor = cfg.skin_floor[1] if uv_shading is not None else 2 * cfg.skin_floor[1]
     floor = np.array([cfg.skin_floor[0], cfg.skin_floor[0], lum_floor])
     scale = vis.shape[-1] / 256  # MIN_COMPONENT and skin_grow_px are texels at UV 256^2
-    grow = round(cfg.skin_grow_px * scale)
+    grow = round(cfg.skin_grow_px * scale) if grow else 0
     for i in range(len(vis)):
         learn = vis[i] if uv_occlusion_mask is None else vis[i] & ~uv_occlusion_mask[i]
         core = learn & layout.core

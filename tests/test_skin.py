@@ -175,6 +175,9 @@ def test_strand_deeper_than_the_rim_is_grown_into_and_bounded(scene):
         assert not grown[top + 13:, x:x + 2].any(), i  # bounded
         assert not flat[top + 7:, x:x + 2].any(), i  # the rim (+1 dilation) without it
         assert flat[top:top + 5, x].all(), i
+        # the flow's analysis pass asks for seeds only
+        assert np.array_equal(skin.skin_outliers(y[None], vis[None], lay, cfg, grow=False)[0],
+                              flat), i
         # nothing but the strand and its one-texel edge
         assert not (grown & ~binary_dilation(strand)).any(), i
 
