@@ -8,8 +8,12 @@ and hair strands or a white collar pass as face colour. A shard smaller than
 colour is learnt from its **core** (cheeks, nose and chin inside the jaw line, below the
 eyes, away from brows, eyes, nostrils and lips: rarely occluded, almost always seen), and
 every visible texel of the rim (within ``skin_rim`` of the visible region's edge) outside
-the face's non-skin parts whose colour is far from that model is an occluder. As in skin detection for 3DMM fitting (Deng et al. 2019 train a Bayes skin
-classifier; no skin data can be had here, so the classifier is the image's own core), colour
+the face's non-skin parts whose colour is far from that model is an occluder. Hysteresis
+then follows those flags through connected texels beyond a lower threshold, a bounded number
+of texels, deeper than the rim too: a strand's skin-mixed tip and edges (#16).
+
+As in skin detection for 3DMM fitting (Deng et al. 2019 train a Bayes skin classifier; no
+skin data can be had here, so the classifier is the image's own core), colour
 is compared in log chromaticity, which a white light's shading does not change, plus a loose
 log-luminance term for the albedo (colour divided by the fitted SH irradiance when known).
 
@@ -168,7 +172,7 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
     lum_floor = cfg.skin_floor[1] if uv_shading is not None else 2 * cfg.skin_floor[1]
     floor = np.array([cfg.skin_floor[0], cfg.skin_floor[0], lum_floor])
     scale = vis.shape[-1] / 256  # MIN_COMPONENT and skin_grow_px are texels at UV 256^2
-    grow = round(cfg.skin_grow_px * scale) if grow else 0
+    steps = round(cfg.skin_grow_px * scale) if grow else 0
     for i in range(len(vis)):
         learn = vis[i] if uv_occlusion_mask is None else vis[i] & ~uv_occlusion_mask[i]
         core = learn & layout.core
@@ -199,12 +203,12 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
             size = np.bincount(lab.ravel())
             size[0] = 0
             occ = size[lab] >= max(4, round(MIN_COMPONENT * scale ** 2))
-        if grow and occ.any():
+        if steps and occ.any():
             # hysteresis (as in Canny's edges): a strand's tip and its skin-mixed edge texels
             # are less far from skin than its body, and reach deeper than the rim; connected
             # to a confident flag, a lower threshold is evidence enough. Geodesic steps bound
             # how far it goes; brows, eyes, nostrils and lips stay out (not skinlike)
-            occ = binary_dilation(occ, iterations=grow,
+            occ = binary_dilation(occ, iterations=steps,
                                   mask=skinlike & (d2 > cfg.skin_grow_threshold)) | occ
         # an occluder's soft edge is a texel wider; beyond the rim only around deep flags
         occ = binary_dilation(occ, iterations=1) & skinlike & (
