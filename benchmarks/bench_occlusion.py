@@ -70,7 +70,7 @@ def scene(model, n: int, S: int, T: int, seed: int = 3, texture: str = "pattern"
             pasted = O.paste_occluder(kind, img, b.landmarks[i], rng)
             pasted = binary_dilation(pasted, iterations=round(k_hair) - 1)
             img[pasted] = [0.12, 0.08, 0.05]
-        elif kind in RIM_KINDS:
+        elif kind in RIM_KINDS:  # collar, fringe, strands
             pasted = paste_rim(kind, img, b.landmarks[i], rng)
         else:
             pasted = O.paste_occluder(kind, img, b.landmarks[i], rng)
@@ -115,6 +115,10 @@ def main():
                          "(light to dark) with brows and lips, as photos have")
     ap.add_argument("--rim", action="store_true",
                     help="occluders at the face region's rim instead: light collars, fringes")
+    ap.add_argument("--strands", action="store_true",
+                    help="with --rim: thin anti-aliased strands too (tasks.skin.paste_rim)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an occlusion config value for 'ours' (e.g. skin_grow_px=3)")
     ap.add_argument("--batch", type=int, default=0,
                     help="the EM judges batches of this many images, as the flow does per "
                          "shard (0: all at once; below occlusion.min_images: no EM)")
@@ -142,7 +146,8 @@ def main():
     t = time.perf_counter()
     from facecorpus.tasks.skin import RIM_KINDS
 
-    kinds = (*RIM_KINDS, "clean") if a.rim else (*O.OCCLUDER_KINDS, "clean")
+    rim_kinds = RIM_KINDS if a.strands else tuple(k for k in RIM_KINDS if k != "strands")
+    kinds = (*rim_kinds, "clean") if a.rim else (*O.OCCLUDER_KINDS, "clean")
     sc = scene(model, a.n, a.size, a.uv, texture=a.texture, kinds=kinds)
     print(f"scene built in {time.perf_counter() - t:.1f} s")
     vis = sc["uv_visible_mask"]
@@ -157,7 +162,14 @@ def main():
     rows.append(("reference: reject_occlusions(0.3), prior incl. the image",
                  vis & ~kept, time.perf_counter() - t))
 
-    cfg = OcclusionConfig(hands=False, person=False)
+    import yaml
+
+    sets = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    cfg = OcclusionConfig(hands=False, person=False, **sets)
+    # the reference in this process: the skin cue as it was before its hysteresis (#16)
+    cfg_flat = cfg.model_copy(update={"skin_grow_px": 0})
+    if sets:
+        print(f"occlusion config: {sets}")
     t = time.perf_counter()
     img_uv = np.stack([O.image_mask_to_uv(
         O.image_occlusion(sc["images"][i], sc["face"][i], cfg).occlusion_mask,
@@ -183,19 +195,21 @@ def main():
                      img_uv | em(img_uv, kw), t_img + time.perf_counter() - t))
         # the flow's order: image cues, the skin cue (on the albedo when the light is known),
         # then the EM on what is left
-        t = time.perf_counter()
-        known = img_uv | skin_outliers(sc["uv_visible"], vis, layout, cfg,
-                                       uv_shading=kw.get("uv_shading"), uv_occlusion_mask=img_uv)
-        t_skin = time.perf_counter() - t
-        rows.append((f"ours: image cues + skin + cross-fitted EM ({name})",
-                     known | em(known, kw), t_img + t_skin + time.perf_counter() - t))
-        rows.append((f"skin cue alone ({name})", known & ~img_uv, t_skin))
+        for tag, c in (("", cfg), (", no hysteresis", cfg_flat)):
+            t = time.perf_counter()
+            known = img_uv | skin_outliers(sc["uv_visible"], vis, layout, c,
+                                           uv_shading=kw.get("uv_shading"),
+                                           uv_occlusion_mask=img_uv)
+            t_skin = time.perf_counter() - t
+            rows.append((f"ours: image cues + skin{tag} + cross-fitted EM ({name})",
+                         known | em(known, kw), t_img + t_skin + time.perf_counter() - t))
+            rows.append((f"skin cue alone{tag} ({name})", known & ~img_uv, t_skin))
     print(f"EM batches of {B} images (occlusion.min_images {cfg.min_images})")
-    print(f"{'method':58s} " + " ".join(f"{k:>11s}" for k in kinds) + "   ms/face")
+    print(f"{'method':72s} " + " ".join(f"{k:>11s}" for k in kinds) + "   ms/face")
     for name, occ, sec in rows:
         s = score(sc, occ)
         cell = lambda v: f"{v[0]:.3f}" if np.isnan(v[1]) else f"{v[0]:.2f}/{v[1]:.2f}"
-        print(f"{name:58s} " + " ".join(f"{cell(s.get(k, (np.nan, np.nan))):>11s}"
+        print(f"{name:72s} " + " ".join(f"{cell(s.get(k, (np.nan, np.nan))):>11s}"
                                         for k in kinds) + f"   {1000 * sec / a.n:7.1f}")
     print("(IoU/recall of the pasted occluder; clean: share of visible texels flagged)")
     if O.mediapipe_occlusion_dir() is not None:

@@ -5,7 +5,7 @@ texture prior. Hung under the pseudo-GT config as ``occlusion``."""
 from __future__ import annotations
 
 from facecorpus.configs.base import StrictConfig
-from pydantic import Field
+from pydantic import Field, model_validator
 
 
 class OcclusionConfig(StrictConfig):
@@ -69,5 +69,21 @@ class OcclusionConfig(StrictConfig):
                             "(1: all); further in, the EM's prior is well supported")
     skin_min_core: float = Field(0.25, gt=0, le=1, description="an image seeing less of the "
                                  "core gets no skin cue")
+    skin_grow_threshold: float = Field(11.34, gt=0, description="hysteresis: texels connected "
+                                       "to a flag (beyond skin_threshold, in the rim) are "
+                                       "flagged too while their squared Mahalanobis distance "
+                                       "exceeds this (11.34 = chi2 with 3 dof at 0.99): the "
+                                       "strand tips and the skin-mixed texels along a strand")
+    skin_grow_px: int = Field(6, ge=0, description="the hysteresis grows at most this many "
+                              "texels (at UV 256^2, scaled with the UV size) from a flag, "
+                              "deeper than skin_rim too; 0: no hysteresis")
     min_images: int = Field(3, ge=2, description="fewer images in the batch: no UV outliers "
                                                  "(no unbiased prior can be built)")
+
+    @model_validator(mode="after")
+    def _grow_below_seed(self):
+        if self.skin_grow_threshold > self.skin_threshold:
+            raise ValueError(f"skin_grow_threshold {self.skin_grow_threshold} is above "
+                             f"skin_threshold {self.skin_threshold}: the hysteresis's low "
+                             "threshold must not exceed the seeds'")
+        return self

@@ -8,8 +8,12 @@ and hair strands or a white collar pass as face colour. A shard smaller than
 colour is learnt from its **core** (cheeks, nose and chin inside the jaw line, below the
 eyes, away from brows, eyes, nostrils and lips: rarely occluded, almost always seen), and
 every visible texel of the rim (within ``skin_rim`` of the visible region's edge) outside
-the face's non-skin parts whose colour is far from that model is an occluder. As in skin detection for 3DMM fitting (Deng et al. 2019 train a Bayes skin
-classifier; no skin data can be had here, so the classifier is the image's own core), colour
+the face's non-skin parts whose colour is far from that model is an occluder. Hysteresis
+then follows those flags through connected texels beyond a lower threshold, a bounded number
+of texels, deeper than the rim too: a strand's skin-mixed tip and edges (#16).
+
+As in skin detection for 3DMM fitting (Deng et al. 2019 train a Bayes skin classifier; no
+skin data can be had here, so the classifier is the image's own core), colour
 is compared in log chromaticity, which a white light's shading does not change, plus a loose
 log-luminance term for the albedo (colour divided by the fitted SH irradiance when known).
 
@@ -137,22 +141,27 @@ def _mahalanobis2(f: np.ndarray, mu: np.ndarray, cov: np.ndarray) -> np.ndarray:
 
 def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: SkinLayout,
                   cfg: OcclusionConfig, *, uv_shading: np.ndarray | None = None,
-                  uv_occlusion_mask: np.ndarray | None = None) -> np.ndarray:
+                  uv_occlusion_mask: np.ndarray | None = None, grow: bool = True) -> np.ndarray:
     """Visible texels whose colour is far from the image's own core skin colour.
 
     Args:
         uv_visible: (N, T, T, 3) float colours in [0, 1]; uv_visible_mask: (N, T, T) bool.
         layout: :func:`skin_layout` of the model at this T.
         cfg: ``occlusion`` config (``skin``, ``skin_threshold``, ``skin_min_core``,
-            ``skin_floor``, ``skin_rim``).
+            ``skin_floor``, ``skin_rim``, ``skin_grow_threshold``, ``skin_grow_px``).
         uv_shading: (N, T, T, 3) SH irradiance per texel, or None: colours are divided by it
             first (an albedo), which lets the luminance term stay tight.
-        uv_occlusion_mask: (N, T, T) bool texels already known occluded: not learnt from.
+        uv_occlusion_mask: (N, T, T) bool texels already known occluded: not learnt from
+            (still judged, so they may be in the result).
+        grow: False: no hysteresis whatever ``skin_grow_px`` says (the flow's analysis
+            pass, before stage 2's light).
 
     Returns:
-        (N, T, T) bool, True = occluded (within ``uv_visible_mask & layout.judged``, at most
-        ``skin_rim`` T from the visible region's edge); all
-        False for an image that sees less than ``skin_min_core`` of the core.
+        (N, T, T) bool, True = occluded (within ``uv_visible_mask & layout.judged``): texels
+        at most ``skin_rim`` T from the visible region's edge beyond ``skin_threshold`` in
+        components of at least MIN_COMPONENT texels, grown through texels beyond
+        ``skin_grow_threshold`` by at most ``skin_grow_px`` texels, then by one; all False
+        for an image that sees less than ``skin_min_core`` of the core.
     """
     from scipy.ndimage import binary_dilation, binary_fill_holes, distance_transform_edt, label
 
@@ -162,9 +171,11 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
         return out
     lum_floor = cfg.skin_floor[1] if uv_shading is not None else 2 * cfg.skin_floor[1]
     floor = np.array([cfg.skin_floor[0], cfg.skin_floor[0], lum_floor])
+    scale = vis.shape[-1] / 256  # MIN_COMPONENT and skin_grow_px are texels at UV 256^2
+    steps = round(cfg.skin_grow_px * scale) if grow else 0
     for i in range(len(vis)):
-        known = vis[i] if uv_occlusion_mask is None else vis[i] & ~uv_occlusion_mask[i]
-        core = known & layout.core
+        learn = vis[i] if uv_occlusion_mask is None else vis[i] & ~uv_occlusion_mask[i]
+        core = learn & layout.core
         if core.sum() < cfg.skin_min_core * layout.core.sum():
             continue
         y = np.asarray(uv_visible[i], np.float64)
@@ -172,23 +183,36 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
             y = y / np.maximum(np.asarray(uv_shading[i], np.float64), 0.05)
         f = _features(y)
         mu, cov = _robust_gaussian(f[core], floor)
-        # only the rim: inside, the cross-fitted EM has support and judges texture, not
-        # colour (freckles, stubble, make-up are face there)
+        # texels already known occluded are not learnt from but still judged: in the finish
+        # the analysis pass's flags come back through image space on another fit's UV map,
+        # and a strand cut by them into pieces would fall under MIN_COMPONENT, its tips
+        # beyond the dilation's reach
+        skinlike = vis[i] & layout.judged
+        # seeds only in the rim: inside, the cross-fitted EM has support and judges texture,
+        # not colour (freckles, stubble, make-up are face there)
         # the outer edge: eye and mouth holes do not make a rim
         rim = (distance_transform_edt(binary_fill_holes(vis[i]))
                <= cfg.skin_rim * vis.shape[-1])
-        judged = known & layout.judged & rim
         d2 = np.zeros(vis.shape[1:])
-        d2[judged] = _mahalanobis2(f[judged], mu, cov)
-        occ = judged & (d2 > cfg.skin_threshold)
+        d2[skinlike] = _mahalanobis2(f[skinlike], mu, cov)
+        occ = skinlike & rim & (d2 > cfg.skin_threshold)
         # specks are noise, but a hair strand is thin and long: drop small components (an
-        # opening would erase the strands too); an occluder's soft edge is a texel wider
+        # opening would erase the strands too)
         lab, n = label(occ)
         if n:
             size = np.bincount(lab.ravel())
             size[0] = 0
-            occ = size[lab] >= max(4, round(MIN_COMPONENT * (vis.shape[-1] / 256) ** 2))
-        occ = binary_dilation(occ, iterations=1) & judged
+            occ = size[lab] >= max(4, round(MIN_COMPONENT * scale ** 2))
+        if steps and occ.any():
+            # hysteresis (as in Canny's edges): a strand's tip and its skin-mixed edge texels
+            # are less far from skin than its body, and reach deeper than the rim; connected
+            # to a confident flag, a lower threshold is evidence enough. Geodesic steps bound
+            # how far it goes; brows, eyes, nostrils and lips stay out (not skinlike)
+            occ = binary_dilation(occ, iterations=steps,
+                                  mask=skinlike & (d2 > cfg.skin_grow_threshold)) | occ
+        # an occluder's soft edge is a texel wider; beyond the rim only around deep flags
+        occ = binary_dilation(occ, iterations=1) & skinlike & (
+            rim | binary_dilation(occ & ~rim, iterations=1))
         out[i] = occ
     return out
 
@@ -244,13 +268,17 @@ def skin_texture(model, T: int, base: np.ndarray, tone, rng) -> np.ndarray:
     return np.clip(tex, 0.02, 0.98).astype(np.float32)
 
 
-RIM_KINDS = ("collar", "fringe")
+RIM_KINDS = ("collar", "fringe", "strands")
 
 
 def paste_rim(kind: str, img: np.ndarray, lm: np.ndarray, rng) -> np.ndarray:
-    """The tests' and benchmark's rim occluders (known truth on rendered faces): occluders at the face region's rim, where few other images see the texels: a light
-    shirt collar over the chin and jaw bottom, a blond or brown fringe over the hairline.
-    In place on (H, W, 3) ``img``; returns the (H, W) bool pasted pixels."""
+    """The tests' and benchmark's rim occluders (known truth on rendered faces): occluders at
+    the face region's rim, where few other images see the texels: a light shirt collar over
+    the chin and jaw bottom, a blond or brown fringe over the hairline, or (``strands``) 40
+    thin anti-aliased blond or brown strands whose tips hang 0.05-0.2 face widths above the
+    brows, as ``scripts/hard_cases.py`` draws them on photos (the tips reach deeper than the
+    solid fringe, and the strands' edges mix with the skin). In place on (H, W, 3) ``img``;
+    returns the (H, W) bool pasted pixels (``strands``: those at least a quarter strand)."""
     from skimage.draw import polygon
 
     H, W = img.shape[:2]
@@ -275,6 +303,27 @@ def paste_rim(kind: str, img: np.ndarray, lm: np.ndarray, rng) -> np.ndarray:
         col = ((0.86, 0.72, 0.45), (0.35, 0.22, 0.12))[int(rng.random() < 0.5)]
         strands = 0.85 + 0.15 * np.sin(np.arange(W) / 2.0)[None, :].repeat(H, 0)[m]
         img[m] = np.asarray(col) * strands[:, None]
+    elif kind == "strands":
+        from PIL import Image, ImageDraw
+
+        k = 4  # supersampling: the strands' edges are partial pixels, as in a photo
+        fw = float(np.ptp(lm[:, 0]))
+        brow_y = float(lm[17:27, 1].min())
+        col = np.asarray(((0.78, 0.63, 0.35), (0.24, 0.16, 0.10))[int(rng.random() < 0.5)])
+        alpha = np.zeros((H, W))
+        paint = np.zeros((H, W, 3))
+        for x in np.linspace(lm[17, 0] - 0.05 * fw, lm[26, 0] + 0.05 * fw, 40):
+            canvas = Image.new("L", (W * k, H * k))
+            y0, y1 = brow_y - 0.5 * fw, brow_y - (0.05 + 0.15 * rng.random()) * fw
+            t = np.linspace(0, 1, 12)
+            pts = [(k * (x + 0.03 * fw * np.sin(3 * u + x)), k * (y0 + (y1 - y0) * u)) for u in t]
+            ImageDraw.Draw(canvas).line(pts, fill=255, width=max(1, round(k * 0.02 * fw)))
+            a = np.asarray(canvas, np.float64).reshape(H, k, W, k).mean((1, 3)) / 255
+            shade = col * (0.8 + 0.3 * rng.random())
+            paint = paint * (1 - a[..., None]) + shade * a[..., None]  # premultiplied "over"
+            alpha = alpha + a * (1 - alpha)
+        img[:] = img * (1 - alpha[..., None]) + paint
+        m = alpha >= 0.25
     else:
         raise ValueError(kind)
     return m

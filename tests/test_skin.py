@@ -130,3 +130,88 @@ def test_uv_mask_to_image_inverts_image_mask_to_uv():
     assert (back & uv).sum() / uv.sum() >= 0.98
     assert (back & ~uv).sum() / uv.sum() <= 0.5  # the bilinear footprint's rim
     assert not skin.uv_mask_to_image(np.zeros_like(uv), smap, (S, S)).any()
+
+
+def _clean(scene):
+    return [i for i, k in enumerate(scene["kind"]) if k == "clean"]
+
+
+def _strand_column(vis, lay, n=16):
+    """(x, top): a column whose depth grows one texel a row from its top edge for n rows, it
+    and its right neighbour judged (the procedural layout's halves have seams and feature
+    zones elsewhere)."""
+    from scipy.ndimage import binary_fill_holes, distance_transform_edt
+
+    depth = distance_transform_edt(binary_fill_holes(vis))
+    ok = vis & lay.judged
+    for x in range(vis.shape[1] - 1):
+        top = np.flatnonzero(vis[:, x])
+        if len(top) and all(ok[top[0] + r, x] and ok[top[0] + r, x + 1]
+                            and round(depth[top[0] + r, x]) == r + 1 for r in range(n)):
+            return x, top[0]
+    raise AssertionError("no straight column from the top edge")
+
+
+def test_strand_deeper_than_the_rim_is_grown_into_and_bounded(scene):
+    """A dark strand from the visible region's top edge 16 texels down: its part in the rim
+    (5 texels here) seeds the cue, the hysteresis follows it ``skin_grow_px`` (6 texels at
+    T 96) deeper, one dilation more, and stops there; without hysteresis the rim ends it."""
+    from scipy.ndimage import binary_dilation
+
+    lay = scene["layout"]
+    for i in _clean(scene):
+        y, vis = scene["uv_visible"][i].copy(), scene["uv_visible_mask"][i]
+        x, top = _strand_column(vis, lay)
+        strand = np.zeros_like(vis)
+        strand[top:top + 16, x:x + 2] = True
+        y[strand] = [0.25, 0.16, 0.10]
+        cfg = CFG.model_copy(update={"skin_rim": 5 / T, "skin_grow_px": 16})
+        grown = skin.skin_outliers(y[None], vis[None], lay, cfg)[0]
+        flat = skin.skin_outliers(y[None], vis[None], lay,
+                                  cfg.model_copy(update={"skin_grow_px": 0}))[0]
+        # column x: row r of the strand is r + 1 texels deep (its twin column may be a
+        # texel off, so the geodesic steps are counted on x)
+        assert grown[top:top + 12, x].all(), i  # 5 rim + 6 grown + 1 dilation
+        assert not grown[top + 13:, x:x + 2].any(), i  # bounded
+        assert not flat[top + 7:, x:x + 2].any(), i  # the rim (+1 dilation) without it
+        assert flat[top:top + 5, x].all(), i
+        # the flow's analysis pass asks for seeds only
+        assert np.array_equal(skin.skin_outliers(y[None], vis[None], lay, cfg, grow=False)[0],
+                              flat), i
+        # nothing but the strand and its one-texel edge
+        assert not (grown & ~binary_dilation(strand)).any(), i
+
+
+@pytest.mark.parametrize("light", ["shading", "none"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_clean_skin_under_a_shading_gradient_is_not_flagged(scene, light, axis):
+    """A light falling off 2.3x across the face (top to bottom or side to side, unclipped)
+    changes luminance, not chromaticity: nothing is flagged, and with a strand at the top
+    edge the hysteresis does not leak from it into the shaded skin."""
+    from scipy.ndimage import binary_dilation
+
+    lay = scene["layout"]
+    ramp = np.linspace(0.6, 1.4, T)
+    g = ramp[:, None] if axis == 0 else ramp[None, :]
+    for i in _clean(scene):
+        vis = scene["uv_visible_mask"][i]
+        y = scene["uv_visible"][i] * g[..., None]
+        y = y * min(1.0, 0.98 / y[vis].max())  # an exposure that clips nothing
+        sh = scene["shading"][i:i + 1] if light == "shading" else None
+        occ = skin.skin_outliers(y[None], vis[None], lay, CFG, uv_shading=sh)[0]
+        assert occ.sum() <= 0.002 * vis.sum(), (i, light, axis, occ.sum() / vis.sum())
+        x, top = _strand_column(vis, lay, 8)
+        strand = np.zeros_like(vis)
+        strand[top:top + 8, x:x + 2] = True
+        y[strand] = [0.25, 0.16, 0.10]
+        occ = skin.skin_outliers(y[None], vis[None], lay, CFG, uv_shading=sh)[0]
+        assert occ[strand].mean() >= 0.9, (i, light, axis)
+        leak = occ & ~binary_dilation(strand, iterations=2)
+        assert leak.sum() <= 0.002 * vis.sum(), (i, light, axis, leak.sum())
+
+
+def test_grow_threshold_above_the_seed_threshold_is_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="skin_grow_threshold"):
+        OcclusionConfig(skin_threshold=11.34, skin_grow_threshold=16.27)
