@@ -17,8 +17,10 @@ Methods, same UV maps:
   images, the judged one included) fitted to the same, possibly occluded, texels;
 - **ours** — image cues (padding, saturation; the mediapipe cues are for photos and are off
   on renders) mapped to UV, plus ``cross_fitted_outliers`` with the true SH light divided
-  out (``uv_shading``, what stage 2 provides) and with the light fitted jointly
-  (``uv_normals``, when stage 2 is off).
+  out (``uv_shading``, what stage 2 provides), with the light fitted jointly
+  (``uv_normals``, when stage 2 is off), with no light divided out (``flat``: what stage 2's
+  near-flat light against a lit corpus prior leaves on photos) and with a residual band 0-1
+  light refitted after dividing (``occlusion.em_light: residual``).
 
 Prints per kind the mean IoU with the truth (clean: flagged share of the visible texels) and
 the time per face of each method.
@@ -188,8 +190,16 @@ def main():
                 **{k: v[sl] for k, v in kw.items()}).uv_outliers
         return out
 
+    # "flat": no light divided out, a gain only — what the flow's EM gets on photos, where
+    # stage 2's light (fitted against a lit corpus prior) is near flat; "residual": the
+    # flow's occlusion.em_light=residual (band 0-1 refitted after dividing by the light)
+    flat = np.ones_like(sc["shading"])
     for name, kw in (("shading", {"uv_shading": sc["shading"]}),
-                     ("normals", {"uv_normals": sc["normals"]})):
+                     ("normals", {"uv_normals": sc["normals"]}),
+                     ("flat", {"uv_shading": flat}),
+                     ("residual on true light", {"uv_shading": sc["shading"],
+                                                 "uv_normals": sc["normals"]}),
+                     ("residual on flat", {"uv_shading": flat, "uv_normals": sc["normals"]})):
         t = time.perf_counter()
         rows.append((f"image cues + cross-fitted EM ({name})",
                      img_uv | em(img_uv, kw), t_img + time.perf_counter() - t))

@@ -4,6 +4,8 @@ texture prior. Hung under the pseudo-GT config as ``occlusion``."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from facecorpus.configs.base import StrictConfig
 from pydantic import Field, model_validator
 
@@ -41,6 +43,14 @@ class OcclusionConfig(StrictConfig):
                                                        "(colour units, 0-1)")
     smooth_px: int = Field(2, ge=0, description="radius of the spatial smoothing of the "
                                                 "posterior's log-odds (MRF-like prior)")
+    em_light: Literal["stage2", "residual"] = Field(
+        "residual", description="the light of the EM's face model when stage 2 fitted one: "
+        "stage2 - colour divided by stage 2's SH irradiance, a gain per channel; residual - "
+        "also band 0-1 SH (band 2 held near 0) refitted on the inliers of the de-lit colour: "
+        "stage 2 fits its light against a lit corpus prior, so the photo's directional "
+        "shading stays in the colour and a prior of other lightings differs from it on one "
+        "side of the face (measured in docs/benchmarks.md). Without stage 2 the light is "
+        "always fitted jointly")
     mirror: bool = Field(True, description="left-right consistency through the mirror map")
     mirror_threshold: float = Field(0.15, gt=0, description="a texel and its mirror differing "
                                     "by more than this (mean abs, after the per-image "

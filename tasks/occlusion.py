@@ -514,7 +514,8 @@ def uv_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior,
             or None: colours are divided by it (the model is albedo x light).
         uv_normals: (N, T, T, 3) camera-space unit normals per texel (:func:`uv_normals`)
             or None: the light is fitted jointly (9 SH coefficients per channel, on
-            inliers); the way to go when no SH light was fitted (stage 2 off).
+            inliers); the way to go when no SH light was fitted (stage 2 off). With
+            ``uv_shading`` too, the light fitted is what is left after dividing by it.
         uv_occlusion_mask: (N, T, T) bool texels already known occluded (image cues):
             neither judged nor used for the fit.
 

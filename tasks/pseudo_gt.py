@@ -564,11 +564,18 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
     oc = cfg.occlusion
     lit = fc.photometric_iters > 0
 
-    def shading(j):  # SH irradiance of the stage-2 light, or the normals the EM fits it on
+    residual = oc.em_light == "residual"
+
+    def shading(j):
+        """(SH irradiance of the stage-2 light or None, the normals the EM fits a light on or
+        None): unlit, the EM fits the whole light; lit and ``residual``, the light left in
+        the de-lit colour (stage 2 fits its light against a *lit* corpus prior, so the
+        photo's directional shading mostly stays in the colour)."""
         v, rot = fit.vertices(model, j), fit.camera_for(j).rotation
-        if lit:
-            return occ_mod.uv_irradiance(model, v, rot, sh[j], T)
-        return occ_mod.uv_normals(model, v, rot, T)
+        if not lit:
+            return None, occ_mod.uv_normals(model, v, rot, T)
+        return (occ_mod.uv_irradiance(model, v, rot, sh[j], T),
+                occ_mod.uv_normals(model, v, rot, T) if residual else None)
 
     def image_occ(j):  # the image-space cues moved into UV with the final sampling map
         return occ_mod.image_mask_to_uv(a["occlusion_mask"][j], uv_map[j]) & uv_mask[j]
@@ -578,11 +585,11 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
 
     def occ_cues(j):  # image cues, then the skin cue (any shard size) on the lit albedo
         known = image_occ(j)
-        sh_j = shading(j) if need_em or (skin_layout is not None and lit) else None
+        sh_j = shading(j) if need_em or (skin_layout is not None and lit) else (None, None)
         if skin_layout is not None:
             known = known | stages.skin_outliers(
                 uv_vis[j][None], uv_mask[j][None], skin_layout, oc,
-                uv_shading=sh_j[None] if lit else None, uv_occlusion_mask=known[None])[0]
+                uv_shading=sh_j[0][None] if lit else None, uv_occlusion_mask=known[None])[0]
         return known, sh_j if need_em else None
 
     k5, occ_in, rej = isolation.each("occlusion", uris, occ_cues, list(range(n)))
@@ -599,12 +606,14 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
                   else np.zeros_like(uv_mask))
     uv_occ = uv_occ_img.copy()
     if need_em and n >= oc.min_images:
-        shade = np.stack([o[1] for o in occ_in])
+        shade = np.stack([o[1][0] for o in occ_in]) if lit else None
+        normals = (np.stack([o[1][1] for o in occ_in]) if occ_in[0][1][1] is not None
+                   else None)
 
         def outliers_some(idx):
             r = stages.uv_outliers(uv_vis[idx], uv_mask[idx], state.mirror_map, oc,
-                                   uv_shading=shade[idx] if lit else None,
-                                   uv_normals=None if lit else shade[idx],
+                                   uv_shading=None if shade is None else shade[idx],
+                                   uv_normals=None if normals is None else normals[idx],
                                    uv_occlusion_mask=uv_occ_img[idx])
             return list(r.uv_outliers)
 

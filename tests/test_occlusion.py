@@ -342,3 +342,45 @@ def test_cross_fitting_reuses_a_fold_only_when_its_prior_is_unchanged(scene):
     got = O.cross_fitted_outliers(uv, vis, scene["mirror"], cfg, **kw).uv_outliers
     np.testing.assert_array_equal(got, out)
     assert out.any()
+
+
+def test_residual_light_absorbs_one_sided_shading_but_not_an_occluder():
+    """``occlusion.em_light: residual``: directional shading left in the de-lit colour (a
+    near-flat stage-2 light) is face, not occluder, once the EM refits band 0-1 on inliers;
+    with a gain only it flags the dark side. A dark patch is found either way."""
+    from facecorpus.tasks.prior import TexturePrior
+    from scipy import ndimage as ndi
+
+    T = 64
+    rng = np.random.default_rng(4)
+    yy, xx = (np.mgrid[:T, :T] + 0.5) / T * 2 - 1
+    r2 = xx ** 2 + yy ** 2
+    mask = r2 < 0.8
+    normals = np.stack([xx, -yy, np.sqrt(np.clip(1 - r2, 0, 1))], -1).astype(np.float32)
+    tex = (np.array([0.7, 0.5, 0.4]) * (1 + 0.1 * ndi.gaussian_filter(
+        rng.standard_normal((T, T, 1)), 2))).astype(np.float32)
+    nx = normals[..., :1]
+    light = np.where(nx > 0, 1 + 0.8 * nx, 1 + 0.1 * nx)  # a key light on one side
+    y = np.clip(tex * light + rng.normal(0, 0.01, (T, T, 3)), 0, 1).astype(np.float32)
+    patch = (np.abs(xx + 0.3) < 0.12) & (np.abs(yy - 0.1) < 0.12)
+    y[patch] = 0.08
+    prior = TexturePrior(tex)
+    cfg = OcclusionConfig(mirror=False)
+    flat = np.ones_like(y)
+    gain = O.uv_outliers(y[None], mask[None], prior, None, cfg, uv_shading=flat[None])[0]
+    resid = O.uv_outliers(y[None], mask[None], prior, None, cfg, uv_shading=flat[None],
+                          uv_normals=normals[None])[0]
+    clean = mask & ~ndi.binary_dilation(patch, iterations=3)
+    assert gain[clean].mean() > 0.15  # the side in shadow (or in light) is called occluded
+    assert resid[clean].mean() < 0.03
+    assert resid[patch].mean() > 0.7 and gain[patch].mean() > 0.7
+
+
+def test_em_light_config():
+    from facecorpus.configs import load_config, parse_set
+    from facecorpus.core.errors import ConfigError
+
+    assert load_config(None, "pseudo_gt", parse_set(
+        ["occlusion.em_light=residual"])).occlusion.em_light == "residual"
+    with pytest.raises(ConfigError):
+        load_config(None, "pseudo_gt", parse_set(["occlusion.em_light=joint"]))
