@@ -105,8 +105,8 @@ def local_worker_env() -> dict[str, str]:
     return dict(WORKER_ENV)
 
 
-# OpenBLAS (numpy and scipy each bundle one) starts a pool of one thread per core in every
-# process. Between two BLAS calls its idle threads spin in sched_yield (OpenBLAS's own
+# OpenBLAS (numpy and scipy each bundle one; OpenCV's is single-threaded) starts a pool of
+# one thread per core in every process. Between two BLAS calls its idle threads spin in sched_yield (OpenBLAS's own
 # THREAD_TIMEOUT, no OMP_WAIT_POLICY), and the pseudo-GT stages make thousands of small
 # calls (occlusion EM's Gram solves, the model's shape gemv, the skin cue's inverses): in a
 # --no-prefect run that spinning was most of the system CPU (docs/benchmarks.md, #12).
