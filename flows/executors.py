@@ -106,12 +106,12 @@ def local_worker_env() -> dict[str, str]:
 
 
 # OpenBLAS (numpy and scipy each bundle one; OpenCV's is single-threaded) starts a pool of
-# one thread per core in every process. Between two BLAS calls its idle threads spin in sched_yield (OpenBLAS's own
-# THREAD_TIMEOUT, no OMP_WAIT_POLICY), and the pseudo-GT stages make thousands of small
-# calls (occlusion EM's Gram solves, the model's shape gemv, the skin cue's inverses): in a
-# --no-prefect run that spinning was most of the system CPU (docs/benchmarks.md, #12).
-# Dask's nanny already gives LocalCluster workers OPENBLAS_NUM_THREADS=1; this does the
-# same at run time for the runs that compute in this process.
+# one thread per core in every process. Between two BLAS calls its idle threads spin in
+# sched_yield (OpenBLAS's own THREAD_TIMEOUT, no OMP_WAIT_POLICY), and the pseudo-GT stages
+# make thousands of small calls (occlusion EM's Gram solves, the model's shape gemv, the
+# skin cue's inverses): in a --no-prefect run that spinning was most of the system CPU
+# (docs/benchmarks.md, #12). Dask's nanny already gives LocalCluster workers
+# OPENBLAS_NUM_THREADS=1; this does the same at run time for runs computing in this process.
 _OPENBLAS_API = (("openblas_set_num_threads", "openblas_get_num_threads"),
                  ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
                  ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
