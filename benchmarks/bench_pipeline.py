@@ -66,6 +66,24 @@ def reference(photos: Path, model: str, sets: list[str] = ()) -> tuple[float, np
     from facecorpus.tasks.inputs import hash_inputs, list_planned
 
     cfg = load_config(None, "pseudo_gt", {"model": model, **parse_set(list(sets))})
+    with _cli_threads():
+        return _reference(photos, cfg, prior_store, st, hash_inputs, list_planned)
+
+
+def _cli_threads():
+    """The thread settings the CLI's pseudo-GT job computes under (one OpenBLAS thread since
+    #12), so that the reference measures the same computation; nothing on older code."""
+    import contextlib
+
+    try:
+        from facecorpus.flows.executors import blas_threads
+        from facecorpus.flows.pseudo_gt import PseudoGTJob
+    except ImportError:
+        return contextlib.nullcontext()
+    return blas_threads(PseudoGTJob.blas_threads)
+
+
+def _reference(photos, cfg, prior_store, st, hash_inputs, list_planned):
     t0, c0 = time.perf_counter(), _cpu()  # the model/detector load counts, as in a CLI run
     state = st.State.build(cfg)
     state.detector()

@@ -3,6 +3,7 @@ the progress line (rate, ETA) every flow prints."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -102,6 +103,67 @@ def local_worker_env() -> dict[str, str]:
 
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     return dict(WORKER_ENV)
+
+
+# OpenBLAS (numpy and scipy each bundle one; OpenCV's is single-threaded) starts a pool of
+# one thread per core in every process. Between two BLAS calls its idle threads spin in
+# sched_yield (OpenBLAS's own THREAD_TIMEOUT, no OMP_WAIT_POLICY), and the pseudo-GT stages
+# make thousands of small calls (occlusion EM's Gram solves, the model's shape gemv, the
+# skin cue's inverses): in a --no-prefect run that spinning was most of the system CPU
+# (docs/benchmarks.md, #12). Dask's nanny already gives LocalCluster workers
+# OPENBLAS_NUM_THREADS=1; this does the same at run time for runs computing in this process.
+_OPENBLAS_API = (("openblas_set_num_threads", "openblas_get_num_threads"),
+                 ("openblas_set_num_threads64_", "openblas_get_num_threads64_"),
+                 ("scipy_openblas_set_num_threads", "scipy_openblas_get_num_threads"),
+                 ("scipy_openblas_set_num_threads64_", "scipy_openblas_get_num_threads64_"))
+
+
+def openblas_pools() -> list[tuple[Callable, Callable]]:
+    """(set_num_threads, get_num_threads) of every OpenBLAS loaded in this process, after
+    loading numpy's and scipy's; empty where none is found (another BLAS, not Linux)."""
+    import ctypes
+
+    import numpy  # noqa: F401  (their libraries must be loaded to be found)
+    import scipy.linalg  # noqa: F401
+
+    try:
+        with open("/proc/self/maps") as fh:
+            files = {ln.split()[-1] for ln in fh if len(ln.split()) >= 6}
+    except OSError:
+        return []
+    paths = sorted(f for f in files if "openblas" in f.rsplit("/", 1)[-1].lower()
+                   and ".so" in f.rsplit("/", 1)[-1])
+    pools = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for set_name, get_name in _OPENBLAS_API:
+            if hasattr(lib, set_name) and hasattr(lib, get_name):
+                set_fn, get_fn = getattr(lib, set_name), getattr(lib, get_name)
+                set_fn.argtypes, set_fn.restype, get_fn.restype = [ctypes.c_int], None, ctypes.c_int
+                pools.append((set_fn, get_fn))
+                break
+    return pools
+
+
+@contextlib.contextmanager
+def blas_threads(n: int | None):
+    """Run the block with every loaded OpenBLAS limited to ``n`` threads (None: unchanged),
+    then restore each library's previous count."""
+    if not n:
+        yield
+        return
+    pools = openblas_pools()
+    old = [get() for _, get in pools]
+    for set_fn, _ in pools:
+        set_fn(n)
+    try:
+        yield
+    finally:
+        for (set_fn, _), k in zip(pools, old, strict=True):
+            set_fn(k)
 
 
 class DaskExecutor(Executor):

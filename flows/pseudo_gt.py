@@ -45,6 +45,9 @@ def load_config(path=None, overrides: dict | None = None) -> PseudoGTConfig:
 
 class PseudoGTJob(shards.ShardJob):
     name = "pseudo-gt"
+    # its BLAS calls are small and many (occlusion EM, model shape): one thread computes
+    # them at less CPU than a pool spinning between calls (docs/benchmarks.md, #12)
+    blas_threads = 1
 
     def __init__(self, cfg: PseudoGTConfig, input_spec: str, out: str, *,
                  rebuild_prior: bool = False, stages: stages_mod.Stages = stages_mod.STAGES):

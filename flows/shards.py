@@ -32,6 +32,7 @@ from facecorpus.flows.executors import (  # noqa: F401  (re-exported: flows impo
     PrefectExecutor,
     Progress,
     ThreadExecutor,
+    blas_threads,
     make_executor,
     map_with_progress,
 )
@@ -189,6 +190,10 @@ class ShardJob:
     def threads_per_shard(self) -> int | None:
         return None
 
+    # OpenBLAS threads while the job computes in this process (None: the libraries' default);
+    # see flows.executors.blas_threads. LocalCluster workers get 1 from Dask's nanny environment.
+    blas_threads: int | None = None
+
 
 def run_shard(job: ShardJob, spec: ShardSpec) -> dict:
     """Compute, commit and record one shard (the function every executor runs)."""
@@ -238,6 +243,11 @@ def read_stats(out: str) -> dict[int, dict]:
 def execute(job: ShardJob, ex: Executor, *, max_shards: int | None = None) -> dict:
     """Plan, skip what is committed with the same key, prepare, run the rest, summarize.
     Wall and driver CPU seconds of each phase go to ``job.phase_seconds`` (the summary)."""
+    with blas_threads(job.blas_threads):
+        return _execute(job, ex, max_shards=max_shards)
+
+
+def _execute(job: ShardJob, ex: Executor, *, max_shards: int | None) -> dict:
     t = [time.perf_counter()]
     specs = job.plan()
     t.append(time.perf_counter())
