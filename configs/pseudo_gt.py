@@ -74,6 +74,10 @@ class PriorConfig(StrictConfig):
     dataset: str | None = Field(None, description="pseudo-GT dataset root with uv_albedo "
                                 "(kind: albedo_dataset)")
     pca_rank: int = Field(8, ge=0)
+    min_support: int = Field(2, ge=1, description="a corpus prior's texel seen by fewer "
+                             "images (capped at the corpus size) is filled from its mirror or "
+                             "surroundings instead: one image's collar or hair under the chin "
+                             "or at the hairline would otherwise be the prior there")
     edge_trim: int = Field(0, ge=0, le=8, description="the outermost this many texels of each "
                            "image's visible region are left out of the corpus prior: where few "
                            "images see a texel most samples are such edge texels, sampled at "

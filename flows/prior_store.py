@@ -153,7 +153,7 @@ def build(cfg, state, analysis_paths: list[str]) -> tuple[object, int]:
                          "be built (see the rejected rows)")
     prior = build_prior(vis, msk, model=state.model, mirror_map=state.mirror_map, kind=pc.kind,
                         texture_path=pc.texture, pca_rank=pc.pca_rank,
-                        pca_min_images=pc.pca_min_images)
+                        pca_min_images=pc.pca_min_images, min_support=pc.min_support)
     return prior, len(vis)
 
 

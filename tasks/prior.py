@@ -181,7 +181,7 @@ def masked_median(values: np.ndarray, mask: np.ndarray, gains: np.ndarray) -> np
 
 def robust_mean_texture(uv_visible: np.ndarray, uv_visible_mask: np.ndarray,
                         mirror_map: np.ndarray | None = None, layout_mask=None,
-                        max_images: int = 256) -> TexturePrior:
+                        max_images: int = 256, min_support: int = 1) -> TexturePrior:
     """Per-texel median of visible texels (exposure-normalised), holes filled.
 
     Args:
@@ -190,6 +190,10 @@ def robust_mean_texture(uv_visible: np.ndarray, uv_visible_mask: np.ndarray,
         layout_mask: (S, S) bool texels of the UV layout (others are only filled for
             smoothness).
         max_images: a deterministic subsample bounds memory and time on large corpora.
+        min_support: a texel seen by fewer images (never more than the corpus has) counts as
+            unseen and is filled from its mirror or its surroundings: where one image alone
+            sees a texel (under the chin, the hairline), that image's collar or hair would
+            be the prior there.
     """
     N = uv_visible.shape[0]
     S = uv_visible.shape[1]
@@ -206,6 +210,8 @@ def robust_mean_texture(uv_visible: np.ndarray, uv_visible_mask: np.ndarray,
     gains = np.where(np.isfinite(meds), ref / np.maximum(meds, 1e-3), 1.0)
     mean = masked_median(uv_visible, uv_visible_mask, gains)  # (S, S, 3), NaN where never seen
     known = np.isfinite(mean).all(-1)
+    if min(int(min_support), N) > 1:
+        known &= uv_visible_mask.sum(0) >= min(int(min_support), N)
     mean = np.where(known[..., None], mean, 0.0).astype(np.float32)
     if mirror_map is not None:
         has = (mirror_map[..., 0] >= 0)
@@ -263,7 +269,8 @@ def pca_with_missing(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, mean: 
 
 def build_prior(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, *, model=None,
                 mirror_map=None, kind: str = "auto", texture_path: str | None = None,
-                pca_rank: int = 8, pca_min_images: int = 32) -> TexturePrior:
+                pca_rank: int = 8, pca_min_images: int = 32, min_support: int = 1
+                ) -> TexturePrior:
     """The prior a run uses: ``kind`` = auto (albedo when the model has one, else corpus),
     albedo, corpus, or user (``texture_path``). PCA modes are added to a corpus prior when
     it has at least ``pca_min_images`` images and ``pca_rank > 0``."""
@@ -272,7 +279,8 @@ def build_prior(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, *, model=No
         return load_texture(texture_path, S)
     if kind == "albedo" or (kind == "auto" and model is not None and model.has_albedo):
         return albedo_prior(model, S)
-    prior = robust_mean_texture(uv_visible, uv_visible_mask, mirror_map)
+    prior = robust_mean_texture(uv_visible, uv_visible_mask, mirror_map,
+                                min_support=min_support)
     if pca_rank > 0 and len(uv_visible) >= pca_min_images:
         prior.basis, prior.std = pca_with_missing(uv_visible, uv_visible_mask, prior.mean,
                                                   pca_rank)

@@ -41,3 +41,23 @@ def test_robust_mean_rejects_an_outlier_image():
     stack[0, 4:8, 4:8] = 0.0  # one image's occluder: the median ignores it
     prior = robust_mean_texture(stack, np.ones((5, 16, 16), bool))
     assert np.abs(prior.mean[4:8, 4:8] - 0.5).max() < 0.03
+
+
+def test_min_support_keeps_one_images_collar_out_of_the_corpus_prior():
+    """A patch only one image sees (a collar under the chin) is not that image's colour in
+    the prior when ``min_support`` asks for two; a one-image corpus is its own prior."""
+    from facecorpus.tasks.prior import robust_mean_texture
+
+    T, n = 32, 3
+    vis = np.full((n, T, T, 3), 0.6, np.float32)
+    msk = np.zeros((n, T, T), bool)
+    msk[:, 4:20, 4:28] = True
+    msk[0, 20:26, 8:24] = True  # only image 0 sees below the chin, and sees a collar there
+    vis[0, 20:26, 8:24] = 0.95
+    one = robust_mean_texture(vis, msk, min_support=1).mean
+    two = robust_mean_texture(vis, msk, min_support=2).mean
+    assert np.allclose(one[22, 16], 0.95, atol=1e-3)
+    assert np.allclose(two[22, 16], 0.6, atol=0.02)
+    assert np.allclose(two[10, 10], one[10, 10])  # texels several images see: unchanged
+    solo = robust_mean_texture(vis[:1], msk[:1], min_support=2).mean
+    assert np.allclose(solo[22, 16], 0.95, atol=1e-3)
