@@ -51,3 +51,24 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def turned_heads_unwrap():
+    """Two procedural-model faces (yaw up to 50 degrees, ambient light, a known 64^2 texture)
+    unwrapped at their true fit: (model, synthetic batch, unwrap, mirror map, layout)."""
+    import numpy as np
+    from facecorpus.meshops.procedural import procedural_model
+    from facecorpus.meshops.uv import rasterize_uv, uv_mirror_map
+    from facecorpus.tasks.fit import synthetic_batch
+    from facecorpus.tasks.masks import erode
+    from facecorpus.tasks.unwrap import unwrap_batch
+
+    S = 64
+    model = procedural_model(n=41)
+    amb = np.zeros(27, np.float32)
+    amb[0::9] = 2 / np.sqrt(np.pi)
+    sb = synthetic_batch(model, 2, 128, seed=6, sh=amb, yaw_max=50, texture_size=S)
+    u = unwrap_batch(sb.image, model, sb.truth, S, np.stack([erode(m, 1) for m in sb.mask]))
+    return (model, sb, u, uv_mirror_map(model, S),
+            rasterize_uv(model.uv, model.uv_triangles, S).mask)

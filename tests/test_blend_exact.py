@@ -93,23 +93,12 @@ def test_exact_batch_equals_single_maps():
     assert np.array_equal(out[1], o1) and np.array_equal(src[1], s1)
 
 
-def test_blend_batch_exact_on_an_unwrapped_face():
+def test_blend_batch_exact_on_an_unwrapped_face(turned_heads_unwrap):
     """The stage on a real unwrap (procedural model, turned heads): visible texels keep
     ``uv_visible``; prior texels are the gradient path's adapted prior (same equations)."""
-    from facecorpus.meshops.procedural import procedural_model
-    from facecorpus.meshops.uv import rasterize_uv, uv_mirror_map
     from facecorpus.tasks.blend import blend_batch
-    from facecorpus.tasks.fit import synthetic_batch
-    from facecorpus.tasks.masks import erode
-    from facecorpus.tasks.unwrap import unwrap_batch
 
-    model = procedural_model(n=41)
-    amb = np.zeros(27, np.float32)
-    amb[0::9] = 2 / np.sqrt(np.pi)
-    sb = synthetic_batch(model, 2, 128, seed=6, sh=amb, yaw_max=50, texture_size=S)
-    u = unwrap_batch(sb.image, model, sb.truth, S, np.stack([erode(m, 1) for m in sb.mask]))
-    mirror = uv_mirror_map(model, S)
-    layout = rasterize_uv(model.uv, model.uv_triangles, S).mask
+    _, _, u, mirror, layout = turned_heads_unwrap
     flat = np.full((S, S, 3), 0.5, np.float32)  # far from the texture: a large mismatch
     ex = blend_batch(u.uv_visible, u.uv_visible_mask, flat, mirror, layout_mask=layout,
                      visible="exact")

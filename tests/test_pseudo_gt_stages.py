@@ -87,18 +87,8 @@ def model():
 
 
 @pytest.mark.slow
-def test_blend_with_true_prior_and_mirror(model):
-    from facecorpus.meshops.uv import rasterize_uv, uv_mirror_map
-    from facecorpus.tasks.fit import synthetic_batch
-    from facecorpus.tasks.masks import erode
-    from facecorpus.tasks.unwrap import unwrap_batch
-
-    amb = np.zeros(27, np.float32)
-    amb[0::9] = 2 / np.sqrt(np.pi)
-    sb = synthetic_batch(model, 2, 128, seed=6, sh=amb, yaw_max=50, texture_size=S)
-    u = unwrap_batch(sb.image, model, sb.truth, S, np.stack([erode(m, 1) for m in sb.mask]))
-    mirror = uv_mirror_map(model, S)
-    layout = rasterize_uv(model.uv, model.uv_triangles, S).mask
+def test_blend_with_true_prior_and_mirror(turned_heads_unwrap):
+    _, sb, u, mirror, layout = turned_heads_unwrap
     # with the true texture as prior, the visible texels come back unchanged (no seam to
     # correct); without adaptation prior texels are the prior exactly
     prior = np.repeat(sb.uv_texture[None], 2, 0)
