@@ -426,7 +426,24 @@ def _dnormals(sc: Scene, X: torch.Tensor, used: np.ndarray, nk: int, ne: int
         B.numpy(), len(used)))
     nrm = acc.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     n = acc / nrm
-    return (dacc - n[:, :, None] * torch.einsum("ud,udm->um", n, dacc)[:, None]) / nrm[..., None]
+    # d (acc / |acc|) = (dacc - n (n . dacc)) / |acc|, in place (the torch expression made
+    # four (U, 3, m) temporaries: ~4 ms a call, measured)
+    _tangent_part(dacc.numpy(), n.numpy(), nrm.numpy())
+    return dacc
+
+
+@njit(cache=True, nogil=True)
+def _tangent_part(d, n, nrm):  # pragma: no cover - numba
+    """In place: d[u] = (d[u] - n[u] (n[u] . d[u])) / nrm[u] for (U, 3, m) ``d``."""
+    m = d.shape[2]
+    for u in range(d.shape[0]):
+        n0, n1, n2, r = n[u, 0], n[u, 1], n[u, 2], nrm[u, 0]
+        du = d[u]
+        for j in range(m):
+            dot = n0 * du[0, j] + n1 * du[1, j] + n2 * du[2, j]
+            du[0, j] = (du[0, j] - n0 * dot) / r
+            du[1, j] = (du[1, j] - n1 * dot) / r
+            du[2, j] = (du[2, j] - n2 * dot) / r
 
 
 def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int,
