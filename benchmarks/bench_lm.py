@@ -136,8 +136,11 @@ def main() -> None:
                         for f in r[0].__dataclass_fields__)
             same &= all(np.array_equal(x, y, equal_nan=True) for x, y in zip(r[1:], o[1:]))
             e_r, e_o = final_energy(ours, sc, r[0]), final_energy(ours, sc, o[0])
-            rel.append(np.abs(e_o - e_r) / np.abs(e_r))
+            rel.append((e_o - e_r) / np.abs(e_r))
         rel = np.concatenate(rel)
+        print("  final energy, ours minus reference, relative, per image:",
+              " ".join(f"{v:+.1e}" for v in rel))
+        rel = np.abs(rel)
         print(f"{kind} ({n_img} images, {len(problems)} call(s)): reference {c_ref:.0f} "
               f"CPU-ms/image, ours {c_our:.0f} CPU-ms/image ({c_ref / c_our:.2f}x); results "
               f"byte-identical: {same}; final energy max relative difference "

@@ -118,6 +118,14 @@ def pixel_colour(svc: torch.Tensor, irrc: torch.Tensor, uvc: torch.Tensor, px, p
     return alb * irr, lam, alb
 
 
+def _take(x: torch.Tensor, idx) -> torch.Tensor:
+    """``x[idx]`` for an integer index tensor (any shape) along dim 0, by ``index_select``:
+    the same copy, 2.5-3.5x faster than advanced indexing on the CPU (measured on stage 2's
+    gathers: (U, 3, m) basis rows, per-pixel corner rows)."""
+    idx = torch.as_tensor(idx)
+    return x.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *x.shape[1:])
+
+
 @dataclass
 class Scene:
     """The constants of one stage-2 problem (torch float32 unless said).
@@ -154,7 +162,8 @@ class Scene:
             self._rows = ((nk, ne), torch.cat([self.id_b[:nk] * self.id_std[:nk, None, None],
                                                self.ex_b[:ne] * self.ex_std[:ne, None, None]]
                                               ).permute(1, 2, 0).contiguous())
-        return self._rows[1][verts]
+        rows = self._rows[1]
+        return rows[verts] if isinstance(verts, slice) else _take(rows, verts)
 
 
 @dataclass
@@ -235,11 +244,11 @@ def _evaluate(sc: Scene, i: int, p: Params, X, n, sv, p2f: np.ndarray) -> _State
     prior = float((p.a_w ** 2).sum() + (p.b_w ** 2).sum())
     e_ph, l1 = 0.0, float("nan")
     if len(ys):
-        corners = sc.tris_t[torch.as_tensor(faces)]
-        svc = sv[corners] * torch.tensor([k, k, 1.0])
-        n_cam = n[corners] @ _rot(p.angles).T
+        corners = _take(sc.tris_t, faces)
+        svc = _take(sv, corners) * torch.tensor([k, k, 1.0])
+        n_cam = _take(n, corners) @ _rot(p.angles).T
         irrc = torch.einsum("pkj,cj->pkc", sh_basis_torch(n_cam), p.sh.reshape(3, 9))
-        col, _, _ = pixel_colour(svc, irrc, sc.corner_uv[torch.as_tensor(faces)],
+        col, _, _ = pixel_colour(svc, irrc, _take(sc.corner_uv, faces),
                                  torch.as_tensor(xs, dtype=torch.float32) + 0.5,
                                  torch.as_tensor(ys, dtype=torch.float32) + 0.5,
                                  sc.tex[i], sc.persp)
@@ -466,7 +475,7 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
     inv_pix = torch.as_tensor(inv[:corners_all.size].reshape(-1, 3))
     inv_lm = torch.as_tensor(inv[corners_all.size:])
     used_t = torch.as_tensor(used)
-    Xu = st.X[used_t]
+    Xu = _take(st.X, used_t)
     U = len(used)
 
     # per vertex, closed form: d sv / d pose (U, 3, n_pose); d sv / d model point = MR
@@ -486,7 +495,7 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
         cols.append(dt)
     Dpose = torch.cat(cols, -1)
     # per vertex: SH basis of the camera normal and its derivative w.r.t. the angles
-    nu = st.n_model[used_t]
+    nu = _take(st.n_model, used_t)
     ncam = nu @ R.T
     Y = sh_basis_torch(ncam)  # (U, 9)
     dYdn = _dsh_basis(ncam)  # (U, 9, 3)
@@ -497,7 +506,8 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
     if m:  # the shape modes turn the normals: irradiance w.r.t. the modes (U, 3, m)
         dn = _dnormals(sc, st.X, used, nk, ne)  # (U, 3, m) model-space normal
         W = torch.einsum("cj,ujd->ucd", shm, dYdn) @ R  # d irr / d model normal (U, 3, 3)
-        Dirr = torch.cat([Dirr, torch.bmm(W, dn)], -1)
+        Dirr_m = torch.bmm(W, dn)  # (U, 3, m), contiguous for the gradient below
+        Dirr = torch.cat([Dirr, Dirr_m], -1)
 
     H = torch.zeros(D, D, dtype=torch.float64)
     g = torch.zeros(D, dtype=torch.float64)
@@ -517,9 +527,9 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
         return H, g
     scale = torch.tensor([k, k, 1.0])
     nd = 3 if sc.persp else 2  # orthographic depth does not reach the colour
-    svc = st.sv[used_t][inv_pix] * scale  # (P, 3, 3)
-    irrc = irr[inv_pix]  # (P, 3 corners, 3 channels)
-    uvc = sc.corner_uv[torch.as_tensor(faces)]
+    svc = _take(_take(st.sv, used_t), inv_pix) * scale  # (P, 3, 3)
+    irrc = _take(irr, inv_pix)  # (P, 3 corners, 3 channels)
+    uvc = _take(sc.corner_uv, faces)
     px = torch.as_tensor(xs, dtype=torch.float32) + 0.5
     py = torch.as_tensor(ys, dtype=torch.float32) + 0.5
     col, lam, alb, dcol = _pixel_grad(svc, irrc, uvc, px, py, sc.tex[i], sc.persp)
@@ -529,7 +539,7 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
     wgt = 1.0 / torch.sqrt(res ** 2 + sc.eps ** 2)  # IRLS weight of the Charbonnier
     wr = wgt * res / cnt  # d E_photo / d colour
     al = alb[:, :, None] * lam[:, None, :]  # (P, channel, corner): d colour / d irr_corner
-    ysh = torch.einsum("pk,pkj->pj", lam, Y[inv_pix])  # (P, 9)
+    ysh = torch.einsum("pk,pkj->pj", lam, _take(Y, inv_pix))  # (P, 9)
 
     # exact gradient without the (P, 3, D) Jacobian: d E / d colour pulled back to the
     # vertices (scatter), then through the per-vertex derivatives
@@ -545,20 +555,20 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
         g[n_pose:G] += torch.einsum("uj,ujm->m", gx, sc.basis_rows(used_t, nk, ne)).double()
     g[G:] += torch.einsum("pc,pj->cj", wr * alb, ysh).reshape(-1).double()
     if m:  # through the normals
-        g[n_pose:G] += torch.einsum("uc,ucm->m", girr, Dirr[:, :, 3:]).double()
+        g[n_pose:G] += torch.einsum("uc,ucm->m", girr, Dirr_m).double()
 
     # H (P x D^2, the dominant cost) from the pixels on a stride grid, scaled to all pixels
     sub = np.flatnonzero((ys % stride == 0) & (xs % stride == 0))
     if len(sub) < D:  # too few rows for a full-rank H: all pixels
         sub = np.arange(cnt)
     sub_t = torch.as_tensor(sub)
-    ip = inv_pix[sub_t]  # (Ps, 3)
-    dc = dcol[sub_t]  # (Ps, channel, corner, coord)
-    parts = [torch.einsum("pckd,pkdg->pcg", dc, Dpose[ip][:, :, :nd])]
-    irr_p = torch.einsum("pck,pkcg->pcg", al[sub_t], Dirr[ip])  # via the irradiance
+    ip = _take(inv_pix, sub_t)  # (Ps, 3)
+    dc = _take(dcol, sub_t)  # (Ps, channel, corner, coord)
+    parts = [torch.einsum("pckd,pkdg->pcg", dc, _take(Dpose, ip)[:, :, :nd])]
+    irr_p = torch.einsum("pck,pkcg->pcg", _take(al, sub_t), _take(Dirr, ip))  # via irradiance
     parts[0][:, :, :3] += irr_p[:, :, :3]
     if m:
-        C = torch.einsum("pckd,pkdj->pckj", dc, MR[ip][:, :, :nd])  # d colour / d point
+        C = torch.einsum("pckd,pkdj->pckj", dc, _take(MR, ip)[:, :, :nd])  # d colour / d point
         Bp = sc.basis_rows(torch.as_tensor(used[inv[:corners_all.size].reshape(-1, 3)[sub]]),
                            nk, ne)  # (Ps, corner, 3, m)
         parts.append(torch.einsum("pckj,pkjm->pcm", C, Bp) + irr_p[:, :, 3:])
@@ -569,8 +579,12 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
     ws = wgt[sub_t] / len(sub)
     for c in range(3):
         Jc = J[:, c].contiguous()
-        ci = torch.as_tensor(list(range(G)) + list(range(G + 9 * c, G + 9 * c + 9)))
-        H[ci[:, None], ci[None, :]] += ((Jc * ws[:, c:c + 1]).T @ Jc).double()
+        Hc = ((Jc * ws[:, c:c + 1]).T @ Jc).double()  # over [geometry G, this channel's SH]
+        sh = slice(G + 9 * c, G + 9 * c + 9)  # blocks by slices: no index_put
+        H[:G, :G] += Hc[:G, :G]
+        H[:G, sh] += Hc[:G, G:]
+        H[sh, :G] += Hc[G:, :G]
+        H[sh, sh] += Hc[G:, G:]
     return H, g
 
 
