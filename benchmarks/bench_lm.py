@@ -123,9 +123,12 @@ def main() -> None:
         for name, mod in [("reference", ref), ("ours", ours)] * (args.repeats + 1):
             c0, outs = time.process_time(), []
             for sc, p0, a in problems:
-                sc._rows = None  # per-run constants are rebuilt by each side
-                p = ours.Params(*(getattr(p0, f).clone() for f in p0.__dataclass_fields__))
-                outs.append(mod.levenberg_marquardt(sc, p, *a))
+                # each side's own Scene and Params classes (their methods are part of the
+                # solver), built fresh: per-run caches (basis layouts) count in every run
+                sc_m = mod.Scene(**{f: getattr(sc, f) for f in mod.Scene.__dataclass_fields__
+                                    if not f.startswith("_")})
+                p = mod.Params(*(getattr(p0, f).clone() for f in p0.__dataclass_fields__))
+                outs.append(mod.levenberg_marquardt(sc_m, p, *a))
             cpu[name].append(time.process_time() - c0)
             res[name] = outs
         # the first round is the warm-up (numba compile, caches)
