@@ -81,6 +81,17 @@ def resize_targets(images: np.ndarray, masks: np.ndarray, render_size: int
     return imgs, msk
 
 
+def _cell(tex: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor):
+    """The four texels ``tex[y0, x0], tex[y0, x0 + 1], tex[y0 + 1, x0], tex[y0 + 1, x0 + 1]``
+    of (T, T, C) ``tex``, by ``index_select`` on the flat texture (the same values, ~3x
+    faster than 2-D advanced indexing; differentiable, forward mode included)."""
+    T = tex.shape[1]
+    flat = tex.reshape(-1, tex.shape[-1])
+    i = y0 * T + x0
+    return (flat.index_select(0, i), flat.index_select(0, i + 1),
+            flat.index_select(0, i + T), flat.index_select(0, i + T + 1))
+
+
 def bilinear(tex: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     """``F.grid_sample(bilinear, border, align_corners=False)`` of one (T, T, C) texture
     at (P, 2) UVs (u right, v up; UV image row r <-> v = 1 - (r + 0.5) / T) -> (P, C).
@@ -92,8 +103,7 @@ def bilinear(tex: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     y0 = y.detach().floor().clamp(max=T - 2).long()
     fx = (x - x0)[:, None]
     fy = (y - y0)[:, None]
-    t00, t01 = tex[y0, x0], tex[y0, x0 + 1]
-    t10, t11 = tex[y0 + 1, x0], tex[y0 + 1, x0 + 1]
+    t00, t01, t10, t11 = _cell(tex, x0, y0)
     return (t00 * (1 - fx) + t01 * fx) * (1 - fy) + (t10 * (1 - fx) + t11 * fx) * fy
 
 
@@ -265,7 +275,7 @@ def _evaluate(sc: Scene, i: int, p: Params, X, n, sv, p2f: np.ndarray) -> _State
                                  torch.as_tensor(xs, dtype=torch.float32) + 0.5,
                                  torch.as_tensor(ys, dtype=torch.float32) + 0.5,
                                  sc.tex[i], sc.persp)
-        d = col - sc.photo[i][torch.as_tensor(ys), torch.as_tensor(xs)]
+        d = col - _take(sc.photo[i].reshape(-1, 3), ys * sc.R + xs)
         e_ph = float(torch.sqrt(d ** 2 + sc.eps ** 2).sum() / cnt)
         l1 = float(d.abs().mean(-1).sum() / cnt)
     energy = e_ph + sc.w_landmarks * 1e3 * e_lm + sc.w_prior * prior
@@ -364,8 +374,7 @@ def _pixel_grad(svc, irrc, uvc, px, py, tex, persp: bool):
     y0 = y.floor().clamp(max=T - 2).long()
     fx = (x - x0)[:, None]
     fy = (y - y0)[:, None]
-    t00, t01 = tex[y0, x0], tex[y0, x0 + 1]
-    t10, t11 = tex[y0 + 1, x0], tex[y0 + 1, x0 + 1]
+    t00, t01, t10, t11 = _cell(tex, x0, y0)
     alb = (t00 * (1 - fx) + t01 * fx) * (1 - fy) + (t10 * (1 - fx) + t11 * fx) * fy
     inx = ((xr > 0) & (xr < T - 1)).float()[:, None]
     iny = ((yr > 0) & (yr < T - 1)).float()[:, None]
@@ -547,7 +556,7 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
     py = torch.as_tensor(ys, dtype=torch.float32) + 0.5
     col, lam, alb, dcol = _pixel_grad(svc, irrc, uvc, px, py, sc.tex[i], sc.persp)
     dcol = dcol * scale[:nd]  # w.r.t. the crop-scale screen positions
-    res = col - sc.photo[i][torch.as_tensor(ys), torch.as_tensor(xs)]  # (P, 3)
+    res = col - _take(sc.photo[i].reshape(-1, 3), ys * sc.R + xs)  # (P, 3)
     cnt = len(ys)
     wgt = 1.0 / torch.sqrt(res ** 2 + sc.eps ** 2)  # IRLS weight of the Charbonnier
     wr = wgt * res / cnt  # d E_photo / d colour
