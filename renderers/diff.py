@@ -133,15 +133,25 @@ def texture(uv_map: torch.Tensor, uv: torch.Tensor, mask=None) -> torch.Tensor:
 
 def vertex_normals(vertices: torch.Tensor, triangles) -> torch.Tensor:
     """Area-weighted unit vertex normals, differentiable: (N, V, 3) or (V, 3) -> same shape."""
-    v = vertices if vertices.dim() == 3 else vertices[None]
+    if vertices.dim() == 2:
+        # one mesh: index_add along dim 0 is ~4x faster than along dim 1 of a (1, V, 3)
+        # batch on the CPU (stage 2 calls this per image and step; measured), the same
+        # adds in the same order (byte-identical)
+        t = _long(triangles, vertices.device)
+        a, b, c = vertices[t[:, 0]], vertices[t[:, 1]], vertices[t[:, 2]]
+        fn = torch.linalg.cross(b - a, c - a, dim=-1)
+        acc = vertices.new_zeros(vertices.shape)
+        for k in range(3):
+            acc = acc.index_add(0, t[:, k], fn)
+        return acc / acc.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    v = vertices
     t = _long(triangles, v.device)
     a, b, c = v[:, t[:, 0]], v[:, t[:, 1]], v[:, t[:, 2]]
     fn = torch.linalg.cross(b - a, c - a, dim=-1)  # (N, F, 3), |fn| = 2 area
     acc = v.new_zeros(v.shape)
     for k in range(3):
         acc = acc.index_add(1, t[:, k], fn)
-    n = acc / acc.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return n if vertices.dim() == 3 else n[0]
+    return acc / acc.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def sh_irradiance(normals: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:

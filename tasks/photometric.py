@@ -81,6 +81,17 @@ def resize_targets(images: np.ndarray, masks: np.ndarray, render_size: int
     return imgs, msk
 
 
+def _cell(tex: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor):
+    """The four texels ``tex[y0, x0], tex[y0, x0 + 1], tex[y0 + 1, x0], tex[y0 + 1, x0 + 1]``
+    of (T, T, C) ``tex``, by ``index_select`` on the flat texture (the same values, ~3x
+    faster than 2-D advanced indexing; differentiable, forward mode included)."""
+    T = tex.shape[1]
+    flat = tex.reshape(-1, tex.shape[-1])
+    i = y0 * T + x0
+    return (flat.index_select(0, i), flat.index_select(0, i + 1),
+            flat.index_select(0, i + T), flat.index_select(0, i + T + 1))
+
+
 def bilinear(tex: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     """``F.grid_sample(bilinear, border, align_corners=False)`` of one (T, T, C) texture
     at (P, 2) UVs (u right, v up; UV image row r <-> v = 1 - (r + 0.5) / T) -> (P, C).
@@ -92,8 +103,7 @@ def bilinear(tex: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     y0 = y.detach().floor().clamp(max=T - 2).long()
     fx = (x - x0)[:, None]
     fy = (y - y0)[:, None]
-    t00, t01 = tex[y0, x0], tex[y0, x0 + 1]
-    t10, t11 = tex[y0 + 1, x0], tex[y0 + 1, x0 + 1]
+    t00, t01, t10, t11 = _cell(tex, x0, y0)
     return (t00 * (1 - fx) + t01 * fx) * (1 - fy) + (t10 * (1 - fx) + t11 * fx) * fy
 
 
@@ -116,6 +126,14 @@ def pixel_colour(svc: torch.Tensor, irrc: torch.Tensor, uvc: torch.Tensor, px, p
     alb = bilinear(tex, (lam[..., None] * uvc).sum(1))
     irr = (lam[..., None] * irrc).sum(1)
     return alb * irr, lam, alb
+
+
+def _take(x: torch.Tensor, idx) -> torch.Tensor:
+    """``x[idx]`` for an integer index tensor (any shape) along dim 0, by ``index_select``:
+    the same copy, 2.5-3.5x faster than advanced indexing on the CPU (measured on stage 2's
+    gathers: (U, 3, m) basis rows, per-pixel corner rows)."""
+    idx = torch.as_tensor(idx)
+    return x.index_select(0, idx.reshape(-1)).reshape(*idx.shape, *x.shape[1:])
 
 
 @dataclass
@@ -146,6 +164,7 @@ class Scene:
     w_landmarks: float
     w_prior: float
     _rows: tuple | None = None  # ((nk, ne), basis rows)
+    _coord_rows: tuple | None = None  # ((nk, ne), the same basis coordinate-major)
 
     def basis_rows(self, verts: torch.Tensor, nk: int, ne: int) -> torch.Tensor:
         """The std-scaled basis of the first nk identity and ne expression modes at
@@ -154,7 +173,20 @@ class Scene:
             self._rows = ((nk, ne), torch.cat([self.id_b[:nk] * self.id_std[:nk, None, None],
                                                self.ex_b[:ne] * self.ex_std[:ne, None, None]]
                                               ).permute(1, 2, 0).contiguous())
-        return self._rows[1][verts]
+        rows = self._rows[1]
+        return rows[verts] if isinstance(verts, slice) else _take(rows, verts)
+
+    def mode_pullback(self, grad: torch.Tensor, verts: torch.Tensor, nk: int, ne: int
+                      ) -> torch.Tensor:
+        """``einsum("uj,ujm->m", grad, basis_rows(verts))`` for a (U, 3) ``grad`` at
+        ``verts``, bit for bit: that einsum copies its (U, 3, m) operand to (3, U, m) before
+        one bmm; gathering from a (3, V, m) copy built once and calling the same bmm saves
+        the copy (2.3x, measured)."""
+        if self._coord_rows is None or self._coord_rows[0] != (nk, ne):
+            self._coord_rows = ((nk, ne), self.basis_rows(slice(None), nk, ne)
+                                .permute(1, 0, 2).contiguous())
+        cols = self._coord_rows[1].index_select(1, torch.as_tensor(verts))
+        return torch.bmm(grad.T.reshape(1, 1, -1), cols.reshape(1, -1, nk + ne))[0, 0]
 
 
 @dataclass
@@ -235,15 +267,15 @@ def _evaluate(sc: Scene, i: int, p: Params, X, n, sv, p2f: np.ndarray) -> _State
     prior = float((p.a_w ** 2).sum() + (p.b_w ** 2).sum())
     e_ph, l1 = 0.0, float("nan")
     if len(ys):
-        corners = sc.tris_t[torch.as_tensor(faces)]
-        svc = sv[corners] * torch.tensor([k, k, 1.0])
-        n_cam = n[corners] @ _rot(p.angles).T
+        corners = _take(sc.tris_t, faces)
+        svc = _take(sv, corners) * torch.tensor([k, k, 1.0])
+        n_cam = _take(n, corners) @ _rot(p.angles).T
         irrc = torch.einsum("pkj,cj->pkc", sh_basis_torch(n_cam), p.sh.reshape(3, 9))
-        col, _, _ = pixel_colour(svc, irrc, sc.corner_uv[torch.as_tensor(faces)],
+        col, _, _ = pixel_colour(svc, irrc, _take(sc.corner_uv, faces),
                                  torch.as_tensor(xs, dtype=torch.float32) + 0.5,
                                  torch.as_tensor(ys, dtype=torch.float32) + 0.5,
                                  sc.tex[i], sc.persp)
-        d = col - sc.photo[i][torch.as_tensor(ys), torch.as_tensor(xs)]
+        d = col - _take(sc.photo[i].reshape(-1, 3), ys * sc.R + xs)
         e_ph = float(torch.sqrt(d ** 2 + sc.eps ** 2).sum() / cnt)
         l1 = float(d.abs().mean(-1).sum() / cnt)
     energy = e_ph + sc.w_landmarks * 1e3 * e_lm + sc.w_prior * prior
@@ -342,8 +374,7 @@ def _pixel_grad(svc, irrc, uvc, px, py, tex, persp: bool):
     y0 = y.floor().clamp(max=T - 2).long()
     fx = (x - x0)[:, None]
     fy = (y - y0)[:, None]
-    t00, t01 = tex[y0, x0], tex[y0, x0 + 1]
-    t10, t11 = tex[y0 + 1, x0], tex[y0 + 1, x0 + 1]
+    t00, t01, t10, t11 = _cell(tex, x0, y0)
     alb = (t00 * (1 - fx) + t01 * fx) * (1 - fy) + (t10 * (1 - fx) + t11 * fx) * fy
     inx = ((xr > 0) & (xr < T - 1)).float()[:, None]
     iny = ((yr > 0) & (yr < T - 1)).float()[:, None]
@@ -361,29 +392,40 @@ def _pixel_grad(svc, irrc, uvc, px, py, tex, persp: bool):
 def _dnormal_sums(tri, lv, e1, e2, B, n_used):  # pragma: no cover - numba
     """d acc_v / d mode (n_used, 3, m): per triangle (a, b, c) with edges e1 = b - a,
     e2 = c - a, d fn = cross(dB_b - dB_a, e2) + cross(e1, dB_c - dB_a), added to its used
-    corners (lv >= 0)."""
+    corners (lv >= 0).
+
+    Why two passes over the modes per triangle: the first writes d fn for all modes to
+    scratch rows, the second adds them to the corners' contiguous output rows; each loop
+    is then branch-free over contiguous memory and LLVM vectorises it (3.8x faster than one
+    fused loop with the corner test inside, measured; the same float32 operations in the
+    same order, so the result is byte-identical)."""
     m = B.shape[2]
     out = np.zeros((n_used, 3, m), np.float32)
+    dx = np.empty(m, np.float32)
+    dy = np.empty(m, np.float32)
+    dz = np.empty(m, np.float32)
     for f in range(tri.shape[0]):
-        a, b, c = tri[f, 0], tri[f, 1], tri[f, 2]
         ex, ey, ez = e1[f, 0], e1[f, 1], e1[f, 2]
         gx, gy, gz = e2[f, 0], e2[f, 1], e2[f, 2]
+        Ba, Bb, Bc = B[tri[f, 0]], B[tri[f, 1]], B[tri[f, 2]]
         for j in range(m):
-            ux = B[b, 0, j] - B[a, 0, j]
-            uy = B[b, 1, j] - B[a, 1, j]
-            uz = B[b, 2, j] - B[a, 2, j]
-            wx = B[c, 0, j] - B[a, 0, j]
-            wy = B[c, 1, j] - B[a, 1, j]
-            wz = B[c, 2, j] - B[a, 2, j]
-            dx = uy * gz - uz * gy + ey * wz - ez * wy
-            dy = uz * gx - ux * gz + ez * wx - ex * wz
-            dz = ux * gy - uy * gx + ex * wy - ey * wx
-            for k in range(3):
-                v = lv[f, k]
-                if v >= 0:
-                    out[v, 0, j] += dx
-                    out[v, 1, j] += dy
-                    out[v, 2, j] += dz
+            ux = Bb[0, j] - Ba[0, j]
+            uy = Bb[1, j] - Ba[1, j]
+            uz = Bb[2, j] - Ba[2, j]
+            wx = Bc[0, j] - Ba[0, j]
+            wy = Bc[1, j] - Ba[1, j]
+            wz = Bc[2, j] - Ba[2, j]
+            dx[j] = uy * gz - uz * gy + ey * wz - ez * wy
+            dy[j] = uz * gx - ux * gz + ez * wx - ex * wz
+            dz[j] = ux * gy - uy * gx + ex * wy - ey * wx
+        for k in range(3):
+            v = lv[f, k]
+            if v >= 0:
+                o = out[v]
+                for j in range(m):
+                    o[0, j] += dx[j]
+                    o[1, j] += dy[j]
+                    o[2, j] += dz[j]
     return out
 
 
@@ -415,7 +457,24 @@ def _dnormals(sc: Scene, X: torch.Tensor, used: np.ndarray, nk: int, ne: int
         B.numpy(), len(used)))
     nrm = acc.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     n = acc / nrm
-    return (dacc - n[:, :, None] * torch.einsum("ud,udm->um", n, dacc)[:, None]) / nrm[..., None]
+    # d (acc / |acc|) = (dacc - n (n . dacc)) / |acc|, in place (the torch expression made
+    # four (U, 3, m) temporaries: ~4 ms a call, measured)
+    _tangent_part(dacc.numpy(), n.numpy(), nrm.numpy())
+    return dacc
+
+
+@njit(cache=True, nogil=True)
+def _tangent_part(d, n, nrm):  # pragma: no cover - numba
+    """In place: d[u] = (d[u] - n[u] (n[u] . d[u])) / nrm[u] for (U, 3, m) ``d``."""
+    m = d.shape[2]
+    for u in range(d.shape[0]):
+        n0, n1, n2, r = n[u, 0], n[u, 1], n[u, 2], nrm[u, 0]
+        du = d[u]
+        for j in range(m):
+            dot = n0 * du[0, j] + n1 * du[1, j] + n2 * du[2, j]
+            du[0, j] = (du[0, j] - n0 * dot) / r
+            du[1, j] = (du[1, j] - n1 * dot) / r
+            du[2, j] = (du[2, j] - n2 * dot) / r
 
 
 def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int,
@@ -438,7 +497,7 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
     inv_pix = torch.as_tensor(inv[:corners_all.size].reshape(-1, 3))
     inv_lm = torch.as_tensor(inv[corners_all.size:])
     used_t = torch.as_tensor(used)
-    Xu = st.X[used_t]
+    Xu = _take(st.X, used_t)
     U = len(used)
 
     # per vertex, closed form: d sv / d pose (U, 3, n_pose); d sv / d model point = MR
@@ -458,7 +517,7 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
         cols.append(dt)
     Dpose = torch.cat(cols, -1)
     # per vertex: SH basis of the camera normal and its derivative w.r.t. the angles
-    nu = st.n_model[used_t]
+    nu = _take(st.n_model, used_t)
     ncam = nu @ R.T
     Y = sh_basis_torch(ncam)  # (U, 9)
     dYdn = _dsh_basis(ncam)  # (U, 9, 3)
@@ -469,7 +528,8 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
     if m:  # the shape modes turn the normals: irradiance w.r.t. the modes (U, 3, m)
         dn = _dnormals(sc, st.X, used, nk, ne)  # (U, 3, m) model-space normal
         W = torch.einsum("cj,ujd->ucd", shm, dYdn) @ R  # d irr / d model normal (U, 3, 3)
-        Dirr = torch.cat([Dirr, torch.bmm(W, dn)], -1)
+        Dirr_m = torch.bmm(W, dn)  # (U, 3, m), contiguous for the gradient below
+        Dirr = torch.cat([Dirr, Dirr_m], -1)
 
     H = torch.zeros(D, D, dtype=torch.float64)
     g = torch.zeros(D, dtype=torch.float64)
@@ -489,19 +549,19 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
         return H, g
     scale = torch.tensor([k, k, 1.0])
     nd = 3 if sc.persp else 2  # orthographic depth does not reach the colour
-    svc = st.sv[used_t][inv_pix] * scale  # (P, 3, 3)
-    irrc = irr[inv_pix]  # (P, 3 corners, 3 channels)
-    uvc = sc.corner_uv[torch.as_tensor(faces)]
+    svc = _take(_take(st.sv, used_t), inv_pix) * scale  # (P, 3, 3)
+    irrc = _take(irr, inv_pix)  # (P, 3 corners, 3 channels)
+    uvc = _take(sc.corner_uv, faces)
     px = torch.as_tensor(xs, dtype=torch.float32) + 0.5
     py = torch.as_tensor(ys, dtype=torch.float32) + 0.5
     col, lam, alb, dcol = _pixel_grad(svc, irrc, uvc, px, py, sc.tex[i], sc.persp)
     dcol = dcol * scale[:nd]  # w.r.t. the crop-scale screen positions
-    res = col - sc.photo[i][torch.as_tensor(ys), torch.as_tensor(xs)]  # (P, 3)
+    res = col - _take(sc.photo[i].reshape(-1, 3), ys * sc.R + xs)  # (P, 3)
     cnt = len(ys)
     wgt = 1.0 / torch.sqrt(res ** 2 + sc.eps ** 2)  # IRLS weight of the Charbonnier
     wr = wgt * res / cnt  # d E_photo / d colour
     al = alb[:, :, None] * lam[:, None, :]  # (P, channel, corner): d colour / d irr_corner
-    ysh = torch.einsum("pk,pkj->pj", lam, Y[inv_pix])  # (P, 9)
+    ysh = torch.einsum("pk,pkj->pj", lam, _take(Y, inv_pix))  # (P, 9)
 
     # exact gradient without the (P, 3, D) Jacobian: d E / d colour pulled back to the
     # vertices (scatter), then through the per-vertex derivatives
@@ -514,23 +574,23 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
     g[:3] += torch.einsum("uc,uca->a", girr, Dirr[:, :, :3]).double()
     if m:
         gx = torch.einsum("ud,udj->uj", gsv, MR[:, :nd])  # d E / d model point (U, 3)
-        g[n_pose:G] += torch.einsum("uj,ujm->m", gx, sc.basis_rows(used_t, nk, ne)).double()
+        g[n_pose:G] += sc.mode_pullback(gx, used_t, nk, ne).double()
     g[G:] += torch.einsum("pc,pj->cj", wr * alb, ysh).reshape(-1).double()
     if m:  # through the normals
-        g[n_pose:G] += torch.einsum("uc,ucm->m", girr, Dirr[:, :, 3:]).double()
+        g[n_pose:G] += torch.einsum("uc,ucm->m", girr, Dirr_m).double()
 
     # H (P x D^2, the dominant cost) from the pixels on a stride grid, scaled to all pixels
     sub = np.flatnonzero((ys % stride == 0) & (xs % stride == 0))
     if len(sub) < D:  # too few rows for a full-rank H: all pixels
         sub = np.arange(cnt)
     sub_t = torch.as_tensor(sub)
-    ip = inv_pix[sub_t]  # (Ps, 3)
-    dc = dcol[sub_t]  # (Ps, channel, corner, coord)
-    parts = [torch.einsum("pckd,pkdg->pcg", dc, Dpose[ip][:, :, :nd])]
-    irr_p = torch.einsum("pck,pkcg->pcg", al[sub_t], Dirr[ip])  # via the irradiance
+    ip = _take(inv_pix, sub_t)  # (Ps, 3)
+    dc = _take(dcol, sub_t)  # (Ps, channel, corner, coord)
+    parts = [torch.einsum("pckd,pkdg->pcg", dc, _take(Dpose, ip)[:, :, :nd])]
+    irr_p = torch.einsum("pck,pkcg->pcg", _take(al, sub_t), _take(Dirr, ip))  # via irradiance
     parts[0][:, :, :3] += irr_p[:, :, :3]
     if m:
-        C = torch.einsum("pckd,pkdj->pckj", dc, MR[ip][:, :, :nd])  # d colour / d point
+        C = torch.einsum("pckd,pkdj->pckj", dc, _take(MR, ip)[:, :, :nd])  # d colour / d point
         Bp = sc.basis_rows(torch.as_tensor(used[inv[:corners_all.size].reshape(-1, 3)[sub]]),
                            nk, ne)  # (Ps, corner, 3, m)
         parts.append(torch.einsum("pckj,pkjm->pcm", C, Bp) + irr_p[:, :, 3:])
@@ -541,8 +601,12 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
     ws = wgt[sub_t] / len(sub)
     for c in range(3):
         Jc = J[:, c].contiguous()
-        ci = torch.as_tensor(list(range(G)) + list(range(G + 9 * c, G + 9 * c + 9)))
-        H[ci[:, None], ci[None, :]] += ((Jc * ws[:, c:c + 1]).T @ Jc).double()
+        Hc = ((Jc * ws[:, c:c + 1]).T @ Jc).double()  # over [geometry G, this channel's SH]
+        sh = slice(G + 9 * c, G + 9 * c + 9)  # blocks by slices: no index_put
+        H[:G, :G] += Hc[:G, :G]
+        H[:G, sh] += Hc[:G, G:]
+        H[sh, :G] += Hc[G:, :G]
+        H[sh, sh] += Hc[G:, G:]
     return H, g
 
 

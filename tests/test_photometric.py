@@ -176,3 +176,55 @@ def test_lm_extension_lowers_the_energy_at_few_iterations(model):
     assert np.isfinite(e[2.0]).all()
     assert (e[2.0] <= e[1.0] * (1 + 1e-3)).all(), e
     assert e[2.0].mean() < e[1.0].mean(), e
+
+
+def test_fast_kernels_are_bit_for_bit_the_torch_expressions(model):
+    """The #12 speed-ups promise unchanged LM results: each kernel equals, to the bit, the
+    torch expression it replaced (LM's path moves ~1e-5 relative in energy under rounding-
+    level changes, so "close" is not enough). On the procedural model with random modes."""
+    g = torch.Generator().manual_seed(3)
+    tris = np.asarray(model.triangles, np.int64)
+    K, E = 6, 4
+    sc = P.Scene(*([None] * 6), torch.as_tensor(model.vertices, dtype=torch.float32),
+                 torch.randn(K, model.n_vertices, 3, generator=g),
+                 torch.randn(E, model.n_vertices, 3, generator=g),
+                 torch.rand(K, generator=g) + 0.5, torch.rand(E, generator=g) + 0.5,
+                 *([None] * 2), 0, 0, False, 0.0, 0.0, 0.0)
+    sc.tris = tris
+    m = K + E
+    rows = sc.basis_rows(slice(None), K, E)
+    used = torch.as_tensor(np.unique(tris[: len(tris) // 3]))
+    gx = torch.randn(len(used), 3, generator=g)
+    assert torch.equal(sc.mode_pullback(gx, used, K, E),
+                       torch.einsum("uj,ujm->m", gx, rows[used]))
+    ip = torch.randint(0, len(used), (50, 3), generator=g)
+    assert torch.equal(P._take(rows[used], ip), rows[used][ip])
+    # the normals' mode derivative against the torch loop it replaced
+    X = sc.mean + 0.1 * torch.randn(model.n_vertices, 3, generator=g)
+    u = used.numpy()
+    loc = np.full(model.n_vertices, -1)
+    loc[u] = np.arange(len(u))
+    tri = tris[(loc[tris] >= 0).any(1)]
+    t = torch.as_tensor(tri)
+    a, b, c = X[t[:, 0]], X[t[:, 1]], X[t[:, 2]]
+    lv = loc[tri]
+    dacc = torch.zeros(len(u), 3, m)
+    for f in range(len(tri)):
+        du = rows[tri[f, 1]] - rows[tri[f, 0]]
+        dw = rows[tri[f, 2]] - rows[tri[f, 0]]
+        e1, e2 = b[f] - a[f], c[f] - a[f]
+        d = torch.stack([du[1] * e2[2] - du[2] * e2[1] + e1[1] * dw[2] - e1[2] * dw[1],
+                         du[2] * e2[0] - du[0] * e2[2] + e1[2] * dw[0] - e1[0] * dw[2],
+                         du[0] * e2[1] - du[1] * e2[0] + e1[0] * dw[1] - e1[1] * dw[0]])
+        for v in lv[f]:
+            if v >= 0:
+                dacc[v] += d
+    acc = torch.zeros(len(u), 3)
+    fn = torch.linalg.cross(b - a, c - a, dim=-1)
+    for k in range(3):
+        ok = torch.as_tensor(lv[:, k] >= 0)
+        acc.index_add_(0, torch.as_tensor(lv[:, k])[ok], fn[ok])
+    nrm = acc.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    n = acc / nrm
+    want = (dacc - n[:, :, None] * torch.einsum("ud,udm->um", n, dacc)[:, None]) / nrm[..., None]
+    assert torch.equal(P._dnormals(sc, X, u, K, E), want)

@@ -124,3 +124,15 @@ def test_orthographic_barycentrics_are_affine(small):
     bary = diff.barycentrics(torch.tensor(sv_np[None], dtype=torch.float64), m.triangles,
                              fr.pix_to_face, perspective_correct=False)
     np.testing.assert_allclose(bary.numpy(), fr.bary, atol=2e-3)
+
+
+def test_vertex_normals_one_mesh_is_the_batched_result_bit_for_bit():
+    """The (V, 3) fast path (index_add along dim 0) adds the same terms in the same order as
+    the batched one: stage 2's results depend on it to the bit (#12)."""
+    m = procedural_model(n=41)
+    g = torch.Generator().manual_seed(5)
+    v = torch.as_tensor(m.vertices, dtype=torch.float32) + 0.05 * torch.randn(
+        m.n_vertices, 3, generator=g)
+    one = diff.vertex_normals(v, m.triangles)
+    assert one.shape == v.shape
+    assert torch.equal(one, diff.vertex_normals(v[None], m.triangles)[0])
