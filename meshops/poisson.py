@@ -50,6 +50,8 @@ __all__ = [
     "SOURCE_PRIOR",
     "SOURCE_VISIBLE",
     "PoissonInfo",
+    "extend_outside",
+    "meet_visible",
     "poisson_blend",
     "poisson_residual",
     "poisson_system",
@@ -1081,6 +1083,43 @@ def poisson_residual(f, target, source, mask, *, mixed: bool = False, source_mas
     return float((np.linalg.norm(r, axis=0) / bn).max())
 
 
+def extend_outside(maps: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Copy every texel outside ``inside`` (S, S) from its nearest inside texel.
+
+    Args:
+        maps: (..., S, S, C).
+    """
+    from scipy.ndimage import distance_transform_edt
+
+    if inside.all() or not inside.any():
+        return maps
+    _, (ri, ci) = distance_transform_edt(~inside, return_indices=True)
+    return maps[..., ri, ci, :]
+
+
+def meet_visible(uv_visible, uv_visible_mask, prior, domain=None, *, mixed: bool = False,
+                 tol: float = 5e-6, solver=None):
+    """The prior shifted smoothly to meet the visible texels.
+
+    Poisson problem over the non-visible texels of ``domain``: guidance = the prior's
+    gradients (inside ``domain`` only), boundary = ``uv_visible`` on the visible texels.
+
+    Args:
+        uv_visible, prior: (N, S, S, 3); uv_visible_mask: (N, S, S) bool.
+        domain: optional (S, S) bool texels that may change (default: every texel).
+        solver: as in :func:`two_pass_blend` (default :func:`poisson_blend`).
+
+    Returns:
+        (N, S, S, 3) float32: ``uv_visible`` on visible texels, the prior's detail elsewhere.
+    """
+    vis = np.asarray(uv_visible_mask, bool)
+    dom = np.ones(vis.shape[-2:], bool) if domain is None else np.asarray(domain, bool)
+    target = np.where(vis[..., None], uv_visible, prior).astype(np.float32)
+    return (solver or poisson_blend)(target, np.ascontiguousarray(prior, np.float32),
+                                     ~vis & dom, mixed=mixed,
+                                     source_mask=np.broadcast_to(dom, vis.shape), tol=tol)
+
+
 def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: bool = False,
                    tol: float = 5e-6, workers: int | None = None, solver=None,
                    visible: str = "gradient", domain=None):
@@ -1146,16 +1185,10 @@ def two_pass_blend(uv_visible, uv_visible_mask, prior, mirror_map, *, mixed: boo
         dom = np.ones((S0, S1), bool) if domain is None else np.asarray(domain, bool)
         if dom.shape != (S0, S1):
             raise ValueError(f"domain: expected shape ({S0}, {S1}), got {dom.shape}")
-        target = np.where(msk[..., None], vis, pri).astype(np.float32)
-        pass1 = solver(target, np.ascontiguousarray(pri, np.float32), ~msk & dom[None],
-                       mixed=mixed, source_mask=np.broadcast_to(dom, msk.shape), tol=tol)
+        pass1 = meet_visible(vis, msk, pri, dom, mixed=mixed, tol=tol, solver=solver)
         if pass1.ndim == 3:
             pass1 = pass1[None]
-        if not dom.all() and dom.any():
-            from scipy.ndimage import distance_transform_edt
-
-            _, (ri, ci) = distance_transform_edt(~dom, return_indices=True)
-            pass1 = pass1[:, ri, ci, :]
+        pass1 = extend_outside(pass1, dom)
         # the solver leaves Dirichlet texels as given; restate it so no float path can drift
         pass1 = np.where(msk[..., None], vis, pass1).astype(np.float32)
     else:

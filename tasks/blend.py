@@ -73,32 +73,25 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
             non-visible 4-neighbour, peeled repeatedly) are not used as visible or as mirror
             source: they are filled like the hidden ones (``tasks.masks.trim_edge``).
     """
-    from facecorpus.meshops.poisson import two_pass_blend
+    from facecorpus.meshops.poisson import extend_outside, two_pass_blend
+    from facecorpus.tasks.masks import trim_edge
 
     prior = np.asarray(prior, np.float32)
     n = len(uv_visible)
     if prior.ndim == 3:
         prior = np.repeat(prior[None], n, 0)
     base = prior
-    from facecorpus.tasks.masks import trim_edge
-
     uv_visible_mask = trim_edge(np.asarray(uv_visible_mask, bool), edge_trim)
-    if visible == "exact":
-        adapt = True  # pass 1 below is the adaptation
-        out, src = two_pass_blend(np.asarray(uv_visible, np.float32),
-                                  np.asarray(uv_visible_mask, bool), prior, mirror_map,
-                                  mixed=mixed, solver=solver, visible="exact",
-                                  domain=layout_mask)
-    elif visible == "gradient":
+    if visible == "gradient":
         if adapt:
             prior = adapt_prior(uv_visible, uv_visible_mask, prior, layout_mask, solver=solver)
         if layout_mask is not None:
             prior = extend_outside(prior, layout_mask)
-        out, src = two_pass_blend(np.asarray(uv_visible, np.float32),
-                                  np.asarray(uv_visible_mask, bool), prior, mirror_map,
-                                  mixed=mixed, solver=solver)
     else:
-        raise ValueError(f"visible: expected 'gradient' or 'exact', got {visible!r}")
+        adapt = True  # exact: two_pass_blend's pass 1 is the adaptation
+    out, src = two_pass_blend(np.asarray(uv_visible, np.float32), uv_visible_mask, prior,
+                              mirror_map, mixed=mixed, solver=solver, visible=visible,
+                              domain=layout_mask)
     if adapt and fade_width:
         out = fade_to_prior(out, base, src == 0, fade_width * out.shape[1])
     out = np.clip(out, 0.0, 1.0)
@@ -107,37 +100,15 @@ def blend_batch(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.n
     return BlendResult(out.astype(np.float32), src)
 
 
-def extend_outside(maps: np.ndarray, inside: np.ndarray) -> np.ndarray:
-    """Copy every texel outside ``inside`` (S, S) from its nearest inside texel.
-
-    Args:
-        maps: (..., S, S, C).
-    """
-    from scipy.ndimage import distance_transform_edt
-
-    if inside.all() or not inside.any():
-        return maps
-    _, (ri, ci) = distance_transform_edt(~inside, return_indices=True)
-    return maps[..., ri, ci, :]
-
-
 def adapt_prior(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, prior: np.ndarray,
                 layout_mask: np.ndarray | None = None, solver=None) -> np.ndarray:
-    """The prior's texture, shifted smoothly to meet the visible texels.
+    """The prior's texture, shifted smoothly to meet the visible texels over the layout
+    (:func:`facecorpus.meshops.poisson.meet_visible`). Returns (N, S, S, 3); equals
+    ``uv_visible`` on visible texels and the prior's detail elsewhere."""
+    from facecorpus.meshops.poisson import meet_visible
 
-    Poisson problem over the non-visible texels of the layout: guidance = prior gradients,
-    boundary = ``uv_visible`` (visible texels). Returns (N, S, S, 3); equals ``uv_visible`` on
-    visible texels and the prior's detail elsewhere.
-    """
-    from facecorpus.meshops.poisson import poisson_blend
-
-    vis = np.asarray(uv_visible_mask, bool)
-    inside = ~vis if layout_mask is None else (~vis & layout_mask[None])
-    target = np.where(vis[..., None], uv_visible, prior).astype(np.float32)
-    src_ok = np.ones_like(vis) if layout_mask is None else np.broadcast_to(layout_mask,
-                                                                            vis.shape)
-    return (solver or poisson_blend)(target, np.asarray(prior, np.float32), inside,
-                                     source_mask=src_ok, tol=1e-5)
+    return meet_visible(uv_visible, uv_visible_mask, prior, layout_mask, tol=1e-5,
+                        solver=solver)
 
 
 def fade_to_prior(blended: np.ndarray, prior: np.ndarray, from_prior: np.ndarray,

@@ -72,3 +72,13 @@ def turned_heads_unwrap():
     u = unwrap_batch(sb.image, model, sb.truth, S, np.stack([erode(m, 1) for m in sb.mask]))
     return (model, sb, u, uv_mirror_map(model, S),
             rasterize_uv(model.uv, model.uv_triangles, S).mask)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The procedural test model most unit tests share (41 x 41 grid); one per test module,
+    as before, so a module cannot see another's changes. Modules needing another model
+    define their own ``model``."""
+    from facecorpus.meshops.procedural import procedural_model
+
+    return procedural_model(n=41)

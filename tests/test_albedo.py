@@ -29,13 +29,6 @@ def _light(seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def model():
-    from facecorpus.meshops.procedural import procedural_model
-
-    return procedural_model(n=41)
-
-
-@pytest.fixture(scope="module")
 def scene(model):
     """One face (one known texture; synthetic_batch ties the texture to its seed) under
     four different known lights."""

@@ -35,9 +35,9 @@ def _scene(seed=0):
 
 
 def test_exact_keeps_visible_texels_and_solves_the_prior_side():
-    covered, texture, visible, _ = _scene(1)
+    _, texture, visible, _ = _scene(1)
     no_mirror = -np.ones((S, S, 2), np.int32)
-    yy, xx = np.mgrid[:S, :S]
+    xx = np.mgrid[:S, :S][1]
     prior = (texture + 0.1 + 0.002 * xx[..., None]).astype(np.float32)  # offset + a ramp
     uv_vis = np.where(visible[..., None], texture, 0).astype(np.float32)
     out, src = two_pass_blend(uv_vis, visible, prior, no_mirror, visible="exact")
@@ -60,7 +60,7 @@ def test_exact_mirror_pass_and_domain():
     prior = np.full((S, S, 3), 0.3, np.float32)
     uv_vis = np.where(visible[..., None], texture, 0).astype(np.float32)
     out, src = two_pass_blend(uv_vis, visible, prior, mm, visible="exact", domain=covered)
-    g_out, g_src = two_pass_blend(uv_vis, visible, prior, mm)
+    _, g_src = two_pass_blend(uv_vis, visible, prior, mm)
     assert np.array_equal(src, g_src)  # where a texel comes from does not depend on the form
     assert np.array_equal(out[visible], uv_vis[visible])
     mirrored = src == SOURCE_MIRRORED
@@ -164,7 +164,7 @@ def test_edge_trim_keeps_a_dark_edge_texel_out_of_the_fill():
     texel and the map stays near the texture there."""
     from facecorpus.tasks.blend import blend_batch
 
-    covered, texture, visible, mm = _scene(5)
+    covered, texture, visible, _ = _scene(5)
     no_mirror = -np.ones((S, S, 2), np.int32)
     uv_vis = np.where(visible[..., None], texture, 0).astype(np.float32)
     edge = visible & ndi.binary_dilation(~visible & covered)

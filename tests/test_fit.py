@@ -15,13 +15,6 @@ from facecorpus.tasks.fit import (
 )
 
 
-@pytest.fixture(scope="module")
-def model():
-    from facecorpus.meshops.procedural import procedural_model
-
-    return procedural_model(n=41)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("camera", ["orthographic", "perspective"])
 def test_landmark_fit_recovers_pose(model, camera):

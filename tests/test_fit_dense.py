@@ -7,13 +7,6 @@ import numpy as np
 import pytest
 
 
-@pytest.fixture(scope="module")
-def model():
-    from facecorpus.meshops.procedural import procedural_model
-
-    return procedural_model(n=41)
-
-
 def _known_canonical(model, seed=0):
     """A 'canonical mesh' of 468 points on the model's front surface (the 68 shared ids on
     the landmark vertices), moved by a similarity: its embedding is known."""

@@ -19,13 +19,6 @@ PARAMS = ("yaw", "pitch", "roll", "translation", "scale", "focal", "alpha", "bet
           "photometric_error")
 
 
-@pytest.fixture(scope="module")
-def model():
-    from facecorpus.meshops.procedural import procedural_model
-
-    return procedural_model(n=41)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("camera", ["orthographic", "perspective"])
 def test_torch_rasterizer_matches_numba_quality(model, camera):

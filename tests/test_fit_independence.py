@@ -19,13 +19,6 @@ PARAMS = ("yaw", "pitch", "roll", "translation", "scale", "focal", "alpha", "bet
 
 
 @pytest.fixture(scope="module")
-def model():
-    from facecorpus.meshops.procedural import procedural_model
-
-    return procedural_model(n=41)
-
-
-@pytest.fixture(scope="module")
 def faces(model):
     return synthetic_batch(model, 6, 256, seed=7, noise_px=1.0)
 

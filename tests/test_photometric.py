@@ -13,13 +13,6 @@ from facecorpus.tasks import photometric as P
 from facecorpus.tasks.fit import fit_landmarks, refine_photometric, synthetic_batch
 
 
-@pytest.fixture(scope="module")
-def model():
-    from facecorpus.meshops.procedural import procedural_model
-
-    return procedural_model(n=41)
-
-
 def _autograd_energy(sc, q, st, vec, nk, ne):
     """The stage-2 energy of image 0 at ``q + vec`` over ``st``'s fixed fragments, written
     with torch autograd."""

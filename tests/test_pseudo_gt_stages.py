@@ -79,13 +79,6 @@ def test_pca_with_missing_finds_the_subspace():
     assert p.source == "corpus+pca" and p.basis.shape[0] == 2
 
 
-@pytest.fixture(scope="module")
-def model():
-    from facecorpus.meshops.procedural import procedural_model
-
-    return procedural_model(n=41)
-
-
 @pytest.mark.slow
 def test_blend_with_true_prior_and_mirror(turned_heads_unwrap):
     _, sb, u, mirror, layout = turned_heads_unwrap

@@ -12,13 +12,6 @@ AMBIENT = np.zeros(27, np.float32)
 AMBIENT[0::9] = 2 / np.sqrt(np.pi)  # SH band 0 only: irradiance exactly 1
 
 
-@pytest.fixture(scope="module")
-def model():
-    from facecorpus.meshops.procedural import procedural_model
-
-    return procedural_model(n=41)
-
-
 @pytest.mark.parametrize("camera", ["orthographic", "perspective"])
 def test_unwrap_true_parameters_reproduces_texture(model, camera):
     sb = synthetic_batch(model, 3, 256, seed=2, camera=camera, sh=AMBIENT, yaw_max=60)
