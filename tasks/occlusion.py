@@ -636,9 +636,13 @@ def uv_irradiance(model, vertices: np.ndarray, rotation: np.ndarray, sh: np.ndar
     """(T, T, 3) float32 SH irradiance per texel of a fitted face (0 off the layout);
     ``sh`` (27,) fitted coefficients (``FitResult.sh[i]``); other arguments as
     :func:`uv_normals`."""
+    return irradiance_on(uv_normals(model, vertices, rotation, uv_size), sh)
+
+
+def irradiance_on(n_uv: np.ndarray, sh: np.ndarray) -> np.ndarray:
+    """(T, T, 3) float32 SH irradiance of :func:`uv_normals`' ``n_uv`` (0 where it is 0)."""
     from facecorpus.renderers.shading import sh_irradiance
 
-    n_uv = uv_normals(model, vertices, rotation, uv_size)
     irr = sh_irradiance(n_uv, sh)
     return np.where((n_uv != 0).any(-1)[..., None], irr, 0.0).astype(np.float32)
 

@@ -571,11 +571,10 @@ def finish(state: State, analysis: Analysis, prior, cfg, stages: Stages = STAGES
         None): unlit, the EM fits the whole light; lit and ``residual``, the light left in
         the de-lit colour (stage 2 fits its light against a *lit* corpus prior, so the
         photo's directional shading mostly stays in the colour)."""
-        v, rot = fit.vertices(model, j), fit.camera_for(j).rotation
+        n_uv = occ_mod.uv_normals(model, fit.vertices(model, j), fit.camera_for(j).rotation, T)
         if not lit:
-            return None, occ_mod.uv_normals(model, v, rot, T)
-        return (occ_mod.uv_irradiance(model, v, rot, sh[j], T),
-                occ_mod.uv_normals(model, v, rot, T) if residual else None)
+            return None, n_uv
+        return occ_mod.irradiance_on(n_uv, sh[j]), n_uv if residual else None
 
     def image_occ(j):  # the image-space cues moved into UV with the final sampling map
         return occ_mod.image_mask_to_uv(a["occlusion_mask"][j], uv_map[j]) & uv_mask[j]
