@@ -100,20 +100,29 @@ def line_strength(z: np.ndarray, sigma: float, length: float, max_tilt: float = 
             up-down) count; 90: every orientation.
 
     Returns:
-        (T, T) float, the max over orientations of the L2 norm over channels of the
-        responses (sign-free: a strand may be brighter, darker or of another hue). Circular
-        convolution: the caller's zero border keeps the wrap-around harmless.
+        (T, T) float, the max over orientations of the responses (C,) projected on the
+        texel's own colour direction: ``r . zs / max(|zs|, 1)``, ``zs`` the residual
+        smoothed by ``sigma / 2``. A strand may be brighter, darker or of another hue: on
+        it the response has the sign of its colour, so it counts whatever the colour; the
+        skin beside it, where the kernels' side lobes answer with the opposite sign and the
+        texel's residual is small, does not (between parallel strands it would be a line
+        too). Circular convolution: the caller's border of skin keeps the wrap harmless.
     """
+    from scipy.ndimage import gaussian_filter
+
     T = z.shape[0]
+    z = np.asarray(z, np.float64)
     K = _kernel_ffts(T, sigma, length)
-    Z = np.fft.rfft2(np.moveaxis(np.asarray(z, np.float64), -1, 0))  # (C, T, T//2+1)
-    best = np.zeros((T, T))
+    Z = np.fft.rfft2(np.moveaxis(z, -1, 0))  # (C, T, T//2+1)
+    zs = np.moveaxis(gaussian_filter(z, (sigma / 2, sigma / 2, 0)), -1, 0)
+    zs = zs / np.maximum(np.sqrt((zs ** 2).sum(0)), 1.0)
+    best = np.full((T, T), -np.inf)
     for k in range(LINE_ANGLES):
         # kernel k's line runs at 180 k / LINE_ANGLES degrees from the vertical
         if min(k, LINE_ANGLES - k) * 180.0 / LINE_ANGLES > max_tilt + 1e-9:
             continue
         r = np.fft.irfft2(Z * K[k][None], s=(T, T))
-        np.maximum(best, np.sqrt((r ** 2).sum(0)), out=best)
+        np.maximum(best, (r * zs).sum(0), out=best)
     return best
 
 
