@@ -168,8 +168,10 @@ def main():
 
     sets = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.set)}
     cfg = OcclusionConfig(hands=False, person=False, **sets)
-    # the reference in this process: the skin cue as it was before its hysteresis (#16)
-    cfg_flat = cfg.model_copy(update={"skin_grow_px": 0})
+    # the references in this process: the skin cue as it was before its hysteresis (#16),
+    # and before the line cue (#16, occlusion.lines)
+    cfg_flat = cfg.model_copy(update={"skin_grow_px": 0, "lines": False})
+    cfg_nolines = cfg.model_copy(update={"lines": False})
     if sets:
         print(f"occlusion config: {sets}")
     t = time.perf_counter()
@@ -205,7 +207,8 @@ def main():
                      img_uv | em(img_uv, kw), t_img + time.perf_counter() - t))
         # the flow's order: image cues, the skin cue (on the albedo when the light is known),
         # then the EM on what is left
-        for tag, c in (("", cfg), (", no hysteresis", cfg_flat)):
+        for tag, c in (("", cfg), (", no line cue", cfg_nolines),
+                       (", no hysteresis", cfg_flat)):
             t = time.perf_counter()
             known = img_uv | skin_outliers(sc["uv_visible"], vis, layout, c,
                                            uv_shading=kw.get("uv_shading"),

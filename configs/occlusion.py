@@ -87,6 +87,34 @@ class OcclusionConfig(StrictConfig):
     skin_grow_px: int = Field(6, ge=0, description="the hysteresis grows at most this many "
                               "texels (at UV 256^2, scaled with the UV size) from a flag, "
                               "deeper than skin_rim too; 0: no hysteresis")
+    lines: bool = Field(True, description="thin line-shaped occluders (tasks/lines.py): "
+                        "texels of the forehead and temples on a line (oriented "
+                        "second-derivative filters on the residual against the skin model) "
+                        "linked to an existing flag by hysteresis: hair strands hanging from "
+                        "a flagged fringe, whose colour alone is too close to skin. Runs "
+                        "with the skin cue, in the finish pass only")
+    line_sigma: float = Field(0.8, gt=0, le=8, description="across-line std of the filters "
+                              "in texels at UV 256^2 (scaled with the UV size): a strand "
+                              "1-2 texels wide. Where it scales below 0.5 texels (UV < 160^2 "
+                              "at 0.8) the line cue does not run: strands are sub-texel "
+                              "colour mixes there")
+    line_length: float = Field(3.0, ge=1, le=10, description="along-line std of the filters "
+                               "over the across-line one: longer is blinder to specks and "
+                               "pores, and to curved strands")
+    line_threshold: float = Field(3.0, gt=0, description="a texel is on a line when its "
+                                  "response exceeds the median over the image's line zone "
+                                  "by this many robust stds (1.4826 MAD)")
+    line_min_depth: int = Field(3, ge=1, description="a piece of line texels is flagged only "
+                                "if it reaches this many geodesic steps (texels at UV 256^2, "
+                                "scaled, at least 2) from the flags: a strand leaves its hair, "
+                                "a flag's anti-aliased edge runs along it")
+    line_max_tilt: float = Field(60.0, ge=0, le=90, description="only lines at most this "
+                                 "many degrees from the face's up-down direction (in UV) "
+                                 "count: strands hang from the hairline, a forehead's "
+                                 "wrinkles run across it; 90: every orientation")
+    line_grow_px: int = Field(12, ge=0, description="line texels are flagged at most this "
+                              "many geodesic steps (texels at UV 256^2, scaled) from an "
+                              "existing flag; 0: none")
     min_images: int = Field(3, ge=2, description="fewer images in the batch: no UV outliers "
                                                  "(no unbiased prior can be built)")
 

@@ -40,6 +40,12 @@ FEATURES = {"brows": (range(17, 27), 0.20), "eyes": (range(36, 48), 0.17),
 CORE_POLYGON = (*range(2, 15), 46, 47, 42, 39, 40, 41)
 CORE_SHRINK = 0.92  # towards the polygon's centroid: away from the jaw edge
 MIN_COMPONENT = 12  # texels at UV 256^2: smaller flagged components are noise
+#: the line cue's zone: above the eye line, outside these landmark groups' radii (inter-ocular
+#: distances on the mean shape). Wider than FEATURES: a brow's, an eyelid's or the nose
+#: bridge's contour is a line on skin; the cheeks are left out, their nasolabial folds are
+#: the strongest lines of a clean face
+LINE_EXCLUDE = {"brows": (range(17, 27), 0.22), "eyes": (range(36, 48), 0.30),
+                "bridge": (range(27, 31), 0.25)}
 _CACHE: dict = {}
 _LOCK = threading.Lock()
 
@@ -47,10 +53,14 @@ _LOCK = threading.Lock()
 @dataclass(frozen=True)
 class SkinLayout:
     """``core`` (T, T) bool texels a skin model is learnt from; ``judged`` (T, T) bool texels
-    that must look like skin (the layout minus brows, eyes, nostrils and lips)."""
+    that must look like skin (the layout minus brows, eyes, nostrils and lips);
+    ``line_zone`` (T, T) bool judged texels where the line cue (:mod:`facecorpus.tasks.
+    lines`) may flag: above the eyes (forehead, temples), away from the brows, eyes and
+    the nose's bridge."""
 
     core: np.ndarray
     judged: np.ndarray
+    line_zone: np.ndarray
 
 
 def _to_uv(model, flag: np.ndarray, T: int) -> np.ndarray:
@@ -92,8 +102,14 @@ def skin_layout(model, T: int) -> SkinLayout:
 
     nz = vertex_normals(v, np.asarray(model.triangles))[:, 2]
     core = points_in_poly(v[:, :2], poly) & ~feature & (nz > 0.3)
-    out = SkinLayout(core=_to_uv(model, core, T), judged=_to_uv(model, ~feature, T))
-    for a in (out.core, out.judged):
+    line = v[:, 1] > lm[36:48, 1].mean()  # model space: y up
+    for idx, radius in LINE_EXCLUDE.values():
+        d = np.min(np.linalg.norm(v[:, None, :] - lm[list(idx)][None], axis=2), 1)
+        line &= d >= radius * iod
+    judged = _to_uv(model, ~feature, T)
+    out = SkinLayout(core=_to_uv(model, core, T), judged=judged,
+                     line_zone=_to_uv(model, line, T) & judged)
+    for a in (out.core, out.judged, out.line_zone):
         a.flags.writeable = False
     with _LOCK:
         _CACHE[key] = out
@@ -148,20 +164,24 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
         uv_visible: (N, T, T, 3) float colours in [0, 1]; uv_visible_mask: (N, T, T) bool.
         layout: :func:`skin_layout` of the model at this T.
         cfg: ``occlusion`` config (``skin``, ``skin_threshold``, ``skin_min_core``,
-            ``skin_floor``, ``skin_rim``, ``skin_grow_threshold``, ``skin_grow_px``).
+            ``skin_floor``, ``skin_rim``, ``skin_grow_threshold``, ``skin_grow_px``;
+            ``lines``, ``line_sigma``, ``line_length``, ``line_threshold``,
+            ``line_grow_px``).
         uv_shading: (N, T, T, 3) SH irradiance per texel, or None: colours are divided by it
             first (an albedo), which lets the luminance term stay tight.
         uv_occlusion_mask: (N, T, T) bool texels already known occluded: not learnt from
             (still judged, so they may be in the result).
-        grow: False: no hysteresis whatever ``skin_grow_px`` says (the flow's analysis
-            pass, before stage 2's light).
+        grow: False: no hysteresis and no line cue whatever ``skin_grow_px`` and ``lines``
+            say (the flow's analysis pass, before stage 2's light).
 
     Returns:
         (N, T, T) bool, True = occluded (within ``uv_visible_mask & layout.judged``): texels
         at most ``skin_rim`` T from the visible region's edge beyond ``skin_threshold`` in
         components of at least MIN_COMPONENT texels, grown through texels beyond
-        ``skin_grow_threshold`` by at most ``skin_grow_px`` texels, then by one; all False
-        for an image that sees less than ``skin_min_core`` of the core.
+        ``skin_grow_threshold`` by at most ``skin_grow_px`` texels, plus (``lines``) the
+        line zone's texels on a line reached from those flags or ``uv_occlusion_mask`` by
+        at most ``line_grow_px`` (:func:`facecorpus.tasks.lines.line_flags`), then by one;
+        all False for an image that sees less than ``skin_min_core`` of the core.
     """
     from scipy.ndimage import binary_dilation, binary_fill_holes, distance_transform_edt, label
 
@@ -173,6 +193,10 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
     floor = np.array([cfg.skin_floor[0], cfg.skin_floor[0], lum_floor])
     scale = vis.shape[-1] / 256  # MIN_COMPONENT and skin_grow_px are texels at UV 256^2
     steps = round(cfg.skin_grow_px * scale) if grow else 0
+    # a strand narrower than half a texel is a colour mix the skin cue judges, not a line:
+    # at line_sigma 0.8 the line cue runs from UV 160^2 up
+    line_steps = (round(cfg.line_grow_px * scale)
+                  if grow and cfg.lines and cfg.line_sigma * scale >= 0.5 else 0)
     for i in range(len(vis)):
         learn = vis[i] if uv_occlusion_mask is None else vis[i] & ~uv_occlusion_mask[i]
         core = learn & layout.core
@@ -210,11 +234,35 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
             # how far it goes; brows, eyes, nostrils and lips stay out (not skinlike)
             occ = binary_dilation(occ, iterations=steps,
                                   mask=skinlike & (d2 > cfg.skin_grow_threshold)) | occ
+        if line_steps:
+            occ = occ | _line_cue(f, mu, cov, layout, skinlike, occ,
+                                  None if uv_occlusion_mask is None else uv_occlusion_mask[i],
+                                  cfg, scale, line_steps)
         # an occluder's soft edge is a texel wider; beyond the rim only around deep flags
         occ = binary_dilation(occ, iterations=1) & skinlike & (
             rim | binary_dilation(occ & ~rim, iterations=1))
         out[i] = occ
     return out
+
+
+def _line_cue(f, mu, cov, layout, skinlike, occ, known, cfg, scale, steps):
+    """(T, T) bool line-zone texels on thin lines linked to ``occ`` or ``known`` flags."""
+    from facecorpus.tasks.lines import fill_unknown, line_flags
+
+    flags = occ if known is None else occ | known
+    # the residual whitened by the skin model: each channel ~N(0, 1) on this face's skin,
+    # clipped so one saturated texel does not make a line of its own. Flagged texels are
+    # filled from the skin around them: an occluder's edge is a step, and a step's side
+    # lobe beside a flag would be a "line" linked to it
+    ok = skinlike & ~flags
+    z = np.zeros(f.shape)
+    z[ok] = np.clip((f[ok] - mu) @ np.linalg.inv(np.linalg.cholesky(cov)).T, -6.0, 6.0)
+    z = fill_unknown(z, ok, 3.0 * scale)
+    return line_flags(z, ok & layout.line_zone, flags,
+                      sigma=cfg.line_sigma * scale, length=cfg.line_length,
+                      threshold=cfg.line_threshold, grow_px=steps,
+                      min_depth=max(2, round(cfg.line_min_depth * scale)),
+                      max_tilt=cfg.line_max_tilt)
 
 
 def uv_mask_to_image(uv_mask: np.ndarray, uv_sampling_map: np.ndarray,

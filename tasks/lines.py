@@ -1,0 +1,191 @@
+"""Thin line-shaped occluders in UV: hair strands over the forehead, thin frames (#16).
+
+The skin cue (:mod:`facecorpus.tasks.skin`) judges one texel's colour at a time. A thin
+blond strand on brown skin, its chroma diluted by JPEG's subsampling and each texel half
+strand, is within chi2 11.34 of the skin model texel by texel; what gives it away is that
+its small colour difference is the *same* along a line a few texels long. This cue looks for
+that: oriented second-derivative filters (the across-line second derivative of a Gaussian
+of width ``line_sigma``, times a Gaussian ``line_length`` times longer along the line, at
+``LINE_ANGLES`` orientations) on the per-texel residual against the image's own skin model
+(whitened: each of the 3 channels is ~N(0, 1) on skin), so a line brighter, darker or of
+another hue than the skin responds, and a pixel-sized speck or a blob barely does.
+
+Guards against what is not an occluder:
+
+- **where**: only in the line zone of :class:`facecorpus.tasks.skin.SkinLayout`: forehead,
+  temples and cheeks away from brows, eyes, the nose and the mouth, whose contours are
+  lines too (the zone is built from the model's landmarks on its mean shape);
+- **contrast**: the response is in units of its own spread over the image's line zone
+  (robust: median + MAD), so a wrinkle's or a pore's shading, which is everywhere on clean
+  skin, sets the scale rather than passing it;
+- **linked**: a line texel is flagged only through hysteresis from an existing flag (the
+  skin cue's, the image cues', the analysis pass's): geodesically through line texels by at
+  most ``line_grow_px``. A strand hangs from the hair that is already flagged; a wrinkle on
+  a clean forehead touches no flag.
+
+Shapes: T x T UV texels.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+#: filter orientations (the kernels' across-line directions), evenly over 180 degrees
+LINE_ANGLES = 12
+#: lowest robust spread of the strength (whitened units): photos' line zones measure
+#: 0.15-0.6 (docs/benchmarks.md); a smooth rendered face would measure ~0, and every shading
+#: ripple would pass a threshold in units of it
+MAD_FLOOR = 0.15
+_KERNELS: dict = {}
+_LOCK = threading.Lock()
+
+
+def kernel_radius(sigma: float, length: float) -> int:
+    """Half-width in texels of the oriented kernels (3 std along the line)."""
+    return int(np.ceil(3 * sigma * max(length, 1.0)))
+
+
+def _kernel_ffts(H: int, W: int, sigma: float, length: float) -> np.ndarray:
+    """(LINE_ANGLES, H, W // 2 + 1) complex rFFTs of the zero-mean, unit-L2 oriented
+    second-derivative kernels on an H x W grid (cached): unit L2 norm makes the response of
+    each channel ~N(0, 1) on white N(0, 1) input at every orientation."""
+    key = (int(H), int(W), float(sigma), float(length))
+    with _LOCK:
+        hit = _KERNELS.get(key)
+    if hit is not None:
+        return hit
+    r = kernel_radius(sigma, length)
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1].astype(np.float64)
+    out = np.empty((LINE_ANGLES, H, W // 2 + 1), np.complex128)
+    for k in range(LINE_ANGLES):
+        th = np.pi * k / LINE_ANGLES
+        u = xx * np.cos(th) + yy * np.sin(th)  # across the line
+        v = -xx * np.sin(th) + yy * np.cos(th)  # along it
+        g = np.exp(-0.5 * (u / sigma) ** 2 - 0.5 * (v / (sigma * length)) ** 2)
+        # minus the second derivative across: positive on a bright ridge (a dark one is
+        # negative; the caller takes the magnitude over the colour channels)
+        kern = (1 - (u / sigma) ** 2) * g
+        kern -= kern.mean()
+        kern /= np.linalg.norm(kern)
+        pad = np.zeros((H, W))
+        pad[:2 * r + 1, :2 * r + 1] = kern
+        pad = np.roll(pad, (-r, -r), (0, 1))  # centred at texel (0, 0): no shift
+        out[k] = np.fft.rfft2(pad)
+    out.flags.writeable = False
+    with _LOCK:
+        _KERNELS[key] = out
+    return out
+
+
+def fill_unknown(z: np.ndarray, known: np.ndarray, sigma: float) -> np.ndarray:
+    """(T, T, C) ``z`` with the texels outside ``known`` set to the Gaussian-weighted mean of
+    the known ones nearby (normalised convolution, std ``sigma`` texels; 0 where none is
+    near). Why: a constant fill makes a step wherever the skin beside it is off the mean
+    (the shaded rim, the hairline), and a step's side lobes look like a line."""
+    from scipy.ndimage import gaussian_filter
+
+    w = np.asarray(known, np.float64)
+    num = gaussian_filter(np.asarray(z, np.float64) * w[..., None], (sigma, sigma, 0))
+    den = gaussian_filter(w, sigma)[..., None]
+    fill = np.where(den > 1e-3, num / np.maximum(den, 1e-3), 0.0)
+    return np.where(w[..., None] > 0, z, fill)
+
+
+def line_strength(z: np.ndarray, sigma: float, length: float, max_tilt: float = 90.0
+                  ) -> np.ndarray:
+    """(H, W) the strongest oriented line response of a whitened residual.
+
+    Args:
+        z: (H, W, C) residual, ~N(0, 1) per channel on skin, 0 where nothing is known
+            (outside the judged texels: the filters see skin there, no edge).
+        sigma: the across-line Gaussian's std in texels; length: along / across.
+        max_tilt: only lines at most this many degrees from the UV vertical (the face's
+            up-down) count; 90: every orientation.
+
+    Returns:
+        (H, W) float, the max over orientations of the responses (C,) projected on the
+        texel's own colour direction: ``r . zs / max(|zs|, 1)``, ``zs`` the residual
+        smoothed by ``sigma / 2``. A strand may be brighter, darker or of another hue: on
+        it the response has the sign of its colour, so it counts whatever the colour; the
+        skin beside it, where the kernels' side lobes answer with the opposite sign and the
+        texel's residual is small, does not (between parallel strands it would be a line
+        too). Circular convolution: the caller's border of skin keeps the wrap harmless.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    H, W = z.shape[:2]
+    z = np.asarray(z, np.float64)
+    K = _kernel_ffts(H, W, sigma, length)
+    Z = np.fft.rfft2(np.moveaxis(z, -1, 0))  # (C, H, W//2+1)
+    zs = np.moveaxis(gaussian_filter(z, (sigma / 2, sigma / 2, 0)), -1, 0)
+    zs = zs / np.maximum(np.sqrt((zs ** 2).sum(0)), 1.0)
+    best = np.full((H, W), -np.inf)
+    for k in range(LINE_ANGLES):
+        # kernel k's line runs at 180 k / LINE_ANGLES degrees from the vertical
+        if min(k, LINE_ANGLES - k) * 180.0 / LINE_ANGLES > max_tilt + 1e-9:
+            continue
+        r = np.fft.irfft2(Z * K[k][None], s=(H, W))
+        np.maximum(best, (r * zs).sum(0), out=best)
+    return best
+
+
+def line_flags(z: np.ndarray, zone: np.ndarray, seeds: np.ndarray, *, sigma: float,
+               length: float, threshold: float, grow_px: int, min_depth: int = 1,
+               max_tilt: float = 90.0) -> np.ndarray:
+    """(T, T) bool texels of the line zone on a line linked to ``seeds``.
+
+    Args:
+        z: (T, T, C) whitened residual against the skin model (0 where unknown).
+        zone: (T, T) bool texels the cue may flag (line zone, visible, judged).
+        seeds: (T, T) bool existing flags the hysteresis starts from.
+        sigma, length, max_tilt: the filters (:func:`line_strength`).
+        threshold: robust z-score of the strength (over ``zone``) above which a texel is on
+            a line.
+        grow_px: geodesic steps from the seeds through line texels (0: nothing flagged).
+        min_depth: a connected piece of line texels is flagged only if it reaches this many
+            steps from the seeds.
+
+    Returns:
+        (T, T) bool within ``zone``, not including ``seeds`` themselves.
+    """
+    from scipy.ndimage import binary_dilation, label
+
+    zone = np.asarray(zone, bool)
+    seeds = np.asarray(seeds, bool)
+    out = np.zeros(zone.shape, bool)
+    if grow_px <= 0 or zone.sum() < 50 or not seeds.any():
+        return out
+    # filter only the zone's bounding box plus the kernels' reach: the same responses
+    # inside the zone (no wrap-around reaches it), a third of the work for a forehead
+    rr, cc = np.nonzero(zone)
+    m = kernel_radius(sigma, length) + 1
+    r0, r1 = max(rr.min() - m, 0), min(rr.max() + m + 1, zone.shape[0])
+    c0, c1 = max(cc.min() - m, 0), min(cc.max() + m + 1, zone.shape[1])
+    s = np.full(zone.shape, -np.inf)
+    s[r0:r1, c0:c1] = line_strength(z[r0:r1, c0:c1], sigma, length, max_tilt)
+    v = s[zone]
+    med = float(np.median(v))
+    mad = 1.4826 * float(np.median(np.abs(v - med)))
+    line = zone & (s > med + threshold * max(mad, MAD_FLOOR))
+    # seeds are outside the zone mostly (the hair, the fringe body): the growth leaves them,
+    # then stays on line texels; ``depth`` counts its geodesic steps
+    depth = np.zeros(zone.shape, np.int32)
+    reached = seeds.copy()
+    for step in range(1, grow_px + 1):
+        nxt = binary_dilation(reached, mask=line) & ~reached
+        if not nxt.any():
+            break
+        depth[nxt] = step
+        reached |= nxt
+    grown = reached & ~seeds
+    # a flag's anti-aliased edge runs along it, one or two texels out, and is a line too; a
+    # strand leaves its hair: keep the components that reach min_depth steps away
+    lab, n = label(grown, structure=np.ones((3, 3)))
+    if not n:
+        return out
+    far = np.zeros(n + 1, bool)
+    far[np.unique(lab[depth >= min_depth])] = True
+    far[0] = False
+    return far[lab]
