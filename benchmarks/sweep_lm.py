@@ -20,11 +20,12 @@ the default's energy weights): stage-2 energy, photometric L1 and landmark NME (
 landmarks vs the stage-1 targets, / inter-ocular); on synthetic faces also the rotation
 error, landmark RMSE against the true landmarks and the mean model-space vertex error (mm)
 against the true shape. Printed: medians per input set, and the energy ratio to the
-default per image (median and max).
+``default`` row (the shipped FitConfig) per image (median and max).
 
-A setting is a dict of FitConfig overrides plus two solver-only keys: ``pixel_stride``
-(levenberg_marquardt's gradient/H pixel subset) and ``coarse`` = (size, iterations): the
-first iterations on a Scene at that render size, the rest at the setting's own size.
+A setting is a dict of FitConfig overrides plus solver-only keys: ``pixel_stride``
+(levenberg_marquardt's gradient/H pixel subset), ``first`` = (FitConfig overrides,
+iterations): the first iterations under those overrides (e.g. fewer modes), the rest
+under the setting's own, and ``coarse`` = (size, iterations): ``first`` at that render size.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 SETTINGS: dict[str, dict] = {
-    "default": {},
+    "default": {},  # the shipped FitConfig() (photometric_iters 5 since this sweep)
+    "iters6": {"photometric_iters": 6},  # the default before it
     "R96": {"photometric_render_size": 96},
     "R80": {"photometric_render_size": 80},
     "R64": {"photometric_render_size": 64},
@@ -69,6 +71,9 @@ SETTINGS: dict[str, dict] = {
     "c2f64x2": {"coarse": (64, 2)},
     "c2f96x3": {"coarse": (96, 3)},
     "c2f64x2+iters5": {"coarse": (64, 2), "photometric_iters": 5},
+    "m80x3+iters5": {"first": ({"photometric_modes": 80}, 3), "photometric_iters": 5},
+    "m40x2": {"first": ({"photometric_modes": 40}, 2)},
+    "m40x2+iters5": {"first": ({"photometric_modes": 40}, 2), "photometric_iters": 5},
     "R96+modes80": {"photometric_render_size": 96, "photometric_modes": 80},
     "R96+stride3": {"photometric_render_size": 96, "photometric_hessian_stride": 3},
     "modes80+stride3": {"photometric_modes": 80, "photometric_hessian_stride": 3},
@@ -129,16 +134,19 @@ def solve(args, setting: dict):
     st = dict(setting)
     px = st.pop("pixel_stride", 1)
     coarse = st.pop("coarse", None)
+    first = st.pop("first", None)  # (FitConfig overrides, iterations) of a first pass
+    if coarse:
+        first = ({"photometric_render_size": coarse[0]}, coarse[1])
     o = opts.model_copy(update=st)
     kw = (o.photometric_modes, o.photometric_fit_shape, o.photometric_tol,
           o.photometric_hessian_stride, o.photometric_max_extension, px)
     iters = o.photometric_iters
     sc, p = P.build(model, fit, images, masks, albedo, lms, o)
-    if coarse:
-        size, k = coarse
-        sc_c, _ = P.build(model, fit, images, masks, albedo, lms,
-                          o.model_copy(update={"photometric_render_size": size}))
-        p, *_ = P.levenberg_marquardt(sc_c, p, k, *kw)
+    if first:
+        upd, k = first
+        o1 = o.model_copy(update=upd)
+        sc_c, _ = P.build(model, fit, images, masks, albedo, lms, o1)
+        p, *_ = P.levenberg_marquardt(sc_c, p, k, o1.photometric_modes, *kw[1:])
         iters -= k
     p, *_ = P.levenberg_marquardt(sc, p, iters, *kw)
     return p
@@ -148,7 +156,6 @@ def judge(args, p):
     """Per image (energy, L1, NME, projected landmarks (68, 2), shape (V, 3)) of Params
     ``p`` in the shipped default's Scene of this problem."""
     import torch
-
     from facecorpus.renderers.raster import rasterize
     from facecorpus.tasks import fit as F
     from facecorpus.tasks import photometric as P
@@ -195,11 +202,9 @@ def main() -> None:
                     help="cProfile one run of this setting on the first real image only")
     args = ap.parse_args()
     import torch
-
-    from facecorpus.renderers.cameras import euler_to_rotation
-
     from facecorpus.flows.executors import blas_threads
     from facecorpus.flows.pseudo_gt import PseudoGTJob
+    from facecorpus.renderers.cameras import euler_to_rotation
 
     torch.set_num_threads(1)  # fit.photometric_threads
     # the pseudo-GT job's one OpenBLAS thread: without it torch's einsums here ran ~5x
