@@ -55,20 +55,29 @@ class FitConfig(StrictConfig):
     max_nme: float = Field(0.2, gt=0, description="landmark error / inter-ocular distance "
                                                   "above which a fit is rejected (diverged), "
                                                   "after stage 1 and after stage 2")
-    photometric_iters: int = Field(6, ge=0, description="stage-2 LM iterations, or Adam "
-                                   "steps with photometric_solver adam (40 there) (0: off)")
+    photometric_iters: int = Field(5, ge=0, description="stage-2 LM iterations, or Adam "
+                                   "steps with photometric_solver adam (40 there) (0: off). "
+                                   "lm: 5 since the #12 sweep (benchmarks/sweep_lm.py): "
+                                   "every image's energy within 0.4 % (real) / 0.8 % "
+                                   "(synthetic) of 6 iterations', NME and ground-truth errors "
+                                   "not worse, ~0.85x stage 2's CPU; 4 left more than 1 %")
     photometric_solver: Literal["adam", "lm"] = Field(
         "lm", description="lm: per-image Levenberg-Marquardt on the stage-2 energy "
         "(tasks/photometric.py): lower energy, photometric error and NME than Adam-40 on the "
-        "3 real photos and the 48-photo corpus at ~0.8x its CPU (docs/benchmarks.md, "
-        "'Stage 2 LM convergence'); CPU only. adam: Adam steps on the same energy, on "
+        "3 real photos and the 48-photo corpus at ~0.8x its CPU with 6 iterations "
+        "(docs/benchmarks.md, 'Stage 2 LM convergence'); CPU only. adam: Adam steps on the same energy, on "
         "fit.device")
     photometric_modes: int | None = Field(None, ge=0, description="lm: the first n identity "
                                           "and the first n expression modes are refined "
-                                          "(None: all fitted; the rest keep stage 1's)")
+                                          "(None: all fitted; the rest keep stage 1's). "
+                                          "Measured (#12 sweep): 80 saves ~6 % of stage 2 "
+                                          "for +0.5 % energy on the real photos, 40 +5.6 %")
     photometric_hessian_stride: int = Field(2, ge=1, description="lm: the Gauss-Newton "
                                             "matrix from the pixels on every stride-th row "
-                                            "and column (scaled; the gradient uses all)")
+                                            "and column (scaled; the gradient uses all). "
+                                            "3 or 4: +2-4 % energy on the synthetic faces "
+                                            "(#12 sweep); 1: 1.7-2.2x the CPU for -0.1 to "
+                                            "-0.6 %")
     photometric_tol: float = Field(1e-4, gt=0, description="lm: an image stops when a step "
                                    "lowers its energy by < tol x (1 + energy)")
     photometric_max_extension: float = Field(2.0, ge=1.0, description="lm: after an accepted "
@@ -83,7 +92,10 @@ class FitConfig(StrictConfig):
     photometric_charbonnier_eps: float = Field(0.02, gt=0)
     photometric_fit_shape: bool = True
     photometric_render_size: int | None = Field(128, ge=16, description="photometric term at "
-                                                "this resolution (None: the crop's size)")
+                                                "this resolution (None: the crop's size). 96 / "
+                                                "80 / 64 end 1.3 / 4 / 7 % higher in 128's "
+                                                "energy on the synthetic faces (#12 sweep), "
+                                                "as do coarse-to-fine starts at 64")
     photometric_threads: int | None = Field(1, ge=1, description="torch threads in stage 2 "
                                             "(measured: 1 beats 2 on a 2-core box)")
     device: str = Field(

@@ -478,14 +478,22 @@ def _tangent_part(d, n, nrm):  # pragma: no cover - numba
 
 
 def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int,
-                      stride: int = 1):
+                      stride: int = 1, pixel_stride: int = 1):
     """Gauss-Newton (IRLS) ``H`` (D, D) and gradient ``g`` (D,) float64 of image ``i``'s
     energy over the free vector [angles 3, trans, log s (orthographic), a_w[:nk],
-    b_w[:ne], sh 27]; ``g`` exact, ``H`` from the pixels on a ``stride`` grid (scaled)."""
+    b_w[:ne], sh 27]; ``g`` from the masked pixels on a ``pixel_stride`` grid (1: all, the
+    exact gradient), ``H`` from those on every ``stride``-th of that grid's rows and
+    columns (both scaled to a mean over the mask)."""
     from facecorpus.renderers.shading import sh_basis_torch
 
     k = sc.R / sc.S
     ys, xs, faces = st.pix
+    if pixel_stride > 1:  # a fixed regular subset of the residual for g and H alike
+        keep = np.flatnonzero((ys % pixel_stride == 0) & (xs % pixel_stride == 0))
+        if len(keep) >= 3 + p.trans.shape[0] + 1 + nk + ne + 27:  # H's full-rank guard
+            ys, xs, faces = ys[keep], xs[keep], faces[keep]
+        else:
+            pixel_stride = 1
     nt = p.trans.shape[0]
     n_pose = 3 + nt + (0 if sc.persp else 1)
     m = nk + ne
@@ -580,7 +588,7 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
         g[n_pose:G] += torch.einsum("uc,ucm->m", girr, Dirr_m).double()
 
     # H (P x D^2, the dominant cost) from the pixels on a stride grid, scaled to all pixels
-    sub = np.flatnonzero((ys % stride == 0) & (xs % stride == 0))
+    sub = np.flatnonzero((ys // pixel_stride % stride == 0) & (xs // pixel_stride % stride == 0))
     if len(sub) < D:  # too few rows for a full-rank H: all pixels
         sub = np.arange(cnt)
     sub_t = torch.as_tensor(sub)
@@ -642,7 +650,7 @@ def extension(e0: float, slope: float, e1: float, max_scale: float) -> float:
 
 def levenberg_marquardt(sc: Scene, params: Params, iters: int, n_modes: int | None,
                         fit_shape: bool, tol: float = 1e-5, stride: int = 1,
-                        max_extension: float = 1.0
+                        max_extension: float = 1.0, pixel_stride: int = 1
                         ) -> tuple[Params, np.ndarray, np.ndarray, np.ndarray]:
     """Run up to ``iters`` LM iterations per image (stops on its own when a step lowers its
     energy by < ``tol`` x (1 + energy), or the damping saturates).
@@ -650,6 +658,10 @@ def levenberg_marquardt(sc: Scene, params: Params, iters: int, n_modes: int | No
     ``max_extension`` > 1: after an accepted step, one more render at the step length
     :func:`extension` predicts (at most ``max_extension`` x the step); the lower of the two
     points is kept (per image, on the exact energy).
+
+    ``pixel_stride`` > 1: the gradient and the Gauss-Newton matrix from the masked pixels on
+    that grid only (``stride`` then counts that grid's rows); every energy that accepts or
+    rejects a step still sums all masked pixels.
 
     Returns (params, photometric L1 (N,), iterations (N,), dead_step (N,): the iteration at
     which the image turned non-finite, -1 if never)."""
@@ -691,7 +703,8 @@ def levenberg_marquardt(sc: Scene, params: Params, iters: int, n_modes: int | No
         for i in active:
             p = params.row(i)
             if cache[i] is None:
-                cache[i] = _normal_equations(sc, i, p, states[i], nk, ne, stride)
+                cache[i] = _normal_equations(sc, i, p, states[i], nk, ne, stride,
+                                             pixel_stride)
             H, g = cache[i]
             if not (torch.isfinite(H).all() and torch.isfinite(g).all()):
                 dead_step[i] = it

@@ -76,13 +76,45 @@ def test_lm_gradient_is_the_energy_gradient(model, camera):
     assert (ga.abs() > 1e-6).sum() > 0.8 * len(ga)  # a real check: most entries non-zero
 
 
+def test_lm_pixel_subset_gradient_is_the_subset_energy_gradient(model):
+    """``pixel_stride`` 2: the gradient is the autograd gradient of the energy over the
+    masked pixels on the stride-2 grid only (a real subset: not the all-pixel gradient)."""
+    from dataclasses import replace
+
+    from facecorpus.renderers.raster import rasterize
+
+    sb = synthetic_batch(model, 1, 128, seed=3, noise_px=1.0)
+    opts = FitConfig(slide_min_yaw=90, photometric_render_size=96)
+    fit = fit_landmarks(model, sb.noisy_landmarks, 128, opts)
+    sc, p = P.build(model, fit, sb.image, sb.mask, sb.uv_texture[None], sb.noisy_landmarks,
+                    opts)
+    q = p.row(0)
+    geo = P._geometry(sc, q)
+    k = sc.R / sc.S
+    p2f = rasterize((geo[2] * torch.tensor([k, k, 1.0]))[None].numpy(), sc.tris, sc.R, sc.R,
+                    perspective_correct=sc.persp).pix_to_face[0]
+    st = P._evaluate(sc, 0, q, *geo, p2f)
+    ys, xs, faces = st.pix
+    keep = (ys % 2 == 0) & (xs % 2 == 0)
+    sub = replace(st, pix=(ys[keep], xs[keep], faces[keep]))
+    nk, ne = 4, 3
+    _, g = P._normal_equations(sc, 0, q, st, nk, ne, stride=1, pixel_stride=2)
+    _, g_all = P._normal_equations(sc, 0, q, st, nk, ne, stride=1)
+    vec = torch.zeros(len(g), dtype=torch.float64, requires_grad=True)
+    _autograd_energy(sc, q, sub, vec, nk, ne).backward()
+    ga = vec.grad
+    err = (g - ga).abs() / (ga.abs() + 1e-3 * ga.abs().max())
+    assert err.max() < 1e-3, (g, ga)
+    assert ((g_all - ga).abs() / (ga.abs() + 1e-3 * ga.abs().max())).max() > 1e-2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("camera", ["orthographic", "perspective"])
 def test_lm_energy_not_above_adam(model, camera):
     """On synthetic faces LM (run to a tight tolerance, 1e-6: each image stops on its own,
     in fewer renders than Adam's 41) ends at an energy no higher than Adam's 40 steps, per
     image, and still beats stage 1 on the truth. (The coarse procedural mesh converges slower than ICT-FaceKit,
-    where the default 6 iterations already end below Adam: benchmarks/bench_fit.py.)"""
+    where 6 iterations already end below Adam: docs/benchmarks.md, "Stage 2 LM convergence".)"""
     from facecorpus.tasks.fit import rotation_error_deg
 
     sb = synthetic_batch(model, 3, 128, seed=9, noise_px=1.0, camera=camera)
