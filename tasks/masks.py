@@ -49,14 +49,22 @@ def polygon_mask(polygon: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     r = np.ascontiguousarray(np.asarray(polygon)[:, 1], np.float64) - 0.5
     c = np.ascontiguousarray(np.asarray(polygon)[:, 0], np.float64) - 0.5
     m = np.zeros(shape, bool)
-    if not len(r):
-        return m
-    # skimage's bounds (int() of a NaN raises as it does there); our centres are at +0.5
-    minr, maxr = int(max(0, r.min())), int(np.ceil(r.max()))
-    minc, maxc = int(max(0, c.min())), int(np.ceil(c.max()))
+    # skimage's bounds, cast to Py_ssize_t as C casts them (NaN, inf, beyond 2^63: the
+    # smallest integer, so a NaN or huge vertex draws nothing there); an empty polygon (a
+    # degenerate oval) raises ValueError in min() as there, and its sample is rejected
+    minr, maxr = _ssize(max(0, r.min())), _ssize(np.ceil(r.max()))
+    minc, maxc = _ssize(max(0, c.min())), _ssize(np.ceil(c.max()))
     maxr, maxc = min(shape[0] - 1, maxr), min(shape[1] - 1, maxc)
-    _fill_polygon(c, r, minr, maxr, minc, maxc, m)
+    if minr <= maxr and minc <= maxc:  # an empty range stays out of numba: its length
+        _fill_polygon(c, r, minr, maxr, minc, maxc, m)  # from -2^63 would overflow
     return m
+
+
+def _ssize(x) -> int:
+    """float -> int as x86-64's C cast (``cvttsd2si``): truncation, or -2^63 when NaN or out
+    of range."""
+    x = float(x)
+    return int(x) if -2.0**63 <= x < 2.0**63 else -2**63
 
 
 @njit(cache=True)

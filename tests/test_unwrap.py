@@ -100,6 +100,24 @@ def test_polygon_mask_draws_the_pixels_skimage_draws():
         rr, cc = polygon(poly[:, 1] - 0.5, poly[:, 0] - 0.5, shape=shape)
         want[rr, cc] = True
         assert np.array_equal(polygon_mask(poly, shape), want), (k, poly.tolist(), shape)
+    for poly in (np.array([[3.5, 4.5]]), np.array([[3.5, 4.5], [9.5, 4.5]])):  # dots, lines
+        want = np.zeros((12, 12), bool)
+        rr, cc = polygon(poly[:, 1] - 0.5, poly[:, 0] - 0.5, shape=(12, 12))
+        want[rr, cc] = True
+        assert np.array_equal(polygon_mask(poly, (12, 12)), want)
+    odd = [[[1.0, np.nan], [5, 5], [9, 1]], [[np.nan, 1.0], [5, 5], [9, 1]],
+           [[1.0, np.inf], [5, 5], [9, 1]], [[1.0, -np.inf], [5, 5], [9, 1]],
+           [[-np.inf, 2], [5, 5], [9, 1]], [[1e30, 2], [5, 5], [9, 1]]]
+    for poly in map(np.array, odd):  # what skimage's C casts make of them
+        want = np.zeros((12, 12), bool)
+        rr, cc = polygon(poly[:, 1] - 0.5, poly[:, 0] - 0.5, shape=(12, 12))
+        want[rr, cc] = True
+        assert np.array_equal(polygon_mask(poly, (12, 12)), want), poly.tolist()
+    empty = np.zeros((0, 2), np.float32)  # a degenerate oval: the sample is rejected
+    with pytest.raises(ValueError):
+        polygon(empty[:, 1], empty[:, 0], shape=(12, 12))
+    with pytest.raises(ValueError):
+        polygon_mask(empty, (12, 12))
 
 
 def test_boundary_vertices_of_a_grid_and_a_holed_grid():
