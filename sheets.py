@@ -51,5 +51,7 @@ def contact_sheet(rows: list[list[np.ndarray]], path: str | Path, *, cell: int =
             draw.text((pad + j * (cell + pad) + 2, 1), str(text), fill=(230, 230, 230))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    # zlib level 1: a 652 x 1056 shard sheet 0.04 CPU-s instead of 0.15 at level 6 for
+    # ~10 % more bytes (#12); the pixels are the same
+    sheet.save(path, compress_level=1)
     return path

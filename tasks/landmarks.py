@@ -236,6 +236,72 @@ def _dense_to_landmarks(dense: np.ndarray, source: str) -> FaceLandmarks:
     return FaceLandmarks(points=dense[MP478_TO_68], box=box, source=source, dense=dense)
 
 
+#: mediapipe modules its package ``__init__`` imports that we never call: the drawing
+#: helpers, which import ``matplotlib.pyplot`` for a 3-D plot (~0.4 s wall, ~0.6 CPU-s under
+#: load, once per process: the CLI's driver and every Dask worker, #12)
+_DEFERRED_MEDIAPIPE = ("mediapipe.python.solutions.drawing_utils",
+                       "mediapipe.python.solutions.drawing_styles")
+
+
+def import_mediapipe():
+    """``import mediapipe`` with its drawing helpers deferred: each is registered as a
+    stand-in module (:func:`_deferred_module`) that executes the real one (matplotlib and
+    all) on its first attribute access, so ``mediapipe.solutions.drawing_utils.X`` still
+    works for whoever uses it; the graphs and their outputs are mediapipe's own, untouched.
+    (:class:`importlib.util.LazyLoader` does not do: on Python 3.11 the ``import`` statement
+    of mediapipe's ``__init__`` reads the module's ``__spec__``, which loads it.) Returns the
+    package."""
+    import importlib.machinery
+    import importlib.util
+    import sys
+
+    if "mediapipe" not in sys.modules:
+        spec = importlib.util.find_spec("mediapipe")  # finds, does not import
+        folder = [str(Path(spec.submodule_search_locations[0]) / "python" / "solutions")]
+        for name in _DEFERRED_MEDIAPIPE:
+            sub = importlib.machinery.PathFinder.find_spec(name, folder)
+            if sub is not None and name not in sys.modules:
+                sys.modules[name] = _deferred_module(sub)
+        import mediapipe.python.solutions as solutions
+
+        for name in _DEFERRED_MEDIAPIPE:  # a module found in sys.modules is not bound
+            if name in sys.modules and not hasattr(solutions, name.rsplit(".", 1)[1]):
+                setattr(solutions, name.rsplit(".", 1)[1], sys.modules[name])
+    import mediapipe
+
+    return mediapipe
+
+
+def _deferred_module(spec):
+    """A module object for ``spec`` whose first missing-attribute lookup (PEP 562
+    ``__getattr__``) executes the real module, puts it in ``sys.modules`` and on its parent
+    package in the stand-in's place, and answers from it."""
+    import importlib.util
+    import sys
+    import types
+
+    stand_in = types.ModuleType(spec.name)
+    stand_in.__spec__, stand_in.__file__ = spec, spec.origin
+
+    def load(attr):
+        real = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = real
+        try:
+            spec.loader.exec_module(real)
+        except BaseException:
+            sys.modules[spec.name] = stand_in
+            raise
+        parent, _, leaf = spec.name.rpartition(".")
+        if parent in sys.modules:
+            setattr(sys.modules[parent], leaf, real)
+        stand_in.__dict__.update({k: v for k, v in real.__dict__.items()
+                                  if k not in ("__getattr__", "__spec__")})
+        return getattr(real, attr)
+
+    stand_in.__getattr__ = load
+    return stand_in
+
+
 class LazyGraphs:
     """mediapipe graphs are costly to build and cannot be pickled: they are built on first
     use in the process that detects (a Dask worker, not the client that pickled the
@@ -289,6 +355,7 @@ class MediapipeLandmarker(LazyGraphs):
             str(model_path), max_faces, min_confidence)
 
     def _build(self) -> tuple:
+        import_mediapipe()
         from mediapipe.tasks.python import vision
         from mediapipe.tasks.python.core.base_options import BaseOptions
 
@@ -344,6 +411,7 @@ class FaceMeshLandmarker(LazyGraphs):
             min_confidence, crop_scale, work_size)
 
     def _build(self) -> tuple:
+        import_mediapipe()
         from mediapipe.python.solutions import face_detection, face_mesh
 
         det = face_detection.FaceDetection(model_selection=1,

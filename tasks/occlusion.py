@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 from facecorpus.configs.occlusion import OcclusionConfig
-from facecorpus.tasks.landmarks import LazyGraphs
+from facecorpus.tasks.landmarks import LazyGraphs, import_mediapipe
 
 DEFAULT = OcclusionConfig()
 BAND2_RIDGE = 1.0
@@ -114,6 +114,7 @@ class OcclusionSegmenter(LazyGraphs):
         self.hand_min_confidence, self.max_hands = hand_min_confidence, max_hands
 
     def _build(self) -> tuple:
+        import_mediapipe()  # without matplotlib (tasks.landmarks)
         from mediapipe.python.solutions import hands, selfie_segmentation
 
         h = hands.Hands(static_image_mode=True, max_num_hands=self.max_hands,

@@ -124,6 +124,21 @@ def landmark_backend(landmarks_cfg) -> dict:
 
 
 # --------------------------------------------------------------------------- analyse
+def npz_bytes(arrays: dict, level: int = 1) -> bytes:
+    """``np.savez_compressed``'s format (what ``np.load`` reads, no pickles) at zlib
+    ``level``: numpy fixes 6, which on a shard's analysis (8 photos, 10.5 MB raw: images,
+    float16 UV maps, masks) costs 0.19 CPU-s for 4.41 MB; level 1 0.13 s for 4.48 MB (#12)."""
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as zf:
+        for name, a in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
 @dataclass
 class Analysis:
     """The analyse step's output for one shard: ``arrays`` (N accepted images: image, mask,
@@ -138,13 +153,10 @@ class Analysis:
 
     def to_bytes(self) -> bytes:
         """A pickle-free compressed ``.npz`` (the rejected rows as JSON text)."""
-        import io
         import json
 
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **self.arrays, rejected=np.array(json.dumps(
-            [dataclasses.asdict(r) for r in self.rejected])))
-        return buf.getvalue()
+        return npz_bytes({**self.arrays, "rejected": np.array(json.dumps(
+            [dataclasses.asdict(r) for r in self.rejected]))})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Analysis:

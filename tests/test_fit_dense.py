@@ -187,18 +187,22 @@ def test_focal_prior_is_the_centre_of_the_estimate(dense_model):
     assert all(f is None for f in r.failure)
 
 
+@pytest.mark.parametrize("fmt", ["jpg", "png"])
 @pytest.mark.parametrize("f35, expect", [(26, 26.0), (0, None), (5000, None), (None, None)])
-def test_exif_focal_35mm(tmp_path, f35, expect):
-    from facecorpus.tasks.ingest import InputRecord, ingest_one
+def test_exif_focal_35mm(tmp_path, f35, expect, fmt):
+    from facecorpus.tasks.ingest import InputRecord, exif_focal_35mm, ingest_one
     from PIL import Image
 
     im = Image.fromarray(np.full((300, 400, 3), 128, np.uint8))
-    path = tmp_path / "p.jpg"
+    path = tmp_path / f"p.{fmt}"
     exif = Image.Exif()
     if f35 is not None:
         exif.get_ifd(0x8769)[0xA405] = f35
+    exif[0x0112] = 6  # rotated: the focal is read from the photo as stored
     im.save(path, exif=exif)
     ing = ingest_one(InputRecord(str(path)))
-    assert ing.focal_35mm == expect
+    # ingest reads the focal from its one decode (#12): what the bytes alone give
+    assert ing.focal_35mm == expect == exif_focal_35mm(path.read_bytes())
+    assert ing.image.shape == (400, 300, 3)
     if expect:
         assert abs(ing.focal_px() - 26 * 500 / 43.27) < 1e-6

@@ -148,3 +148,31 @@ def test_pickles_to_a_worker_process(detector, astronaut):
     detector.close()
     assert detector._mp._graphs is None
     np.testing.assert_allclose(detector.detect(astronaut).points, here, atol=1e-3)
+
+
+def test_mediapipe_import_defers_matplotlib_and_keeps_the_helpers():
+    """tasks.landmarks.import_mediapipe (#12): a fresh process that builds the face and
+    hand graphs never imports matplotlib; the deferred drawing helpers still work (and only
+    then import it), and are the modules sys.modules names."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from facecorpus.tasks.landmarks import import_mediapipe\n"
+        "from facecorpus.tasks.occlusion import OcclusionSegmenter\n"
+        "mp = import_mediapipe()\n"
+        "from facecorpus.tasks.landmarks import FaceMeshLandmarker\n"
+        "FaceMeshLandmarker().graphs(); OcclusionSegmenter().graphs()\n"
+        "assert 'matplotlib' not in sys.modules, 'matplotlib imported'\n"
+        "du = mp.solutions.drawing_utils\n"
+        "spec = du.DrawingSpec(color=(1, 2, 3))\n"
+        "assert spec.color == (1, 2, 3) and 'matplotlib.pyplot' in sys.modules\n"
+        "assert mp.solutions.drawing_styles.get_default_hand_landmarks_style()\n"
+        "name = 'mediapipe.python.solutions.drawing_utils'\n"
+        "assert sys.modules[name] is mp.solutions.drawing_utils\n"
+        "assert callable(mp.solutions.drawing_utils.draw_landmarks)\n"
+        "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]

@@ -109,3 +109,28 @@ def test_blend_with_true_prior_and_mirror(turned_heads_unwrap):
     assert psnr(ada.uv_pseudo_gt[0], u.uv_visible[0], vm) > 33
     assert psnr(ada.uv_pseudo_gt[0], u.uv_visible[0], vm) > psnr(raw.uv_pseudo_gt[0],
                                                                  u.uv_visible[0], vm) + 6
+
+
+def test_analysis_work_file_round_trips_and_is_compressed():
+    """Analysis.to_bytes writes its .npz at zlib level 1 (tasks.pseudo_gt.npz_bytes, #12):
+    np.load without pickles gives back every array bit for bit (dtypes, shapes, text),
+    the rejected rows too, and the masks and flat maps are deflated, not stored."""
+    from facecorpus.tasks.pseudo_gt import Analysis, RejectedRow, npz_bytes
+
+    rng = np.random.default_rng(3)
+    arrays = {"image": rng.integers(0, 255, (2, 64, 64, 3), dtype=np.uint8),
+              "mask": np.zeros((2, 64, 64), bool),
+              "uv_visible": rng.random((2, 32, 32, 3)).astype(np.float16),
+              "sample_uri": np.array(["a.png", "b/ü.png"], dtype=np.str_),
+              "fit_yaw": np.array([0.1, -0.2])}
+    a = Analysis(arrays, [RejectedRow("c.png", "ingest", "empty file")])
+    data = a.to_bytes()
+    back = Analysis.from_bytes(data)
+    assert back.rejected == a.rejected and set(back.arrays) == set(arrays)
+    for k, v in arrays.items():
+        got = back.arrays[k]
+        assert got.dtype == v.dtype and got.shape == v.shape and np.array_equal(got, v), k
+    raw = sum(v.nbytes for v in arrays.values())
+    assert len(data) < raw
+    flat = {"m": np.zeros((8, 256, 256), bool)}
+    assert len(npz_bytes(flat)) < flat["m"].nbytes / 50

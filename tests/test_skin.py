@@ -215,3 +215,17 @@ def test_grow_threshold_above_the_seed_threshold_is_refused():
 
     with pytest.raises(ValidationError, match="skin_grow_threshold"):
         OcclusionConfig(skin_threshold=11.34, skin_grow_threshold=16.27)
+
+
+def test_truncated_chi2_mean_is_scipy_stats_value():
+    """_trunc_mean_chi2_3 left scipy.stats for speed (#12): the same bits as chi2.ppf /
+    chi2.cdf, and the truncated mean of chi2_3 lies below its mean 3, rising with q."""
+    from facecorpus.tasks.skin import _trunc_mean_chi2_3
+    from scipy.stats import chi2
+
+    qs = np.r_[np.linspace(0.05, 0.99, 95), 0.75]
+    got = np.array([_trunc_mean_chi2_3(q) for q in qs])
+    want = np.array([3.0 * chi2.cdf(chi2.ppf(q, 3), 5) / chi2.cdf(chi2.ppf(q, 3), 3)
+                     for q in qs])
+    assert np.array_equal(got, want)
+    assert (got < 3).all() and (np.diff(got[:-1]) > 0).all()

@@ -78,6 +78,48 @@ def test_masks(model):
     assert pm.sum() == 200 and pm[10, 10] and not pm[20, 10]
 
 
+def test_polygon_mask_draws_the_pixels_skimage_draws():
+    """polygon_mask replaced skimage.draw.polygon for speed (#12); the dataset's masks must
+    not move: the same pixels on random polygons, integer and pixel-centre vertices (points
+    on vertices and edges), float32 ovals, polygons reaching past the image."""
+    from skimage.draw import polygon
+
+    rng = np.random.default_rng(0)
+    for k in range(1500):
+        K, shape = int(rng.integers(3, 40)), (int(rng.integers(5, 80)), int(rng.integers(5, 80)))
+        if k % 4 == 0:
+            poly = rng.uniform(-10, 90, (K, 2))
+        elif k % 4 == 1:
+            poly = rng.integers(-5, 85, (K, 2)).astype(np.float64)
+        elif k % 4 == 2:
+            poly = rng.integers(-5, 85, (K, 2)) + 0.5
+        else:
+            t = np.sort(rng.uniform(0, 2 * np.pi, K))
+            poly = np.stack([40 + 30 * np.cos(t), 40 + 25 * np.sin(t)], 1).astype(np.float32)
+        want = np.zeros(shape, bool)
+        rr, cc = polygon(poly[:, 1] - 0.5, poly[:, 0] - 0.5, shape=shape)
+        want[rr, cc] = True
+        assert np.array_equal(polygon_mask(poly, shape), want), (k, poly.tolist(), shape)
+    for poly in (np.array([[3.5, 4.5]]), np.array([[3.5, 4.5], [9.5, 4.5]])):  # dots, lines
+        want = np.zeros((12, 12), bool)
+        rr, cc = polygon(poly[:, 1] - 0.5, poly[:, 0] - 0.5, shape=(12, 12))
+        want[rr, cc] = True
+        assert np.array_equal(polygon_mask(poly, (12, 12)), want)
+    odd = [[[1.0, np.nan], [5, 5], [9, 1]], [[np.nan, 1.0], [5, 5], [9, 1]],
+           [[1.0, np.inf], [5, 5], [9, 1]], [[1.0, -np.inf], [5, 5], [9, 1]],
+           [[-np.inf, 2], [5, 5], [9, 1]], [[1e30, 2], [5, 5], [9, 1]]]
+    for poly in map(np.array, odd):  # what skimage's C casts make of them
+        want = np.zeros((12, 12), bool)
+        rr, cc = polygon(poly[:, 1] - 0.5, poly[:, 0] - 0.5, shape=(12, 12))
+        want[rr, cc] = True
+        assert np.array_equal(polygon_mask(poly, (12, 12)), want), poly.tolist()
+    empty = np.zeros((0, 2), np.float32)  # a degenerate oval: the sample is rejected
+    with pytest.raises(ValueError):
+        polygon(empty[:, 1], empty[:, 0], shape=(12, 12))
+    with pytest.raises(ValueError):
+        polygon_mask(empty, (12, 12))
+
+
 def test_boundary_vertices_of_a_grid_and_a_holed_grid():
     from facecorpus.tasks.masks import boundary_vertices
 
