@@ -36,26 +36,34 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 
 
-def _capture(run):
-    """The (Scene, Params, args) of every levenberg_marquardt call inside ``run()``."""
+def capture(run, name: str = "levenberg_marquardt", keep=None) -> list:
+    """``keep(*args)`` (default: the args) of every ``photometric.<name>`` call inside
+    ``run()``; the function itself still runs."""
     from facecorpus.tasks import photometric
 
-    got, orig = [], photometric.levenberg_marquardt
+    got, orig = [], getattr(photometric, name)
 
-    def cap(sc, p, *a):
-        got.append((sc, photometric.Params(*(getattr(p, f).clone()
-                                              for f in p.__dataclass_fields__)), a))
-        return orig(sc, p, *a)
+    def cap(*a):
+        got.append(keep(*a) if keep else a)
+        return orig(*a)
 
-    photometric.levenberg_marquardt = cap
+    setattr(photometric, name, cap)
     try:
         run()
     finally:
-        photometric.levenberg_marquardt = orig
+        setattr(photometric, name, orig)
     return got
 
 
-def synthetic_inputs(n: int):
+def _lm_call(sc, p, *a):
+    """A levenberg_marquardt call's (Scene, a copy of its start Params, the other args)."""
+    from facecorpus.tasks import photometric
+
+    return sc, photometric.Params(*(getattr(p, f).clone() for f in p.__dataclass_fields__)), a
+
+
+def synthetic_inputs(n: int, name: str = "levenberg_marquardt", keep=_lm_call):
+    """The captured calls of stage 2 on bench_fit's faces, and the faces (SyntheticBatch)."""
     from facecorpus.configs.fit import FitConfig
     from facecorpus.meshops.ict import load_ict_facekit
     from facecorpus.tasks import fit as F
@@ -64,18 +72,20 @@ def synthetic_inputs(n: int):
     sb = F.synthetic_batch(model, n, 256, seed=11, noise_px=1.0)
     fit = F.fit_landmarks(model, sb.noisy_landmarks, 256, FitConfig(slide_min_yaw=90))
     albedo = np.repeat(sb.uv_texture[None], n, 0)
-    return _capture(lambda: F.refine_photometric(model, fit, sb.image, sb.mask, albedo,
-                                                 sb.noisy_landmarks, FitConfig()))
+    return capture(lambda: F.refine_photometric(model, fit, sb.image, sb.mask, albedo,
+                                                sb.noisy_landmarks, FitConfig()),
+                   name, keep), sb
 
 
-def real_inputs(n: int):
+def real_inputs(n: int, name: str = "levenberg_marquardt", keep=_lm_call):
+    """The captured calls of stage 2 on bench_pipeline's n photo variants (plain loop)."""
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(HERE.parent / "scripts"))
     import bench_pipeline as bp
 
     with tempfile.TemporaryDirectory() as d:
         bp.make_photos(Path(d), n)
-        return _capture(lambda: bp.reference(Path(d), "ict"))
+        return capture(lambda: bp.reference(Path(d), "ict"), name, keep)
 
 
 def final_energy(P, sc, p) -> np.ndarray:
@@ -105,7 +115,6 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     import torch
-
     from facecorpus.tasks import photometric as ours
 
     spec = importlib.util.spec_from_file_location("photometric_reference", args.reference)
@@ -116,7 +125,7 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; reference "
           f"{args.reference}")
     for kind in args.inputs:
-        problems = (synthetic_inputs if kind == "synthetic" else real_inputs)(args.n)
+        problems = (synthetic_inputs(args.n)[0] if kind == "synthetic" else real_inputs(args.n))
         n_img = sum(p.angles.shape[0] for _, p, _ in problems)
         cpu = {"reference": [], "ours": []}
         res = {}

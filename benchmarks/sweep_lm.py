@@ -35,13 +35,14 @@ import cProfile
 import os
 import pstats
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import bench_lm  # its capture of the stage-2 inputs
 
 SETTINGS: dict[str, dict] = {
     "default": {},  # the shipped FitConfig() (photometric_iters 5 since this sweep)
@@ -84,46 +85,14 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-def _capture_build(run):
-    """The arguments of every ``photometric.build`` call inside ``run()``."""
-    from facecorpus.tasks import photometric
-
-    got, orig = [], photometric.build
-
-    def cap(*a):
-        got.append(a)
-        return orig(*a)
-
-    photometric.build = cap
-    try:
-        run()
-    finally:
-        photometric.build = orig
-    return got
-
-
 def synthetic_inputs(n: int):
-    from facecorpus.configs.fit import FitConfig
-    from facecorpus.meshops.ict import load_ict_facekit
-    from facecorpus.tasks import fit as F
-
-    model = load_ict_facekit()
-    sb = F.synthetic_batch(model, n, 256, seed=11, noise_px=1.0)
-    fit = F.fit_landmarks(model, sb.noisy_landmarks, 256, FitConfig(slide_min_yaw=90))
-    albedo = np.repeat(sb.uv_texture[None], n, 0)
-    got = _capture_build(lambda: F.refine_photometric(model, fit, sb.image, sb.mask, albedo,
-                                                      sb.noisy_landmarks, FitConfig()))
-    return got, sb
+    """The captured ``photometric.build`` calls on bench_fit's faces, and the faces."""
+    return bench_lm.synthetic_inputs(n, "build", None)
 
 
 def real_inputs(n: int):
-    sys.path.insert(0, str(HERE))
-    sys.path.insert(0, str(HERE.parent / "scripts"))
-    import bench_pipeline as bp
-
-    with tempfile.TemporaryDirectory() as d:
-        bp.make_photos(Path(d), n)
-        return _capture_build(lambda: bp.reference(Path(d), "ict"))
+    """The captured ``photometric.build`` calls on bench_pipeline's n photo variants."""
+    return bench_lm.real_inputs(n, "build", None)
 
 
 def solve(args, setting: dict):

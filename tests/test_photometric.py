@@ -47,10 +47,9 @@ def _autograd_energy(sc, q, st, vec, nk, ne):
             + sc.w_prior * ((qq.a_w ** 2).sum() + (qq.b_w ** 2).sum()))
 
 
-@pytest.mark.parametrize("camera", ["orthographic", "perspective"])
-def test_lm_gradient_is_the_energy_gradient(model, camera):
-    """The closed-form Jacobian (per-vertex x per-pixel pieces, gradient pulled back through
-    the vertices) gives the autograd gradient of the energy, every parameter kind."""
+def _one_face_state(model, camera):
+    """The stage-2 Scene, start parameters and evaluated state of one synthetic face after
+    stage 1 (128 px photo, photometric term at 96 px)."""
     from facecorpus.renderers.raster import rasterize
 
     sb = synthetic_batch(model, 1, 128, seed=3, noise_px=1.0, camera=camera)
@@ -63,7 +62,14 @@ def test_lm_gradient_is_the_energy_gradient(model, camera):
     k = sc.R / sc.S
     p2f = rasterize((geo[2] * torch.tensor([k, k, 1.0]))[None].numpy(), sc.tris, sc.R, sc.R,
                     perspective_correct=sc.persp).pix_to_face[0]
-    st = P._evaluate(sc, 0, q, *geo, p2f)
+    return sc, q, P._evaluate(sc, 0, q, *geo, p2f)
+
+
+@pytest.mark.parametrize("camera", ["orthographic", "perspective"])
+def test_lm_gradient_is_the_energy_gradient(model, camera):
+    """The closed-form Jacobian (per-vertex x per-pixel pieces, gradient pulled back through
+    the vertices) gives the autograd gradient of the energy, every parameter kind."""
+    sc, q, st = _one_face_state(model, camera)
     nk, ne = 4, 3
     _, g = P._normal_equations(sc, 0, q, st, nk, ne, stride=2)
     vec = torch.zeros(len(g), dtype=torch.float64, requires_grad=True)
@@ -81,19 +87,7 @@ def test_lm_pixel_subset_gradient_is_the_subset_energy_gradient(model):
     masked pixels on the stride-2 grid only (a real subset: not the all-pixel gradient)."""
     from dataclasses import replace
 
-    from facecorpus.renderers.raster import rasterize
-
-    sb = synthetic_batch(model, 1, 128, seed=3, noise_px=1.0)
-    opts = FitConfig(slide_min_yaw=90, photometric_render_size=96)
-    fit = fit_landmarks(model, sb.noisy_landmarks, 128, opts)
-    sc, p = P.build(model, fit, sb.image, sb.mask, sb.uv_texture[None], sb.noisy_landmarks,
-                    opts)
-    q = p.row(0)
-    geo = P._geometry(sc, q)
-    k = sc.R / sc.S
-    p2f = rasterize((geo[2] * torch.tensor([k, k, 1.0]))[None].numpy(), sc.tris, sc.R, sc.R,
-                    perspective_correct=sc.persp).pix_to_face[0]
-    st = P._evaluate(sc, 0, q, *geo, p2f)
+    sc, q, st = _one_face_state(model, "orthographic")
     ys, xs, faces = st.pix
     keep = (ys % 2 == 0) & (xs % 2 == 0)
     sub = replace(st, pix=(ys[keep], xs[keep], faces[keep]))
