@@ -64,6 +64,23 @@ def save_npz(path: str | os.PathLike, arrays: dict, *, compressed: bool = True) 
     return write_with(path, lambda fh: fn(fh, **arrays))
 
 
+def npz_bytes(arrays: dict, level: int = 1) -> bytes:
+    """``np.savez_compressed``'s format (what ``np.load`` reads, no pickles) at zlib
+    ``level``: numpy fixes 6, which on a shard's analysis (8 photos, 10.5 MB raw: images,
+    float16 UV maps, masks) costs 0.19 CPU-s for 4.41 MB; level 1 0.13 s for 4.48 MB (#12)."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as zf:
+        for name, a in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
 def load_npz(path: str | os.PathLike) -> dict:
     """All members of a pickle-free ``.npz``."""
     import numpy as np

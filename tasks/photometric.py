@@ -488,17 +488,17 @@ def _normal_equations(sc: Scene, i: int, p: Params, st: _State, nk: int, ne: int
 
     k = sc.R / sc.S
     ys, xs, faces = st.pix
-    if pixel_stride > 1:  # a fixed regular subset of the residual for g and H alike
-        keep = np.flatnonzero((ys % pixel_stride == 0) & (xs % pixel_stride == 0))
-        if len(keep) >= 3 + p.trans.shape[0] + 1 + nk + ne + 27:  # H's full-rank guard
-            ys, xs, faces = ys[keep], xs[keep], faces[keep]
-        else:
-            pixel_stride = 1
     nt = p.trans.shape[0]
     n_pose = 3 + nt + (0 if sc.persp else 1)
     m = nk + ne
     G = n_pose + m
     D = G + 27
+    if pixel_stride > 1:  # a fixed regular subset of the residual for g and H alike
+        keep = np.flatnonzero((ys % pixel_stride == 0) & (xs % pixel_stride == 0))
+        if len(keep) >= D:  # H's full-rank guard
+            ys, xs, faces = ys[keep], xs[keep], faces[keep]
+        else:
+            pixel_stride = 1
     corners_all = sc.tris[faces]  # (P, 3)
     used, inv = np.unique(np.concatenate([corners_all.ravel(), sc.lm_idx.numpy()]),
                           return_inverse=True)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+from facecorpus.core.atomic import npz_bytes
 from facecorpus.core.errors import RejectedRow, SampleRejected
 from facecorpus.tasks import albedo as albedo_mod
 from facecorpus.tasks import blend as blend_mod
@@ -124,21 +125,6 @@ def landmark_backend(landmarks_cfg) -> dict:
 
 
 # --------------------------------------------------------------------------- analyse
-def npz_bytes(arrays: dict, level: int = 1) -> bytes:
-    """``np.savez_compressed``'s format (what ``np.load`` reads, no pickles) at zlib
-    ``level``: numpy fixes 6, which on a shard's analysis (8 photos, 10.5 MB raw: images,
-    float16 UV maps, masks) costs 0.19 CPU-s for 4.41 MB; level 1 0.13 s for 4.48 MB (#12)."""
-    import io
-    import zipfile
-
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as zf:
-        for name, a in arrays.items():
-            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
-                np.lib.format.write_array(fh, np.asanyarray(a), allow_pickle=False)
-    return buf.getvalue()
-
-
 @dataclass
 class Analysis:
     """The analyse step's output for one shard: ``arrays`` (N accepted images: image, mask,

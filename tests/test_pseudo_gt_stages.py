@@ -112,7 +112,7 @@ def test_blend_with_true_prior_and_mirror(turned_heads_unwrap):
 
 
 def test_analysis_work_file_round_trips_and_is_compressed():
-    """Analysis.to_bytes writes its .npz at zlib level 1 (tasks.pseudo_gt.npz_bytes, #12):
+    """Analysis.to_bytes writes its .npz at zlib level 1 (core.atomic.npz_bytes, #12):
     np.load without pickles gives back every array bit for bit (dtypes, shapes, text),
     the rejected rows too, and the masks and flat maps are deflated, not stored."""
     from facecorpus.tasks.pseudo_gt import Analysis, RejectedRow, npz_bytes
