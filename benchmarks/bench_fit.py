@@ -119,6 +119,17 @@ def ours_as_reference_params(fit, i, model):
 
 
 def main() -> None:
+    # One OpenBLAS thread, as the flow's pseudo-GT job computes (PseudoGTJob.blas_threads):
+    # with a pool, every small BLAS call of numpy/scipy spins its idle threads, which
+    # inflated the absolute ms of both sides here.
+    from facecorpus.flows.executors import blas_threads
+    from facecorpus.flows.pseudo_gt import PseudoGTJob
+
+    with blas_threads(PseudoGTJob.blas_threads):
+        _main()
+
+
+def _main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--size", type=int, default=256)

@@ -107,6 +107,17 @@ def final_energy(P, sc, p) -> np.ndarray:
 
 
 def main() -> None:
+    # One OpenBLAS thread, as the flow's pseudo-GT job computes (PseudoGTJob.blas_threads):
+    # with a pool, every small BLAS call of numpy/scipy spins its idle threads, which
+    # inflated the absolute ms of both sides here.
+    from facecorpus.flows.executors import blas_threads
+    from facecorpus.flows.pseudo_gt import PseudoGTJob
+
+    with blas_threads(PseudoGTJob.blas_threads):
+        _main()
+
+
+def _main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reference", required=True, help="an earlier tasks/photometric.py")
     ap.add_argument("--inputs", nargs="+", choices=["synthetic", "real"],

@@ -1,6 +1,6 @@
 """The pseudo-GT pipeline end to end through the CLI, next to a plain loop of the same stages.
 
-    python benchmarks/bench_pipeline.py --n 24 [--model ict] [--workers 2]
+    python benchmarks/bench_pipeline.py --n 24 [--model ict] [--workers 2] [--scale 120]
 
 Makes N distinct photos (the shared portraits and scikit-image's astronaut, each cropped,
 flipped and colour-jittered differently: see scripts/incremental_rerun.py), then
@@ -13,6 +13,11 @@ flipped and colour-jittered differently: see scripts/incremental_rerun.py), then
 
 Prints photos/s, wall and CPU seconds per photo (CPU of this process and its children), and
 the CLI runs' phase times from their summary.json.
+
+With ``--scale M`` (M > N) every path also runs on M photos (the first N of them the same
+photos) and the script prints each path's fixed CPU (process start-ups, imports, model and
+graph loads, the Prefect server: the intercept) and its marginal CPU per photo (the slope:
+what a corpus of many thousand photos pays per photo, where the fixed part vanishes).
 """
 
 from __future__ import annotations
@@ -120,20 +125,51 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every run (e.g. fit.photometric_solver=lm)")
     ap.add_argument("--no-reference", action="store_true", help="only the two CLI runs")
+    ap.add_argument("--scale", type=int, default=0, metavar="M",
+                    help="also run every path on M > N photos; print fixed and marginal CPU")
     args = ap.parse_args(argv)
+    if args.scale and args.scale <= args.n:
+        ap.error("--scale must be larger than --n")
+    sizes = [args.n] + ([args.scale] if args.scale else [])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        make_photos(tmp / "photos", args.n)
-        rows = []
-        w, c, s = cli(tmp / "photos", tmp / "prefect", args.model,
-                      ["--workers", str(args.workers)], args.set)
-        rows.append((f"CLI, Prefect + Dask ({args.workers} workers)", w, c, s))
-        w, c, s = cli(tmp / "photos", tmp / "local", args.model, ["--no-prefect"], args.set)
-        rows.append(("CLI, --no-prefect (1 process)", w, c, s))
-        if not args.no_reference:
-            w, c, s = reference(tmp / "photos", args.model, args.set)
-            rows.append(("reference: plain loop of the stage functions", w, c, s))
-    n = args.n
+        make_photos(tmp / "all", sizes[-1])
+        runs = {}
+        for n in sizes:
+            photos = tmp / f"photos{n}"
+            photos.mkdir()
+            for f in sorted((tmp / "all").iterdir())[:n]:
+                (photos / f.name).symlink_to(f)
+            runs[n] = _paths(photos, tmp / f"out{n}", args)
+    for n in sizes:
+        _table(n, args, runs[n])
+    if args.scale:
+        _marginal(args.n, args.scale, runs)
+    return 0
+
+
+def _paths(photos: Path, out: Path, args) -> list[tuple]:
+    rows = []
+    w, c, s = cli(photos, out / "prefect", args.model, ["--workers", str(args.workers)], args.set)
+    rows.append((f"CLI, Prefect + Dask ({args.workers} workers)", w, c, s))
+    w, c, s = cli(photos, out / "local", args.model, ["--no-prefect"], args.set)
+    rows.append(("CLI, --no-prefect (1 process)", w, c, s))
+    if not args.no_reference:
+        w, c, s = reference(photos, args.model, args.set)
+        rows.append(("reference: plain loop of the stage functions", w, c, s))
+    return rows
+
+
+def _marginal(n: int, m: int, runs: dict) -> None:
+    """The two sizes' CPU as a line: fixed = intercept, marginal = slope per photo."""
+    print(f"\nfixed and marginal CPU from {n} and {m} photos (a corpus pays the marginal):")
+    print(f"{'run':46s} {'fixed CPU-s':>11s} {'marginal CPU-s/photo':>21s} {'wall s/photo':>13s}")
+    for (name, w1, c1, _), (_, w2, c2, _) in zip(runs[n], runs[m], strict=True):
+        slope = (c2.sum() - c1.sum()) / (m - n)
+        print(f"{name:46s} {c1.sum() - slope * n:11.1f} {slope:21.3f} {(w2 - w1) / (m - n):13.3f}")
+
+
+def _table(n: int, args, rows: list[tuple]) -> None:
     print(f"{n} photos, model {args.model}" + "".join(f"; --set {kv}" for kv in args.set))
     print(f"{'run':46s} {'wall s':>7s} {'photos/s':>9s} {'CPU s/photo':>12s} "
           f"{'(user':>6s} {'sys)':>5s} {'photos/CPU-s':>12s} accepted  phases (wall s)")
@@ -148,7 +184,6 @@ def main(argv=None) -> int:
             print(f"{'':46s} quality medians: " + ", ".join(
                 f"{k} {md[k]:.4g}" for k in ("landmark_nme", "photometric_error",
                                              "rerender_psnr", "visible_fraction") if k in md))
-    return 0
 
 
 if __name__ == "__main__":
