@@ -83,13 +83,20 @@ def test_a_strand_no_flag_links_to_is_not_flagged(face):
     assert on[strand].mean() < 0.2, on[strand].mean()
 
 
-def test_the_growth_is_bounded(face):
-    """Strands reaching 40 rows down are followed ``line_grow_px`` steps (12), no further."""
+@pytest.mark.parametrize("cont", [0, 8])
+def test_the_growth_is_bounded(face, cont):
+    """Strands reaching 40 rows down are followed ``line_grow_px`` steps (12) and, past
+    where the line cue stops, ``line_continue_px`` more (8, or none when 0), no further."""
     y, strand = _strands(face, mix=0.35, length=40)
-    on = _run(face, y)
-    deep = strand & (np.arange(T)[:, None] >= face["top"] + 12 + 2 + 2)  # + slant + dilation
-    assert on[strand & (np.arange(T)[:, None] < face["top"] + 8)].mean() >= 0.8
+    on = _run(face, y, CFG.model_copy(update={"line_continue_px": cont}))
+    rows = np.arange(T)[:, None]
+    deep = strand & (rows >= face["top"] + 12 + cont + 2 + 2)  # + slant + dilation
+    assert on[strand & (rows < face["top"] + 8)].mean() >= 0.8
     assert on[deep].mean() < 0.05, on[deep].mean()
+    if cont:
+        # the continuation did go on: the rows just past the line cue's reach
+        band = strand & (rows >= face["top"] + 12 + 4) & (rows < face["top"] + 12 + cont)
+        assert on[band].mean() >= 0.8, on[band].mean()
 
 
 @pytest.mark.parametrize("axis", ["across", "along"])
@@ -115,7 +122,8 @@ def test_wrinkle_like_shading_line_is_not_flagged_beyond_a_bound(face, axis):
         from scipy.ndimage import binary_dilation
 
         assert not (added & ~binary_dilation(wrinkle, iterations=2)).any()
-        assert added.sum() <= 3 * (12 + 2), added.sum()
+        # 12 line steps, 8 continued past the line cue's end, the dilation
+        assert added.sum() <= 3 * (12 + 8 + 2), added.sum()
 
 
 def test_off_by_config_by_pass_and_at_small_uv(face):
