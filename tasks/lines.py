@@ -23,6 +23,13 @@ Guards against what is not an occluder:
   most ``line_grow_px``. A strand hangs from the hair that is already flagged; a wrinkle on
   a clean forehead touches no flag.
 
+Past a line's end (:func:`continue_lines`, ``line_continue``): where a strand thins out the
+oriented response falls to about half and the threshold stops short of it, and its tip over
+the brows lies outside the line zone. A directional hysteresis follows each flagged line
+along its own orientation, at a lower threshold and in the line's own colour direction,
+``line_continue_px`` steps at most, into the brow band only as such a continuation (no seed
+there: a brow is never flagged by itself).
+
 Shapes: T x T UV texels.
 """
 
