@@ -175,7 +175,8 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
         cfg: ``occlusion`` config (``skin``, ``skin_threshold``, ``skin_min_core``,
             ``skin_floor``, ``skin_rim``, ``skin_grow_threshold``, ``skin_grow_px``;
             ``lines``, ``line_sigma``, ``line_length``, ``line_threshold``,
-            ``line_grow_px``).
+            ``line_grow_px``; ``line_continue``, ``line_continue_threshold``,
+            ``line_continue_px``).
         uv_shading: (N, T, T, 3) SH irradiance per texel, or None: colours are divided by it
             first (an albedo), which lets the luminance term stay tight.
         uv_occlusion_mask: (N, T, T) bool texels already known occluded: not learnt from
@@ -184,12 +185,15 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
             say (the flow's analysis pass, before stage 2's light).
 
     Returns:
-        (N, T, T) bool, True = occluded (within ``uv_visible_mask & layout.judged``): texels
+        (N, T, T) bool, True = occluded (within ``uv_visible_mask & layout.judged``, and
+        the brow band of ``layout.line_reach`` where a line is continued into it): texels
         at most ``skin_rim`` T from the visible region's edge beyond ``skin_threshold`` in
         components of at least MIN_COMPONENT texels, grown through texels beyond
         ``skin_grow_threshold`` by at most ``skin_grow_px`` texels, plus (``lines``) the
         line zone's texels on a line reached from those flags or ``uv_occlusion_mask`` by
-        at most ``line_grow_px`` (:func:`facecorpus.tasks.lines.line_flags`), then by one;
+        at most ``line_grow_px`` (:func:`facecorpus.tasks.lines.line_flags`), plus
+        (``line_continue``) those lines followed past their ends by at most
+        ``line_continue_px`` (:func:`facecorpus.tasks.lines.continue_lines`), then by one;
         all False for an image that sees less than ``skin_min_core`` of the core.
     """
     from scipy.ndimage import binary_dilation, binary_fill_holes, distance_transform_edt, label
