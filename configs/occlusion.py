@@ -115,8 +115,29 @@ class OcclusionConfig(StrictConfig):
     line_grow_px: int = Field(12, ge=0, description="line texels are flagged at most this "
                               "many geodesic steps (texels at UV 256^2, scaled) from an "
                               "existing flag; 0: none")
+    line_continue: bool = Field(True, description="follow each flagged line past its end "
+                                "along its own orientation (tasks/lines.py "
+                                "continue_lines): a strand's end, where the filters' response "
+                                "falls to about half, and its tip over the brows, which the "
+                                "line zone leaves out; the brow band is entered only as a "
+                                "continuation of a line flagged in the line zone")
+    line_continue_threshold: float = Field(1.5, gt=0, description="the continuation's "
+                                           "lower threshold: the followed orientation's "
+                                           "response over the line zone's median, in its "
+                                           "robust stds (line_threshold is the upper one)")
+    line_continue_px: int = Field(8, ge=0, description="the continuation's bound: at most "
+                                  "this many steps (texels at UV 256^2, scaled) past a "
+                                  "flagged line's end; 0: none")
     min_images: int = Field(3, ge=2, description="fewer images in the batch: no UV outliers "
                                                  "(no unbiased prior can be built)")
+
+    @model_validator(mode="after")
+    def _continue_below_line(self):
+        if self.line_continue_threshold > self.line_threshold:
+            raise ValueError(f"line_continue_threshold {self.line_continue_threshold} is "
+                             f"above line_threshold {self.line_threshold}: the "
+                             "continuation's low threshold must not exceed the lines'")
+        return self
 
     @model_validator(mode="after")
     def _grow_below_seed(self):

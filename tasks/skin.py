@@ -56,11 +56,14 @@ class SkinLayout:
     that must look like skin (the layout minus brows, eyes, nostrils and lips);
     ``line_zone`` (T, T) bool judged texels where the line cue (:mod:`facecorpus.tasks.
     lines`) may flag: above the eyes (forehead, temples), away from the brows, eyes and
-    the nose's bridge."""
+    the nose's bridge; ``line_reach`` (T, T) bool texels a flagged line may be continued
+    into (:func:`facecorpus.tasks.lines.continue_lines`): the line zone plus the brow band
+    above the eyes (the skin over the brows, where strand tips hang, and the brows)."""
 
     core: np.ndarray
     judged: np.ndarray
     line_zone: np.ndarray
+    line_reach: np.ndarray
 
 
 def _to_uv(model, flag: np.ndarray, T: int) -> np.ndarray:
@@ -103,13 +106,17 @@ def skin_layout(model, T: int) -> SkinLayout:
     nz = vertex_normals(v, np.asarray(model.triangles))[:, 2]
     core = points_in_poly(v[:, :2], poly) & ~feature & (nz > 0.3)
     line = v[:, 1] > lm[36:48, 1].mean()  # model space: y up
-    for idx, radius in LINE_EXCLUDE.values():
+    reach = line.copy()
+    for name, (idx, radius) in LINE_EXCLUDE.items():
         d = np.min(np.linalg.norm(v[:, None, :] - lm[list(idx)][None], axis=2), 1)
         line &= d >= radius * iod
+        if name != "brows":  # a strand's tip hangs over the brows, never into the eyes
+            reach &= d >= radius * iod
     judged = _to_uv(model, ~feature, T)
-    out = SkinLayout(core=_to_uv(model, core, T), judged=judged,
-                     line_zone=_to_uv(model, line, T) & judged)
-    for a in (out.core, out.judged, out.line_zone):
+    line_zone = _to_uv(model, line, T) & judged
+    out = SkinLayout(core=_to_uv(model, core, T), judged=judged, line_zone=line_zone,
+                     line_reach=_to_uv(model, reach, T) | line_zone)
+    for a in (out.core, out.judged, out.line_zone, out.line_reach):
         a.flags.writeable = False
     with _LOCK:
         _CACHE[key] = out
@@ -168,7 +175,8 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
         cfg: ``occlusion`` config (``skin``, ``skin_threshold``, ``skin_min_core``,
             ``skin_floor``, ``skin_rim``, ``skin_grow_threshold``, ``skin_grow_px``;
             ``lines``, ``line_sigma``, ``line_length``, ``line_threshold``,
-            ``line_grow_px``).
+            ``line_grow_px``; ``line_continue``, ``line_continue_threshold``,
+            ``line_continue_px``).
         uv_shading: (N, T, T, 3) SH irradiance per texel, or None: colours are divided by it
             first (an albedo), which lets the luminance term stay tight.
         uv_occlusion_mask: (N, T, T) bool texels already known occluded: not learnt from
@@ -177,12 +185,15 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
             say (the flow's analysis pass, before stage 2's light).
 
     Returns:
-        (N, T, T) bool, True = occluded (within ``uv_visible_mask & layout.judged``): texels
+        (N, T, T) bool, True = occluded (within ``uv_visible_mask & layout.judged``, and
+        the brow band of ``layout.line_reach`` where a line is continued into it): texels
         at most ``skin_rim`` T from the visible region's edge beyond ``skin_threshold`` in
         components of at least MIN_COMPONENT texels, grown through texels beyond
         ``skin_grow_threshold`` by at most ``skin_grow_px`` texels, plus (``lines``) the
         line zone's texels on a line reached from those flags or ``uv_occlusion_mask`` by
-        at most ``line_grow_px`` (:func:`facecorpus.tasks.lines.line_flags`), then by one;
+        at most ``line_grow_px`` (:func:`facecorpus.tasks.lines.line_flags`), plus
+        (``line_continue``) those lines followed past their ends by at most
+        ``line_continue_px`` (:func:`facecorpus.tasks.lines.continue_lines`), then by one;
         all False for an image that sees less than ``skin_min_core`` of the core.
     """
     from scipy.ndimage import binary_dilation, binary_fill_holes, distance_transform_edt, label
@@ -236,20 +247,27 @@ def skin_outliers(uv_visible: np.ndarray, uv_visible_mask: np.ndarray, layout: S
             # how far it goes; brows, eyes, nostrils and lips stay out (not skinlike)
             occ = binary_dilation(occ, iterations=steps,
                                   mask=skinlike & (d2 > cfg.skin_grow_threshold)) | occ
+        tips = None
         if line_steps:
-            occ = occ | _line_cue(f, mu, cov, layout, skinlike, occ,
-                                  None if uv_occlusion_mask is None else uv_occlusion_mask[i],
-                                  cfg, scale, line_steps)
-        # an occluder's soft edge is a texel wider; beyond the rim only around deep flags
-        occ = binary_dilation(occ, iterations=1) & skinlike & (
+            line, tips = _line_cue(f, mu, cov, layout, vis[i], skinlike, occ,
+                                   None if uv_occlusion_mask is None else uv_occlusion_mask[i],
+                                   cfg, scale, line_steps)
+            occ = occ | line | tips
+        # an occluder's soft edge is a texel wider; beyond the rim only around deep flags;
+        # outside the judged texels (the brows) only beside a line's continuation
+        allowed = skinlike if tips is None or not tips.any() else (
+            skinlike | (vis[i] & layout.line_reach & binary_dilation(tips, iterations=1)))
+        occ = binary_dilation(occ, iterations=1) & allowed & (
             rim | binary_dilation(occ & ~rim, iterations=1))
         out[i] = occ
     return out
 
 
-def _line_cue(f, mu, cov, layout, skinlike, occ, known, cfg, scale, steps):
-    """(T, T) bool line-zone texels on thin lines linked to ``occ`` or ``known`` flags."""
-    from facecorpus.tasks.lines import fill_unknown, line_flags
+def _line_cue(f, mu, cov, layout, vis, skinlike, occ, known, cfg, scale, steps):
+    """(line, tips): (T, T) bool line-zone texels on thin lines linked to ``occ`` or
+    ``known`` flags, and (``line_continue``) the texels continuing those lines past their
+    ends into the line zone and the brow band."""
+    from facecorpus.tasks.lines import continue_lines, fill_unknown, line_flags
 
     flags = occ if known is None else occ | known
     # the residual whitened by the skin model: each channel ~N(0, 1) on this face's skin,
@@ -257,14 +275,31 @@ def _line_cue(f, mu, cov, layout, skinlike, occ, known, cfg, scale, steps):
     # filled from the skin around them: an occluder's edge is a step, and a step's side
     # lobe beside a flag would be a "line" linked to it
     ok = skinlike & ~flags
+    whiten = np.linalg.inv(np.linalg.cholesky(cov)).T
     z = np.zeros(f.shape)
-    z[ok] = np.clip((f[ok] - mu) @ np.linalg.inv(np.linalg.cholesky(cov)).T, -6.0, 6.0)
-    z = fill_unknown(z, ok, 3.0 * scale)
-    return line_flags(z, ok & layout.line_zone, flags,
+    z[ok] = np.clip((f[ok] - mu) @ whiten, -6.0, 6.0)
+    zf = fill_unknown(z, ok, 3.0 * scale)
+    line = line_flags(zf, ok & layout.line_zone, flags,
                       sigma=cfg.line_sigma * scale, length=cfg.line_length,
                       threshold=cfg.line_threshold, grow_px=steps,
                       min_depth=max(2, round(cfg.line_min_depth * scale)),
                       max_tilt=cfg.line_max_tilt)
+    tips = np.zeros_like(line)
+    cont = round(cfg.line_continue_px * scale) if cfg.line_continue else 0
+    if cont:
+        # the real residual this time over the brow band (the line cue saw it filled from
+        # the skin around it: a tip over the brows is judged by its colour there) and over
+        # the flags (a strand flagged by any cue has a line's orientation to follow)
+        reach = vis & layout.line_reach & ~flags & ~line
+        real = ok | reach | (vis & (flags | line) & (skinlike | layout.line_reach))
+        z[real] = np.clip((f[real] - mu) @ whiten, -6.0, 6.0)
+        tips = continue_lines(fill_unknown(z, real, 3.0 * scale), real & (flags | line),
+                              reach, ok & layout.line_zone, layout.line_zone,
+                              sigma=cfg.line_sigma * scale,
+                              length=cfg.line_length, seed_threshold=cfg.line_threshold,
+                              threshold=cfg.line_continue_threshold, steps=cont,
+                              max_tilt=cfg.line_max_tilt)
+    return line, tips
 
 
 def uv_mask_to_image(uv_mask: np.ndarray, uv_sampling_map: np.ndarray,

@@ -83,13 +83,20 @@ def test_a_strand_no_flag_links_to_is_not_flagged(face):
     assert on[strand].mean() < 0.2, on[strand].mean()
 
 
-def test_the_growth_is_bounded(face):
-    """Strands reaching 40 rows down are followed ``line_grow_px`` steps (12), no further."""
+@pytest.mark.parametrize("cont", [0, 8])
+def test_the_growth_is_bounded(face, cont):
+    """Strands reaching 40 rows down are followed ``line_grow_px`` steps (12) and, past
+    where the line cue stops, ``line_continue_px`` more (8, or none when 0), no further."""
     y, strand = _strands(face, mix=0.35, length=40)
-    on = _run(face, y)
-    deep = strand & (np.arange(T)[:, None] >= face["top"] + 12 + 2 + 2)  # + slant + dilation
-    assert on[strand & (np.arange(T)[:, None] < face["top"] + 8)].mean() >= 0.8
+    on = _run(face, y, CFG.model_copy(update={"line_continue_px": cont}))
+    rows = np.arange(T)[:, None]
+    deep = strand & (rows >= face["top"] + 12 + cont + 2 + 2)  # + slant + dilation
+    assert on[strand & (rows < face["top"] + 8)].mean() >= 0.8
     assert on[deep].mean() < 0.05, on[deep].mean()
+    if cont:
+        # the continuation did go on: the rows just past the line cue's reach
+        band = strand & (rows >= face["top"] + 12 + 4) & (rows < face["top"] + 12 + cont)
+        assert on[band].mean() >= 0.8, on[band].mean()
 
 
 @pytest.mark.parametrize("axis", ["across", "along"])
@@ -115,7 +122,8 @@ def test_wrinkle_like_shading_line_is_not_flagged_beyond_a_bound(face, axis):
         from scipy.ndimage import binary_dilation
 
         assert not (added & ~binary_dilation(wrinkle, iterations=2)).any()
-        assert added.sum() <= 3 * (12 + 2), added.sum()
+        # 12 line steps, 8 continued past the line cue's end, the dilation
+        assert added.sum() <= 3 * (12 + 8 + 2), added.sum()
 
 
 def test_off_by_config_by_pass_and_at_small_uv(face):
@@ -142,3 +150,88 @@ def test_line_strength_is_orientation_selective_and_unit_on_noise():
     # a horizontal one only through the 60-degree kernels' slant, a seventh as strong
     assert lines.line_strength(h, 1.0, 3.0, max_tilt=60)[64, 64] < 0.2 * lines.line_strength(
         h, 1.0, 3.0)[64, 64]
+
+
+# ------------------------------------------------ the continuation over the brows
+def _brow_band(face):
+    """(T, T) bool the brow band the continuation may enter (outside the line zone), and
+    per column its first row (-1 where none)."""
+    lay = face["lay"]
+    band = lay.line_reach & ~lay.line_zone & face["vis"]
+    first = np.array([np.flatnonzero(band[:, c])[0] if band[:, c].any() else -1
+                      for c in range(T)])
+    return band, first
+
+
+def _tips(face, mix: float, into: int, top: int = 56):
+    """Strands (1.5 texels, anti-aliased) every 9 texels over the left brow's columns, hung
+    from a flagged band ending at row ``top`` and reaching ``into`` rows into the brow band,
+    their mix fading to 0.4 of ``mix`` over their last 8 rows (a tip: thinner, paler).
+    Returns (y, strand texels, the flagged band)."""
+    brow, first = _brow_band(face)
+    yy, xx = np.mgrid[0:T, 0:T].astype(np.float64)
+    known = face["lay"].line_zone & (yy >= top - 6) & (yy < top)
+    cover = np.zeros((T, T))
+    for x0 in range(63, 110, 9):
+        end = first[x0] + into
+        fade = np.clip((end - yy) / 8, 0.4, 1)
+        c = np.clip(1.25 - np.abs(xx - x0 - 0.1 * (yy - top)), 0, 1) * (
+            (yy >= top) & (yy < end)) * fade
+        cover = np.maximum(cover, c)
+    cover *= face["vis"]
+    a = mix * cover[..., None]
+    return (1 - a) * face["y"] + a * BLOND, cover >= 0.2, known
+
+
+def test_the_continuation_recovers_strand_tips_over_the_brows(face):
+    """The fading ends of strands hanging into the brow band: the line cue stops at the
+    line zone's edge (and where the response halves), the continuation follows them."""
+    from scipy.ndimage import binary_dilation
+
+    brow, _ = _brow_band(face)
+    y, strand, known = _tips(face, mix=0.35, into=5)
+    off = _run(face, y, CFG.model_copy(update={"line_continue": False}), known=known)
+    on = _run(face, y, known=known)
+    tips = strand & brow
+    assert tips.sum() >= 20, tips.sum()
+    assert off[tips].mean() <= 0.1, off[tips].mean()  # the premise
+    assert on[tips].mean() >= 0.7, on[tips].mean()
+    # what it adds stays on the strands (plus the one-texel dilation)
+    added = on & ~off
+    assert added.any()
+    assert not (added & ~binary_dilation(strand, iterations=2)).any()
+
+
+def test_a_brow_band_alone_is_not_flagged(face):
+    """Dark brow hairs (short strokes 30 degrees off vertical: line-like to the filters)
+    under a flagged band and no strand: nothing enters the brow band; pale strands ending
+    just above such a brow go no further into it than a bound (the colour gate: a pale
+    strand does not continue into dark hairs)."""
+    brow, first = _brow_band(face)
+    yy, xx = np.mgrid[0:T, 0:T].astype(np.float64)
+    hairs = np.zeros((T, T))
+    for x0 in range(58, 114, 3):
+        r0 = first[x0]
+        d = np.abs(xx - x0 - 0.58 * (yy - r0))
+        hairs = np.maximum(hairs, np.clip(1.25 - d, 0, 1) * ((yy >= r0 + 1) & (yy < r0 + 9)))
+    hairs *= brow
+    dark = np.array([0.22, 0.15, 0.10])
+    _, strand, known = _tips(face, mix=0.35, into=-1)
+    for with_strands in (False, True):
+        y = _tips(face, mix=0.35, into=-1)[0] if with_strands else face["y"]
+        y = (1 - 0.7 * hairs[..., None]) * y + 0.7 * hairs[..., None] * dark
+        on = _run(face, y, known=known)
+        off = _run(face, y, CFG.model_copy(update={"line_continue": False}), known=known)
+        added = (on & ~off & brow & (hairs > 0.2)).sum()
+        if not with_strands:
+            assert not (on & brow).any(), (on & brow).sum()
+            # a flag right above the brows (a fringe down to them) seeds nothing either:
+            # only a flagged line does, and the brow hairs are never one
+            yy = np.arange(T)[:, None]
+            low = face["lay"].line_zone & (yy >= first[None, :] - 6) & (first[None, :] > 0)
+            on = _run(face, y, known=low)
+            off = _run(face, y, CFG.model_copy(update={"line_continue": False}), known=low)
+            assert not (on & ~off & brow).any(), (on & ~off & brow).sum()
+        else:
+            # 6 strands: at most the dilation's texel and a step or two each
+            assert added <= 6 * 4, added
