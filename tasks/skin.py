@@ -292,7 +292,8 @@ def _line_cue(f, mu, cov, layout, vis, skinlike, occ, known, cfg, scale, steps):
         # the flags (a strand flagged by any cue has a line's orientation to follow)
         reach = vis & layout.line_reach & ~flags & ~line
         real = ok | reach | (vis & (flags | line) & (skinlike | layout.line_reach))
-        z[real] = np.clip((f[real] - mu) @ whiten, -6.0, 6.0)
+        new = real & ~ok  # z already holds the whitened residual on ok
+        z[new] = np.clip((f[new] - mu) @ whiten, -6.0, 6.0)
         tips = continue_lines(fill_unknown(z, real, 3.0 * scale), real & (flags | line),
                               reach, ok & layout.line_zone, layout.line_zone,
                               sigma=cfg.line_sigma * scale,
